@@ -1,0 +1,496 @@
+//! The daemon's typed configuration: defaults, the TOML file, environment
+//! overrides, and validation that names the offending key, all done before
+//! anything is opened or bound.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::{AccountId, ClientKey, ClientSecret};
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The gRPC listen address.
+    pub listen: SocketAddr,
+    /// The SQLite database file.
+    pub database: PathBuf,
+    /// How long in-flight RPCs may run on after a shutdown signal.
+    #[serde(with = "humane_duration")]
+    pub shutdown_grace: Duration,
+    pub douyin: DouyinConfig,
+    pub refresh: RefreshConfig,
+    pub apps: Vec<AppEntry>,
+    pub merchants: Vec<MerchantEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DouyinConfig {
+    pub base_url: String,
+    /// Upper bound of one upstream HTTP request.
+    #[serde(with = "humane_duration")]
+    pub request_timeout: Duration,
+    #[serde(with = "humane_duration")]
+    pub connect_timeout: Duration,
+    /// `client_token` (default) or `stable_client_token`.
+    pub token_endpoint: TokenEndpoint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenEndpoint {
+    ClientToken,
+    StableClientToken,
+}
+
+impl TokenEndpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ClientToken => "/oauth/client_token/",
+            Self::StableClientToken => "/oauth/stable_client_token/",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshConfig {
+    /// How long before expiry the refresh window opens.
+    #[serde(with = "humane_duration")]
+    pub window_start: Duration,
+    /// How long before expiry the refresh window closes.
+    #[serde(with = "humane_duration")]
+    pub window_end: Duration,
+    /// Never fetch twice for one app within this, unless its token is known dead.
+    #[serde(with = "humane_duration")]
+    pub min_interval: Duration,
+    /// Six-field cron (seconds first, UTC) of the refresh sweep; "off" disables it.
+    pub sweep: String,
+    /// First retry delay after a transient fetch failure; doubles up to `backoff_max`.
+    #[serde(with = "humane_duration")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humane_duration")]
+    pub backoff_max: Duration,
+    /// After a permanent failure (bad secret, unknown app), wait this long before
+    /// trying again on its own; updating the app's secret retries at once.
+    #[serde(with = "humane_duration")]
+    pub permanent_failure_cooldown: Duration,
+    /// How many token fetches a sweep runs at once.
+    pub max_concurrent_fetches: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppEntry {
+    pub client_key: String,
+    /// A file holding the secret; relative paths are looked up in
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when it is set.
+    pub client_secret_file: Option<PathBuf>,
+    /// An environment variable holding the secret.
+    pub client_secret_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantEntry {
+    pub account_id: String,
+    pub client_key: String,
+}
+
+/// An app from the config file with its secret read and checked.
+#[derive(Debug, Clone)]
+pub struct ResolvedApp {
+    pub client_key: ClientKey,
+    pub client_secret: ClientSecret,
+}
+
+/// A merchant from the config file, checked.
+#[derive(Debug, Clone)]
+pub struct ResolvedMerchant {
+    pub account_id: AccountId,
+    pub client_key: ClientKey,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database: default_database_path(std::env::var_os("STATE_DIRECTORY").as_deref()),
+            shutdown_grace: Duration::from_secs(10),
+            douyin: DouyinConfig::default(),
+            refresh: RefreshConfig::default(),
+            apps: Vec::new(),
+            merchants: Vec::new(),
+        }
+    }
+}
+
+impl Default for DouyinConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://open.douyin.com".to_owned(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            token_endpoint: TokenEndpoint::ClientToken,
+        }
+    }
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        Self {
+            window_start: Duration::from_secs(25 * 60),
+            window_end: Duration::from_secs(15 * 60),
+            min_interval: Duration::from_secs(5 * 60),
+            sweep: "*/15 * * * * *".to_owned(),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(5 * 60),
+            permanent_failure_cooldown: Duration::from_secs(10 * 60),
+            max_concurrent_fetches: 8,
+        }
+    }
+}
+
+/// Under systemd (`StateDirectory=`) the database lives in the state directory.
+fn default_database_path(state_directory: Option<&std::ffi::OsStr>) -> PathBuf {
+    match state_directory {
+        Some(directory) => Path::new(directory).join("tokend.db"),
+        None => PathBuf::from("douyin-tokend.db"),
+    }
+}
+
+impl Config {
+    /// Reads the file when one is given (defaults otherwise), applies the
+    /// environment overrides, and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_toml_file(path)?,
+            None => Self::default(),
+        };
+        config.apply_environment(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|error| error.to_string().trim_end().to_owned())
+    }
+
+    /// `DOUYIN_TOKEND_LISTEN`, `DOUYIN_TOKEND_DATABASE` and
+    /// `DOUYIN_TOKEND_DOUYIN_BASE_URL` override the file.
+    pub fn apply_environment(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(listen) = lookup("DOUYIN_TOKEND_LISTEN") {
+            self.listen = listen.parse().map_err(|_| {
+                ConfigError::invalid(
+                    "DOUYIN_TOKEND_LISTEN",
+                    format!("{listen:?} is not an address like 127.0.0.1:50051"),
+                )
+            })?;
+        }
+        if let Some(database) = lookup("DOUYIN_TOKEND_DATABASE") {
+            self.database = PathBuf::from(database);
+        }
+        if let Some(base_url) = lookup("DOUYIN_TOKEND_DOUYIN_BASE_URL") {
+            self.douyin.base_url = base_url;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let base_url = reqwest::Url::parse(&self.douyin.base_url).map_err(|error| {
+            ConfigError::invalid("douyin.base_url", format!("not a URL: {error}"))
+        })?;
+        if !matches!(base_url.scheme(), "http" | "https") {
+            return Err(ConfigError::invalid(
+                "douyin.base_url",
+                "must start with https:// (or http:// for a local sandbox)",
+            ));
+        }
+        if self.douyin.request_timeout.is_zero() {
+            return Err(ConfigError::invalid("douyin.request_timeout", "must be above zero"));
+        }
+        let refresh = &self.refresh;
+        if refresh.window_end.is_zero() {
+            return Err(ConfigError::invalid("refresh.window_end", "must be above zero"));
+        }
+        if refresh.window_start <= refresh.window_end {
+            return Err(ConfigError::invalid(
+                "refresh.window_start",
+                "must be longer than refresh.window_end (the window opens before it closes)",
+            ));
+        }
+        if refresh.backoff_initial.is_zero() || refresh.backoff_max < refresh.backoff_initial {
+            return Err(ConfigError::invalid(
+                "refresh.backoff_max",
+                "backoff_initial must be above zero and backoff_max at least backoff_initial",
+            ));
+        }
+        if refresh.max_concurrent_fetches == 0 {
+            return Err(ConfigError::invalid(
+                "refresh.max_concurrent_fetches",
+                "must be at least 1",
+            ));
+        }
+        if refresh.sweep != "off" && refresh.sweep.split_whitespace().count() != 6 {
+            return Err(ConfigError::invalid(
+                "refresh.sweep",
+                format!(
+                    "{:?} is not a six-field cron (seconds first, e.g. \"*/15 * * * * *\") or \"off\"",
+                    refresh.sweep
+                ),
+            ));
+        }
+        let mut declared_apps = HashSet::new();
+        for (index, app) in self.apps.iter().enumerate() {
+            let key = format!("apps[{index}].client_key");
+            ClientKey::parse(&app.client_key).map_err(|error| ConfigError::invalid(&key, error.to_string()))?;
+            if !declared_apps.insert(app.client_key.as_str()) {
+                return Err(ConfigError::invalid(key, "the same app is declared twice"));
+            }
+            if app.client_secret_file.is_some() == app.client_secret_env.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("apps[{index}].client_secret_file"),
+                    "give exactly one of client_secret_file and client_secret_env",
+                ));
+            }
+        }
+        let mut declared_merchants = HashSet::new();
+        for (index, merchant) in self.merchants.iter().enumerate() {
+            AccountId::parse(&merchant.account_id).map_err(|error| {
+                ConfigError::invalid(format!("merchants[{index}].account_id"), error.to_string())
+            })?;
+            if !declared_merchants.insert(merchant.account_id.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("merchants[{index}].account_id"),
+                    "the same merchant is declared twice",
+                ));
+            }
+            if !declared_apps.contains(merchant.client_key.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("merchants[{index}].client_key"),
+                    "names no app declared under [[apps]]",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every declared app's secret. Relative secret files resolve against
+    /// `credentials_directory` (systemd's `$CREDENTIALS_DIRECTORY`) when given.
+    pub fn resolve_apps(
+        &self,
+        lookup_env: impl Fn(&str) -> Option<String>,
+        credentials_directory: Option<&Path>,
+    ) -> Result<Vec<ResolvedApp>, ConfigError> {
+        self.apps
+            .iter()
+            .enumerate()
+            .map(|(index, app)| {
+                let client_key = ClientKey::parse(&app.client_key).map_err(|error| {
+                    ConfigError::invalid(format!("apps[{index}].client_key"), error.to_string())
+                })?;
+                let (key, raw_secret) = match (&app.client_secret_file, &app.client_secret_env) {
+                    (Some(file), _) => {
+                        let path = match credentials_directory {
+                            Some(directory) if file.is_relative() => directory.join(file),
+                            _ => file.clone(),
+                        };
+                        let key = format!("apps[{index}].client_secret_file");
+                        let text = std::fs::read_to_string(&path).map_err(|error| {
+                            ConfigError::invalid(&key, format!("cannot read {}: {error}", path.display()))
+                        })?;
+                        (key, text)
+                    }
+                    (None, Some(variable)) => {
+                        let key = format!("apps[{index}].client_secret_env");
+                        let text = lookup_env(variable).ok_or_else(|| {
+                            ConfigError::invalid(&key, format!("environment variable {variable} is not set"))
+                        })?;
+                        (key, text)
+                    }
+                    (None, None) => {
+                        return Err(ConfigError::invalid(
+                            format!("apps[{index}].client_secret_file"),
+                            "give exactly one of client_secret_file and client_secret_env",
+                        ));
+                    }
+                };
+                let client_secret = ClientSecret::parse(raw_secret.trim_end_matches(['\r', '\n']))
+                    .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
+                Ok(ResolvedApp {
+                    client_key,
+                    client_secret,
+                })
+            })
+            .collect()
+    }
+
+    pub fn resolve_merchants(&self) -> Result<Vec<ResolvedMerchant>, ConfigError> {
+        self.merchants
+            .iter()
+            .enumerate()
+            .map(|(index, merchant)| {
+                Ok(ResolvedMerchant {
+                    account_id: AccountId::parse(&merchant.account_id).map_err(|error| {
+                        ConfigError::invalid(format!("merchants[{index}].account_id"), error.to_string())
+                    })?,
+                    client_key: ClientKey::parse(&merchant.client_key).map_err(|error| {
+                        ConfigError::invalid(format!("merchants[{index}].client_key"), error.to_string())
+                    })?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Durations written the humane way (`90s`, `25m`, `2h 5m`).
+mod humane_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|error| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"90s\" or \"25m\": {error}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.douyin.base_url, "https://open.douyin.com");
+        assert_eq!(config.refresh.window_start, Duration::from_secs(1500));
+        assert_eq!(config.refresh.window_end, Duration::from_secs(900));
+        assert_eq!(config.refresh.min_interval, Duration::from_secs(300));
+        assert_eq!(config.refresh.sweep, "*/15 * * * * *");
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let text = include_str!("../config.example.toml");
+        let config = Config::from_toml_str(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.apps.len(), 1);
+        assert_eq!(config.merchants.len(), 1);
+    }
+
+    #[test]
+    fn humane_durations_and_unknown_keys() {
+        let config = Config::from_toml_str("[refresh]\nwindow_start = \"1h 5m\"\nwindow_end = \"90s\"").unwrap();
+        assert_eq!(config.refresh.window_start, Duration::from_secs(3900));
+        assert_eq!(config.refresh.window_end, Duration::from_secs(90));
+        let error = Config::from_toml_str("[refresh]\nwindow_begin = \"1m\"").unwrap_err();
+        assert!(error.contains("window_begin"), "{error}");
+        let error = Config::from_toml_str("[refresh]\nwindow_end = \"soon\"").unwrap_err();
+        assert!(error.contains("soon"), "{error}");
+    }
+
+    #[test]
+    fn validation_names_the_offending_key() {
+        let cases = [
+            ("[refresh]\nwindow_start = \"10m\"\nwindow_end = \"15m\"", "refresh.window_start"),
+            ("[refresh]\nsweep = \"*/5 * * * *\"", "refresh.sweep"),
+            ("[douyin]\nbase_url = \"ftp://example\"", "douyin.base_url"),
+            (
+                "[[apps]]\nclient_key = \"k\"\n[[merchants]]\naccount_id = \"1\"\nclient_key = \"other\"",
+                "apps[0].client_secret_file",
+            ),
+            (
+                "[[apps]]\nclient_key = \"k\"\nclient_secret_env = \"S\"\n[[merchants]]\naccount_id = \"1\"\nclient_key = \"other\"",
+                "merchants[0].client_key",
+            ),
+        ];
+        for (text, key) in cases {
+            let error = Config::from_toml_str(text).unwrap().validate().unwrap_err();
+            assert!(error.to_string().starts_with(key), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut config = Config::default();
+        config
+            .apply_environment(|name| match name {
+                "DOUYIN_TOKEND_LISTEN" => Some("127.0.0.1:6000".to_owned()),
+                "DOUYIN_TOKEND_DOUYIN_BASE_URL" => Some("http://127.0.0.1:7000".to_owned()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.listen.port(), 6000);
+        assert_eq!(config.douyin.base_url, "http://127.0.0.1:7000");
+        let error = config
+            .apply_environment(|name| (name == "DOUYIN_TOKEND_LISTEN").then(|| "nowhere".to_owned()))
+            .unwrap_err();
+        assert!(error.to_string().starts_with("DOUYIN_TOKEND_LISTEN"));
+    }
+
+    #[test]
+    fn secrets_come_from_files_in_the_credentials_directory_or_the_environment() {
+        let directory = tempfile::tempdir().unwrap();
+        std::fs::write(directory.path().join("app-secret"), "from-file\n").unwrap();
+        let config = Config::from_toml_str(
+            "[[apps]]\nclient_key = \"a\"\nclient_secret_file = \"app-secret\"\n\
+             [[apps]]\nclient_key = \"b\"\nclient_secret_env = \"B_SECRET\"",
+        )
+        .unwrap();
+        let apps = config
+            .resolve_apps(
+                |name| (name == "B_SECRET").then(|| "from-env".to_owned()),
+                Some(directory.path()),
+            )
+            .unwrap();
+        assert_eq!(apps[0].client_secret.expose(), "from-file");
+        assert_eq!(apps[1].client_secret.expose(), "from-env");
+        let error = config.resolve_apps(|_| None, Some(directory.path())).unwrap_err();
+        assert!(error.to_string().starts_with("apps[1].client_secret_env"), "{error}");
+    }
+}

@@ -1,0 +1,236 @@
+//! Newtypes shared by every module: identifiers parsed and checked once at the
+//! edge, and the secret-bearing values whose `Debug` and `Display` never show
+//! the secret.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// Why an identifier given by a caller or an operator was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("{field} is empty")]
+    Empty { field: &'static str },
+    #[error("{field} is {length} bytes long; at most {limit} are allowed")]
+    TooLong {
+        field: &'static str,
+        length: usize,
+        limit: usize,
+    },
+    #[error("{field} contains a space or control character; only printable ASCII is allowed")]
+    NotPrintable { field: &'static str },
+}
+
+/// Checks what every identifier sent to Douyin must satisfy: present, bounded,
+/// printable ASCII without spaces (Douyin's ids are alphanumeric; anything else
+/// is a caller's mistake that must not cost upstream quota).
+fn check_identifier(field: &'static str, value: &str, limit: usize) -> Result<(), InvalidId> {
+    if value.is_empty() {
+        return Err(InvalidId::Empty { field });
+    }
+    if value.len() > limit {
+        return Err(InvalidId::TooLong {
+            field,
+            length: value.len(),
+            limit,
+        });
+    }
+    if !value.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err(InvalidId::NotPrintable { field });
+    }
+    Ok(())
+}
+
+/// The first 8 hex digits of a value's SHA-256: enough to tell apps and tokens
+/// apart in logs and errors, useless for recovering the value.
+pub fn fingerprint(value: &str) -> String {
+    let digest = Sha256::digest(value.as_bytes());
+    digest[..4].iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+// === impl ClientKey ===
+
+/// An app's `client_key`. Treated as confidential: it prints as a fingerprint
+/// (`app:1a2b3c4d`), never as itself.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey(String);
+
+impl ClientKey {
+    pub const MAX_LENGTH: usize = 128;
+
+    pub fn parse(value: &str) -> Result<Self, InvalidId> {
+        check_identifier("client_key", value, Self::MAX_LENGTH)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The key itself, for the wire to Douyin and for the operator's own listings.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.0)
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "app:{}", self.fingerprint())
+    }
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "ClientKey({self})")
+    }
+}
+
+// === impl ClientSecret ===
+
+/// An app's `client_secret`. Only `expose` reveals it, at the one place that
+/// sends it to Douyin or stores it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSecret(String);
+
+impl ClientSecret {
+    pub const MAX_LENGTH: usize = 256;
+
+    pub fn parse(value: &str) -> Result<Self, InvalidId> {
+        check_identifier("client_secret", value, Self::MAX_LENGTH)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("ClientSecret(<redacted>)")
+    }
+}
+
+// === impl AccessToken ===
+
+/// A Douyin `client_token` (`clt.…`). Prints as `token:<fingerprint>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(String);
+
+impl AccessToken {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.0)
+    }
+}
+
+impl fmt::Display for AccessToken {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "token:{}", self.fingerprint())
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "AccessToken({self})")
+    }
+}
+
+// === impl AccountId ===
+
+/// A merchant's root account id (`account_id`). Not a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub const MAX_LENGTH: usize = 64;
+
+    pub fn parse(value: &str) -> Result<Self, InvalidId> {
+        check_identifier("account_id", value, Self::MAX_LENGTH)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+/// What a caller asks Douyin's after-sale detail API about, checked at the edge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AfterSaleQuery {
+    pub account_id: AccountId,
+    pub order_id: String,
+    pub certificate_id: Option<String>,
+}
+
+impl AfterSaleQuery {
+    pub const MAX_ORDER_ID_LENGTH: usize = 128;
+
+    pub fn parse(
+        account_id: &str,
+        order_id: &str,
+        certificate_id: Option<&str>,
+    ) -> Result<Self, InvalidId> {
+        let account_id = AccountId::parse(account_id)?;
+        check_identifier("order_id", order_id, Self::MAX_ORDER_ID_LENGTH)?;
+        if let Some(certificate_id) = certificate_id {
+            check_identifier("certificate_id", certificate_id, Self::MAX_ORDER_ID_LENGTH)?;
+        }
+        Ok(Self {
+            account_id,
+            order_id: order_id.to_owned(),
+            certificate_id: certificate_id.map(str::to_owned),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_show_in_debug_or_display() {
+        let key = ClientKey::parse("awkey123456").unwrap();
+        let secret = ClientSecret::parse("s3cr3t-value").unwrap();
+        let token = AccessToken::new("clt.abcdef0123456789".to_owned());
+        let printed = format!("{key} {key:?} {secret:?} {token} {token:?}");
+        assert!(!printed.contains("awkey123456"), "{printed}");
+        assert!(!printed.contains("s3cr3t-value"), "{printed}");
+        assert!(!printed.contains("clt.abcdef"), "{printed}");
+        assert!(printed.contains(&key.fingerprint()));
+    }
+
+    #[test]
+    fn identifiers_are_checked_at_the_edge() {
+        assert_eq!(
+            AccountId::parse(""),
+            Err(InvalidId::Empty {
+                field: "account_id"
+            })
+        );
+        assert!(matches!(
+            AccountId::parse(&"7".repeat(65)),
+            Err(InvalidId::TooLong { length: 65, .. })
+        ));
+        assert_eq!(
+            AfterSaleQuery::parse("123", "order\u{7}", None),
+            Err(InvalidId::NotPrintable { field: "order_id" })
+        );
+        assert!(AfterSaleQuery::parse("123", "order 1", None).is_err());
+        assert!(AfterSaleQuery::parse("123", "keXkM0H5DR", Some("")).is_err());
+        assert!(AfterSaleQuery::parse("123", "keXkM0H5DR", Some("IrwGTLCKZr")).is_ok());
+    }
+}

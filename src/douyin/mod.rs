@@ -1,0 +1,147 @@
+//! The HTTP client of Douyin's open platform: the only module that knows
+//! upstream URLs, JSON shapes and how a response turns into a result or an error.
+
+pub mod after_sale;
+pub mod codes;
+pub mod token_endpoint;
+
+use std::time::Duration;
+
+use crate::config::{DouyinConfig, TokenEndpoint};
+
+pub use codes::{CodeClass, DouyinError};
+
+/// A failure to get a well-formed answer from Douyin at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("Douyin did not answer within {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    #[error("cannot reach Douyin: {detail}")]
+    Connect { detail: String },
+    #[error("Douyin answered HTTP {status}{}", logid_suffix(.logid))]
+    HttpStatus { status: u16, logid: String },
+    #[error("Douyin answered a body that is not the expected JSON ({detail}){}", logid_suffix(.logid))]
+    MalformedBody { detail: String, logid: String },
+}
+
+fn logid_suffix(logid: &str) -> String {
+    if logid.is_empty() {
+        String::new()
+    } else {
+        format!(", logid {logid}")
+    }
+}
+
+/// Talks to one Douyin base URL (the real one, or the sandbox in tests and the demo).
+#[derive(Clone)]
+pub struct DouyinClient {
+    http: reqwest::Client,
+    base_url: String,
+    token_endpoint: TokenEndpoint,
+    request_timeout: Duration,
+}
+
+impl DouyinClient {
+    pub fn new(config: &DouyinConfig) -> Result<Self, reqwest::Error> {
+        install_tls_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("douyin-tokend/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            token_endpoint: config.token_endpoint,
+            request_timeout: config.request_timeout,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// The HTTP timeout of one request: the configured one, shortened to the
+    /// caller's remaining deadline when there is one.
+    fn timeout_within(&self, deadline: Option<Duration>) -> Duration {
+        match deadline {
+            Some(remaining) => remaining.min(self.request_timeout),
+            None => self.request_timeout,
+        }
+    }
+}
+
+/// reqwest is built without a default crypto provider (ring builds faster than
+/// aws-lc); install ring once per process before the first client is built.
+fn install_tls_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // An error means another provider is already installed, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Douyin's log id for an answer, from the `X-Tt-Logid` header.
+fn logid_header(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("x-tt-logid")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Turns a reqwest failure into a transport error that names no URL (the
+/// query string carries merchant ids, and nothing here should echo requests).
+fn transport_error(error: &reqwest::Error, timeout: Duration) -> TransportError {
+    if error.is_timeout() {
+        TransportError::Timeout {
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        }
+    } else if error.is_connect() {
+        TransportError::Connect {
+            detail: "connection refused or failed".to_owned(),
+        }
+    } else if error.is_body() || error.is_decode() {
+        TransportError::MalformedBody {
+            detail: "the connection broke while the body was read".to_owned(),
+            logid: String::new(),
+        }
+    } else {
+        TransportError::Connect {
+            detail: "the request failed before an answer arrived".to_owned(),
+        }
+    }
+}
+
+/// Describes a body that is not JSON without quoting much of it.
+fn describe_unparseable(body: &[u8], content_type: &str, error: &serde_json::Error) -> String {
+    let looks_like_html = body
+        .iter()
+        .find(|byte| !byte.is_ascii_whitespace())
+        .is_some_and(|first| *first == b'<');
+    if looks_like_html {
+        format!("an HTML page of {} bytes", body.len())
+    } else if body.is_empty() {
+        "an empty body".to_owned()
+    } else {
+        format!(
+            "{} bytes of {} that do not parse: {error}",
+            body.len(),
+            if content_type.is_empty() { "unknown content" } else { content_type }
+        )
+    }
+}
+
+/// Removes `null` members so that absent and null fields both take their
+/// defaults when decoded into the mirrored proto messages.
+fn strip_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(members) => {
+            members.retain(|_, member| !member.is_null());
+            members.values_mut().for_each(strip_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}

@@ -1,0 +1,222 @@
+//! `POST /oauth/client_token/`: fetches an app's client_token and classifies
+//! every way that can fail.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{DouyinClient, TransportError, codes, describe_unparseable, logid_header, transport_error};
+use crate::domain::{AccessToken, ClientKey, ClientSecret};
+
+/// A token as Douyin handed it out.
+#[derive(Debug, Clone)]
+pub struct FetchedToken {
+    pub access_token: AccessToken,
+    pub expires_in: Duration,
+}
+
+/// Why no token came back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenFetchError {
+    /// Douyin refused with an error code inside the HTTP 200 body.
+    #[error("Douyin's token endpoint refused with error {code}{}{}", describe(.description), super::logid_suffix(.logid))]
+    Refused {
+        code: i64,
+        description: String,
+        logid: String,
+    },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+fn describe(description: &str) -> String {
+    if description.is_empty() {
+        String::new()
+    } else {
+        format!(" ({description})")
+    }
+}
+
+impl TokenFetchError {
+    /// Permanent failures (bad key or secret) must not be retried on a timer.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Refused { code, .. } if codes::token_code_is_permanent(*code))
+    }
+
+    /// Douyin said we fetch too often (10020): the budget must slow down.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::Refused { code, .. } if *code == codes::TOKEN_RATE_LIMITED)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenEnvelope {
+    data: Option<TokenData>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TokenData {
+    access_token: Option<String>,
+    description: Option<String>,
+    error_code: Option<i64>,
+    expires_in: Option<ExpiresIn>,
+}
+
+/// Douyin documents a number; sibling endpoints send a numeric string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ExpiresIn {
+    Seconds(u64),
+    Text(String),
+}
+
+/// No real token lives longer than a day; a bigger value is a garbled answer.
+const LONGEST_PLAUSIBLE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+impl DouyinClient {
+    pub async fn fetch_client_token(
+        &self,
+        client_key: &ClientKey,
+        client_secret: &ClientSecret,
+    ) -> Result<FetchedToken, TokenFetchError> {
+        let timeout = self.timeout_within(None);
+        let body = serde_json::json!({
+            "client_key": client_key.expose(),
+            "client_secret": client_secret.expose(),
+            "grant_type": "client_credential",
+        });
+        let response = self
+            .http
+            .post(self.url(self.token_endpoint.path()))
+            .timeout(timeout)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|error| transport_error(&error, timeout))?;
+        let status = response.status();
+        let logid = logid_header(&response);
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|error| transport_error(&error, timeout))?;
+        parse_token_answer(status.as_u16(), &bytes, &content_type, logid)
+    }
+}
+
+/// Decodes the token endpoint's answer; public within the crate for tests.
+pub(crate) fn parse_token_answer(
+    status: u16,
+    body: &[u8],
+    content_type: &str,
+    logid: String,
+) -> Result<FetchedToken, TokenFetchError> {
+    let envelope: TokenEnvelope = match serde_json::from_slice(body) {
+        Ok(envelope) => envelope,
+        Err(_) if status != 200 => {
+            return Err(TransportError::HttpStatus { status, logid }.into());
+        }
+        Err(error) => {
+            return Err(TransportError::MalformedBody {
+                detail: describe_unparseable(body, content_type, &error),
+                logid,
+            }
+            .into());
+        }
+    };
+    let data = envelope.data.unwrap_or_default();
+    let error_code = data.error_code.unwrap_or(0);
+    if error_code != 0 {
+        return Err(TokenFetchError::Refused {
+            code: error_code,
+            description: data.description.unwrap_or_default(),
+            logid,
+        });
+    }
+    if status != 200 {
+        return Err(TransportError::HttpStatus { status, logid }.into());
+    }
+    let malformed = |detail: &str| TransportError::MalformedBody {
+        detail: detail.to_owned(),
+        logid: logid.clone(),
+    };
+    let access_token = data
+        .access_token
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| malformed("no access_token in a success answer"))?;
+    let seconds = match data.expires_in {
+        Some(ExpiresIn::Seconds(seconds)) => seconds,
+        Some(ExpiresIn::Text(text)) => text
+            .trim()
+            .parse()
+            .map_err(|_| malformed("expires_in is neither a number nor a numeric string"))?,
+        None => return Err(malformed("no expires_in in a success answer").into()),
+    };
+    let expires_in = Duration::from_secs(seconds);
+    if expires_in.is_zero() || expires_in > LONGEST_PLAUSIBLE_LIFETIME {
+        return Err(malformed("expires_in is zero or longer than a day").into());
+    }
+    Ok(FetchedToken {
+        access_token: AccessToken::new(access_token),
+        expires_in,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(status: u16, body: &str) -> Result<FetchedToken, TokenFetchError> {
+        parse_token_answer(status, body.as_bytes(), "application/json", "LOG1".to_owned())
+    }
+
+    #[test]
+    fn expires_in_is_accepted_as_number_and_as_string() {
+        let as_number = parse(
+            200,
+            r#"{"data":{"access_token":"clt.a","description":"","error_code":0,"expires_in":7200},"message":"success"}"#,
+        )
+        .unwrap();
+        assert_eq!(as_number.expires_in, Duration::from_secs(7200));
+        let as_string = parse(
+            200,
+            r#"{"data":{"access_token":"clt.b","error_code":0,"expires_in":"3600"},"message":"success"}"#,
+        )
+        .unwrap();
+        assert_eq!(as_string.expires_in, Duration::from_secs(3600));
+        assert_eq!(as_string.access_token.expose(), "clt.b");
+    }
+
+    #[test]
+    fn refusals_are_classified() {
+        let bad_secret = parse(200, r#"{"data":{"error_code":10013,"description":"bad"},"message":"error"}"#)
+            .unwrap_err();
+        assert!(bad_secret.is_permanent());
+        assert!(bad_secret.to_string().contains("10013"));
+        let rate_limited = parse(200, r#"{"data":{"error_code":10020,"description":"slow"}}"#).unwrap_err();
+        assert!(!rate_limited.is_permanent());
+        assert!(rate_limited.is_rate_limited());
+    }
+
+    #[test]
+    fn garbage_is_a_transient_malformed_body() {
+        for (status, body) in [
+            (200, "<html><body>502 Bad Gateway</body></html>"),
+            (200, r#"{"data":{"access_token":"clt.x","error_code":0,"expires"#),
+            (200, r#"{"data":{"access_token":"","error_code":0,"expires_in":7200}}"#),
+            (200, r#"{"data":{"access_token":"clt.x","error_code":0,"expires_in":"soon"}}"#),
+            (200, r#"{"data":{"access_token":"clt.x","error_code":0,"expires_in":0}}"#),
+            (502, "<html>bad gateway</html>"),
+        ] {
+            let error = parse(status, body).unwrap_err();
+            assert!(!error.is_permanent(), "{body}");
+            assert!(matches!(error, TokenFetchError::Transport(_)), "{body}: {error:?}");
+        }
+    }
+}

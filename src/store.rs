@@ -1,0 +1,542 @@
+//! The SQLite store: opening the pool (WAL, busy timeout, foreign keys),
+//! running the embedded migrations, and every query the daemon makes. The
+//! only module that writes SQL.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::domain::{AccessToken, AccountId, ClientKey, ClientSecret};
+
+/// A store failure. Messages name the operation, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error while trying to {operation}: {source}")]
+    Query {
+        operation: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("the database holds a value it should not: {0}")]
+    Corrupt(String),
+}
+
+fn query_error(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { operation, source }
+}
+
+/// Where an app or a merchant was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The config file; the next start-up removes it if the file no longer has it.
+    Config,
+    /// AdminService; only AdminService removes it.
+    Admin,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "config" => Ok(Self::Config),
+            "admin" => Ok(Self::Admin),
+            other => Err(StoreError::Corrupt(format!("unknown source {other:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AppRecord {
+    pub client_key: ClientKey,
+    pub client_secret: ClientSecret,
+    pub source: Source,
+    pub merchant_count: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MerchantRecord {
+    pub account_id: AccountId,
+    pub client_key: ClientKey,
+    pub source: Source,
+}
+
+/// The stored token state of one app.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRecord {
+    pub access_token: Option<AccessToken>,
+    pub generation: i64,
+    pub fetched_at_ms: Option<i64>,
+    pub expires_at_ms: Option<i64>,
+    pub invalidated_at_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    pub last_error_permanent: bool,
+    pub consecutive_failures: i64,
+}
+
+/// A freshly fetched token, to be committed before anyone uses it.
+#[derive(Debug, Clone)]
+pub struct NewToken<'a> {
+    pub client_key: &'a ClientKey,
+    pub access_token: &'a AccessToken,
+    pub generation: i64,
+    pub fetched_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// A failed fetch, recorded without touching the stored (still valid) token.
+#[derive(Debug, Clone)]
+pub struct FetchFailure<'a> {
+    pub client_key: &'a ClientKey,
+    pub message: &'a str,
+    pub at_ms: i64,
+    pub permanent: bool,
+    pub consecutive_failures: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(open_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL with NORMAL is durable across process crashes; only a power
+            // loss may lose the last commits, which a restart re-fetches.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(open_error)?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // === apps ===
+
+    /// Adds an app or replaces its secret. Returns true when it is new.
+    pub async fn put_app(
+        &self,
+        client_key: &ClientKey,
+        client_secret: &ClientSecret,
+        source: Source,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.pool.begin().await.map_err(query_error("begin put_app"))?;
+        let existed = sqlx::query("SELECT 1 FROM apps WHERE client_key = ?")
+            .bind(client_key.expose())
+            .fetch_optional(&mut *transaction)
+            .await
+            .map_err(query_error("look up an app"))?
+            .is_some();
+        sqlx::query(
+            "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT (client_key) DO UPDATE
+             SET client_secret = excluded.client_secret, source = excluded.source,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(client_key.expose())
+        .bind(client_secret.expose())
+        .bind(source.as_str())
+        .bind(now_ms)
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("store an app"))?;
+        // A new secret deserves a new try: forget a permanent failure.
+        sqlx::query(
+            "INSERT INTO tokens (client_key) VALUES (?1)
+             ON CONFLICT (client_key) DO UPDATE SET last_error_permanent = 0",
+        )
+        .bind(client_key.expose())
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("prepare an app's token row"))?;
+        transaction.commit().await.map_err(query_error("commit put_app"))?;
+        Ok(!existed)
+    }
+
+    /// Removes an app with its merchants and token. Returns how many merchants
+    /// went with it, or None when there was no such app.
+    pub async fn remove_app(&self, client_key: &ClientKey) -> Result<Option<i64>, StoreError> {
+        let mut transaction = self.pool.begin().await.map_err(query_error("begin remove_app"))?;
+        let merchants: i64 = sqlx::query("SELECT COUNT(*) FROM merchants WHERE client_key = ?")
+            .bind(client_key.expose())
+            .fetch_one(&mut *transaction)
+            .await
+            .map_err(query_error("count an app's merchants"))?
+            .get(0);
+        let removed = sqlx::query("DELETE FROM apps WHERE client_key = ?")
+            .bind(client_key.expose())
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("remove an app"))?
+            .rows_affected();
+        transaction.commit().await.map_err(query_error("commit remove_app"))?;
+        Ok((removed > 0).then_some(merchants))
+    }
+
+    pub async fn list_apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.client_key, a.client_secret, a.source,
+                    (SELECT COUNT(*) FROM merchants m WHERE m.client_key = a.client_key)
+             FROM apps a ORDER BY a.client_key",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list apps"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(AppRecord {
+                    client_key: parse_client_key(row.get(0))?,
+                    client_secret: ClientSecret::parse(row.get(1))
+                        .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                    source: Source::parse(row.get(2))?,
+                    merchant_count: row.get(3),
+                })
+            })
+            .collect()
+    }
+
+    // === merchants ===
+
+    /// Adds a merchant or moves it to another app. Returns true when it is new,
+    /// or None when the app does not exist.
+    pub async fn put_merchant(
+        &self,
+        account_id: &AccountId,
+        client_key: &ClientKey,
+        source: Source,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut transaction = self.pool.begin().await.map_err(query_error("begin put_merchant"))?;
+        let app_exists = sqlx::query("SELECT 1 FROM apps WHERE client_key = ?")
+            .bind(client_key.expose())
+            .fetch_optional(&mut *transaction)
+            .await
+            .map_err(query_error("look up an app"))?
+            .is_some();
+        if !app_exists {
+            return Ok(None);
+        }
+        let existed = sqlx::query("SELECT 1 FROM merchants WHERE account_id = ?")
+            .bind(account_id.as_str())
+            .fetch_optional(&mut *transaction)
+            .await
+            .map_err(query_error("look up a merchant"))?
+            .is_some();
+        sqlx::query(
+            "INSERT INTO merchants (account_id, client_key, source, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (account_id) DO UPDATE
+             SET client_key = excluded.client_key, source = excluded.source",
+        )
+        .bind(account_id.as_str())
+        .bind(client_key.expose())
+        .bind(source.as_str())
+        .bind(now_ms)
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("store a merchant"))?;
+        transaction.commit().await.map_err(query_error("commit put_merchant"))?;
+        Ok(Some(!existed))
+    }
+
+    pub async fn remove_merchant(&self, account_id: &AccountId) -> Result<bool, StoreError> {
+        let removed = sqlx::query("DELETE FROM merchants WHERE account_id = ?")
+            .bind(account_id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("remove a merchant"))?
+            .rows_affected();
+        Ok(removed > 0)
+    }
+
+    pub async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, StoreError> {
+        let rows = sqlx::query("SELECT account_id, client_key, source FROM merchants ORDER BY account_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("list merchants"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(MerchantRecord {
+                    account_id: AccountId::parse(row.get(0))
+                        .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                    client_key: parse_client_key(row.get(1))?,
+                    source: Source::parse(row.get(2))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Makes the config-sourced apps and merchants exactly those given, in one
+    /// transaction: adds and updates them, and removes config-sourced entries the
+    /// file no longer declares. Admin-sourced entries are left alone.
+    pub async fn sync_config(
+        &self,
+        apps: &[(ClientKey, ClientSecret)],
+        merchants: &[(AccountId, ClientKey)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut transaction = self.pool.begin().await.map_err(query_error("begin config sync"))?;
+        for (client_key, client_secret) in apps {
+            sqlx::query(
+                "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
+                 VALUES (?1, ?2, 'config', ?3, ?3)
+                 ON CONFLICT (client_key) DO UPDATE
+                 SET source = 'config', updated_at = excluded.updated_at,
+                     client_secret = excluded.client_secret
+                 WHERE apps.client_secret IS NOT excluded.client_secret OR apps.source != 'config'",
+            )
+            .bind(client_key.expose())
+            .bind(client_secret.expose())
+            .bind(now_ms)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("sync a configured app"))?;
+            sqlx::query("INSERT INTO tokens (client_key) VALUES (?1) ON CONFLICT (client_key) DO NOTHING")
+                .bind(client_key.expose())
+                .execute(&mut *transaction)
+                .await
+                .map_err(query_error("prepare a configured app's token row"))?;
+        }
+        let configured_keys: Vec<&str> = apps.iter().map(|(key, _)| key.expose()).collect();
+        let configured_keys = serde_json::to_string(&configured_keys).unwrap_or_default();
+        sqlx::query(
+            "DELETE FROM apps WHERE source = 'config'
+             AND client_key NOT IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&configured_keys)
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("remove apps no longer configured"))?;
+        for (account_id, client_key) in merchants {
+            sqlx::query(
+                "INSERT INTO merchants (account_id, client_key, source, created_at)
+                 VALUES (?1, ?2, 'config', ?3)
+                 ON CONFLICT (account_id) DO UPDATE
+                 SET client_key = excluded.client_key, source = 'config'",
+            )
+            .bind(account_id.as_str())
+            .bind(client_key.expose())
+            .bind(now_ms)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("sync a configured merchant"))?;
+        }
+        let configured_accounts: Vec<&str> = merchants.iter().map(|(account, _)| account.as_str()).collect();
+        let configured_accounts = serde_json::to_string(&configured_accounts).unwrap_or_default();
+        sqlx::query(
+            "DELETE FROM merchants WHERE source = 'config'
+             AND account_id NOT IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&configured_accounts)
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("remove merchants no longer configured"))?;
+        transaction.commit().await.map_err(query_error("commit config sync"))?;
+        Ok(())
+    }
+
+    // === tokens ===
+
+    /// Every app's token row (apps without one get an empty record).
+    pub async fn load_tokens(&self) -> Result<Vec<(ClientKey, TokenRecord)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.client_key, t.access_token, COALESCE(t.generation, 0), t.fetched_at, t.expires_at,
+                    t.invalidated_at, t.last_error, t.last_error_at,
+                    COALESCE(t.last_error_permanent, 0), COALESCE(t.consecutive_failures, 0)
+             FROM apps a LEFT JOIN tokens t ON t.client_key = a.client_key",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("load tokens"))?;
+        rows.iter()
+            .map(|row| {
+                let access_token: Option<String> = row.get(1);
+                Ok((
+                    parse_client_key(row.get(0))?,
+                    TokenRecord {
+                        access_token: access_token.map(AccessToken::new),
+                        generation: row.get(2),
+                        fetched_at_ms: row.get(3),
+                        expires_at_ms: row.get(4),
+                        invalidated_at_ms: row.get(5),
+                        last_error: row.get(6),
+                        last_error_at_ms: row.get(7),
+                        last_error_permanent: row.get::<i64, _>(8) != 0,
+                        consecutive_failures: row.get(9),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Commits a fetched token (and clears the error state) in one statement.
+    pub async fn save_fetched_token(&self, token: &NewToken<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tokens (client_key, access_token, generation, fetched_at, expires_at,
+                                 invalidated_at, last_error, last_error_at, last_error_permanent,
+                                 consecutive_failures)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, NULL, NULL, 0, 0)
+             ON CONFLICT (client_key) DO UPDATE
+             SET access_token = excluded.access_token, generation = excluded.generation,
+                 fetched_at = excluded.fetched_at, expires_at = excluded.expires_at,
+                 invalidated_at = NULL, last_error = NULL, last_error_at = NULL,
+                 last_error_permanent = 0, consecutive_failures = 0",
+        )
+        .bind(token.client_key.expose())
+        .bind(token.access_token.expose())
+        .bind(token.generation)
+        .bind(token.fetched_at_ms)
+        .bind(token.expires_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("save a fetched token"))?;
+        Ok(())
+    }
+
+    pub async fn record_fetch_failure(&self, failure: &FetchFailure<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE tokens SET last_error = ?2, last_error_at = ?3, last_error_permanent = ?4,
+                               consecutive_failures = ?5
+             WHERE client_key = ?1",
+        )
+        .bind(failure.client_key.expose())
+        .bind(failure.message)
+        .bind(failure.at_ms)
+        .bind(i64::from(failure.permanent))
+        .bind(failure.consecutive_failures)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("record a fetch failure"))?;
+        Ok(())
+    }
+
+    /// Marks the app's token dead if it is still the given generation, so that
+    /// a restart never loads a token Douyin has rejected.
+    pub async fn mark_invalidated(
+        &self,
+        client_key: &ClientKey,
+        generation: i64,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE tokens SET invalidated_at = ?3
+             WHERE client_key = ?1 AND generation = ?2 AND invalidated_at IS NULL",
+        )
+        .bind(client_key.expose())
+        .bind(generation)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("invalidate a token"))?
+        .rows_affected();
+        Ok(changed > 0)
+    }
+}
+
+fn parse_client_key(text: &str) -> Result<ClientKey, StoreError> {
+    ClientKey::parse(text).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn temporary_store() -> (tempfile::TempDir, Store) {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(&directory.path().join("test.db")).await.unwrap();
+        (directory, store)
+    }
+
+    fn key(text: &str) -> ClientKey {
+        ClientKey::parse(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_saved_token_survives_reopening_and_invalidation_compares_generations() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("test.db");
+        let store = Store::open(&path).await.unwrap();
+        let app = key("app-one");
+        store
+            .put_app(&app, &ClientSecret::parse("secret").unwrap(), Source::Admin, 1)
+            .await
+            .unwrap();
+        let token = AccessToken::new("clt.one".to_owned());
+        store
+            .save_fetched_token(&NewToken {
+                client_key: &app,
+                access_token: &token,
+                generation: 3,
+                fetched_at_ms: 1_000,
+                expires_at_ms: 7_201_000,
+            })
+            .await
+            .unwrap();
+        store.close().await;
+
+        let store = Store::open(&path).await.unwrap();
+        let tokens = store.load_tokens().await.unwrap();
+        assert_eq!(tokens.len(), 1);
+        let record = &tokens[0].1;
+        assert_eq!(record.access_token.as_ref().unwrap().expose(), "clt.one");
+        assert_eq!((record.generation, record.expires_at_ms), (3, Some(7_201_000)));
+        assert!(!store.mark_invalidated(&app, 2, 5).await.unwrap(), "stale generation must not invalidate");
+        assert!(store.mark_invalidated(&app, 3, 5).await.unwrap());
+        assert_eq!(store.load_tokens().await.unwrap()[0].1.invalidated_at_ms, Some(5));
+    }
+
+    #[tokio::test]
+    async fn config_sync_replaces_config_entries_and_keeps_admin_ones() {
+        let (_directory, store) = temporary_store().await;
+        let secret = ClientSecret::parse("s").unwrap();
+        store.put_app(&key("admin-app"), &secret, Source::Admin, 1).await.unwrap();
+        let account = |text: &str| AccountId::parse(text).unwrap();
+        store
+            .sync_config(
+                &[(key("cfg-a"), secret.clone()), (key("cfg-b"), secret.clone())],
+                &[(account("1"), key("cfg-a")), (account("2"), key("cfg-b"))],
+                2,
+            )
+            .await
+            .unwrap();
+        store.sync_config(&[(key("cfg-a"), secret.clone())], &[(account("1"), key("cfg-a"))], 3).await.unwrap();
+        let apps: Vec<String> = store.list_apps().await.unwrap().iter().map(|app| app.client_key.expose().to_owned()).collect();
+        assert_eq!(apps, ["admin-app", "cfg-a"]);
+        let merchants = store.list_merchants().await.unwrap();
+        assert_eq!(merchants.len(), 1);
+        assert_eq!(merchants[0].account_id.as_str(), "1");
+        assert_eq!(store.put_merchant(&account("9"), &key("missing"), Source::Admin, 4).await.unwrap(), None);
+        assert_eq!(store.remove_app(&key("cfg-a")).await.unwrap(), Some(1));
+        assert!(store.list_merchants().await.unwrap().is_empty(), "merchants go with their app");
+    }
+}

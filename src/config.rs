@@ -248,11 +248,17 @@ impl Config {
             ));
         }
         if self.douyin.request_timeout.is_zero() {
-            return Err(ConfigError::invalid("douyin.request_timeout", "must be above zero"));
+            return Err(ConfigError::invalid(
+                "douyin.request_timeout",
+                "must be above zero",
+            ));
         }
         let refresh = &self.refresh;
         if refresh.window_end.is_zero() {
-            return Err(ConfigError::invalid("refresh.window_end", "must be above zero"));
+            return Err(ConfigError::invalid(
+                "refresh.window_end",
+                "must be above zero",
+            ));
         }
         if refresh.window_start <= refresh.window_end {
             return Err(ConfigError::invalid(
@@ -284,7 +290,8 @@ impl Config {
         let mut declared_apps = HashSet::new();
         for (index, app) in self.apps.iter().enumerate() {
             let key = format!("apps[{index}].client_key");
-            ClientKey::parse(&app.client_key).map_err(|error| ConfigError::invalid(&key, error.to_string()))?;
+            ClientKey::parse(&app.client_key)
+                .map_err(|error| ConfigError::invalid(&key, error.to_string()))?;
             if !declared_apps.insert(app.client_key.as_str()) {
                 return Err(ConfigError::invalid(key, "the same app is declared twice"));
             }
@@ -338,14 +345,20 @@ impl Config {
                         };
                         let key = format!("apps[{index}].client_secret_file");
                         let text = std::fs::read_to_string(&path).map_err(|error| {
-                            ConfigError::invalid(&key, format!("cannot read {}: {error}", path.display()))
+                            ConfigError::invalid(
+                                &key,
+                                format!("cannot read {}: {error}", path.display()),
+                            )
                         })?;
                         (key, text)
                     }
                     (None, Some(variable)) => {
                         let key = format!("apps[{index}].client_secret_env");
                         let text = lookup_env(variable).ok_or_else(|| {
-                            ConfigError::invalid(&key, format!("environment variable {variable} is not set"))
+                            ConfigError::invalid(
+                                &key,
+                                format!("environment variable {variable} is not set"),
+                            )
                         })?;
                         (key, text)
                     }
@@ -373,10 +386,16 @@ impl Config {
             .map(|(index, merchant)| {
                 Ok(ResolvedMerchant {
                     account_id: AccountId::parse(&merchant.account_id).map_err(|error| {
-                        ConfigError::invalid(format!("merchants[{index}].account_id"), error.to_string())
+                        ConfigError::invalid(
+                            format!("merchants[{index}].account_id"),
+                            error.to_string(),
+                        )
                     })?,
                     client_key: ClientKey::parse(&merchant.client_key).map_err(|error| {
-                        ConfigError::invalid(format!("merchants[{index}].client_key"), error.to_string())
+                        ConfigError::invalid(
+                            format!("merchants[{index}].client_key"),
+                            error.to_string(),
+                        )
                     })?,
                 })
             })
@@ -393,7 +412,9 @@ mod humane_duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text).map_err(|error| {
-            serde::de::Error::custom(format!("{text:?} is not a duration like \"90s\" or \"25m\": {error}"))
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration like \"90s\" or \"25m\": {error}"
+            ))
         })
     }
 }
@@ -425,7 +446,9 @@ mod tests {
 
     #[test]
     fn humane_durations_and_unknown_keys() {
-        let config = Config::from_toml_str("[refresh]\nwindow_start = \"1h 5m\"\nwindow_end = \"90s\"").unwrap();
+        let config =
+            Config::from_toml_str("[refresh]\nwindow_start = \"1h 5m\"\nwindow_end = \"90s\"")
+                .unwrap();
         assert_eq!(config.refresh.window_start, Duration::from_secs(3900));
         assert_eq!(config.refresh.window_end, Duration::from_secs(90));
         let error = Config::from_toml_str("[refresh]\nwindow_begin = \"1m\"").unwrap_err();
@@ -437,7 +460,10 @@ mod tests {
     #[test]
     fn validation_names_the_offending_key() {
         let cases = [
-            ("[refresh]\nwindow_start = \"10m\"\nwindow_end = \"15m\"", "refresh.window_start"),
+            (
+                "[refresh]\nwindow_start = \"10m\"\nwindow_end = \"15m\"",
+                "refresh.window_start",
+            ),
             ("[refresh]\nsweep = \"*/5 * * * *\"", "refresh.sweep"),
             ("[douyin]\nbase_url = \"ftp://example\"", "douyin.base_url"),
             (
@@ -468,7 +494,9 @@ mod tests {
         assert_eq!(config.listen.port(), 6000);
         assert_eq!(config.douyin.base_url, "http://127.0.0.1:7000");
         let error = config
-            .apply_environment(|name| (name == "DOUYIN_TOKEND_LISTEN").then(|| "nowhere".to_owned()))
+            .apply_environment(|name| {
+                (name == "DOUYIN_TOKEND_LISTEN").then(|| "nowhere".to_owned())
+            })
             .unwrap_err();
         assert!(error.to_string().starts_with("DOUYIN_TOKEND_LISTEN"));
     }
@@ -490,7 +518,12 @@ mod tests {
             .unwrap();
         assert_eq!(apps[0].client_secret.expose(), "from-file");
         assert_eq!(apps[1].client_secret.expose(), "from-env");
-        let error = config.resolve_apps(|_| None, Some(directory.path())).unwrap_err();
-        assert!(error.to_string().starts_with("apps[1].client_secret_env"), "{error}");
+        let error = config
+            .resolve_apps(|_| None, Some(directory.path()))
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with("apps[1].client_secret_env"),
+            "{error}"
+        );
     }
 }

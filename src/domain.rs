@@ -45,7 +45,10 @@ fn check_identifier(field: &'static str, value: &str, limit: usize) -> Result<()
 /// apart in logs and errors, useless for recovering the value.
 pub fn fingerprint(value: &str) -> String {
     let digest = Sha256::digest(value.as_bytes());
-    digest[..4].iter().map(|byte| format!("{byte:02x}")).collect()
+    digest[..4]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 // === impl ClientKey ===

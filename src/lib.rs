@@ -1,6 +1,29 @@
+//! douyin-tokend: the one place in a merchant's stack that owns Douyin
+//! open-platform client tokens, and a gRPC front for the after-sale order
+//! detail lookup.
+//!
+//! Crate map (dependencies point down; see ARCHITECTURE.md):
+//! - [`app`]: composition root, start and stop order.
+//! - [`grpc`]: tonic services and the one failure → `Status` mapping.
+//! - [`lookup`]: the after-sale use case (token, upstream, refresh-and-retry once).
+//! - [`registry`]: apps and merchants, in SQLite and in memory.
+//! - [`token`]: token lifecycle: policy, single-flight fetches, the sweep, the scheduler.
+//! - [`store`]: the only SQL.
+//! - [`douyin`]: the only code that knows Douyin's URLs, JSON and error codes.
+//! - [`sandbox`]: a strict fake Douyin for tests, the demo and benchmarks.
+//! - [`config`], [`domain`], [`clock`], [`proto`]: shared foundations.
+
+pub mod app;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod douyin;
+pub mod grpc;
+pub mod lookup;
 pub mod proto;
+pub mod registry;
+pub mod sandbox;
 pub mod store;
+pub mod token;

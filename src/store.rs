@@ -150,7 +150,11 @@ impl Store {
         source: Source,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut transaction = self.pool.begin().await.map_err(query_error("begin put_app"))?;
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin put_app"))?;
         let existed = sqlx::query("SELECT 1 FROM apps WHERE client_key = ?")
             .bind(client_key.expose())
             .fetch_optional(&mut *transaction)
@@ -180,14 +184,21 @@ impl Store {
         .execute(&mut *transaction)
         .await
         .map_err(query_error("prepare an app's token row"))?;
-        transaction.commit().await.map_err(query_error("commit put_app"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit put_app"))?;
         Ok(!existed)
     }
 
     /// Removes an app with its merchants and token. Returns how many merchants
     /// went with it, or None when there was no such app.
     pub async fn remove_app(&self, client_key: &ClientKey) -> Result<Option<i64>, StoreError> {
-        let mut transaction = self.pool.begin().await.map_err(query_error("begin remove_app"))?;
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin remove_app"))?;
         let merchants: i64 = sqlx::query("SELECT COUNT(*) FROM merchants WHERE client_key = ?")
             .bind(client_key.expose())
             .fetch_one(&mut *transaction)
@@ -200,7 +211,10 @@ impl Store {
             .await
             .map_err(query_error("remove an app"))?
             .rows_affected();
-        transaction.commit().await.map_err(query_error("commit remove_app"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit remove_app"))?;
         Ok((removed > 0).then_some(merchants))
     }
 
@@ -237,7 +251,11 @@ impl Store {
         source: Source,
         now_ms: i64,
     ) -> Result<Option<bool>, StoreError> {
-        let mut transaction = self.pool.begin().await.map_err(query_error("begin put_merchant"))?;
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin put_merchant"))?;
         let app_exists = sqlx::query("SELECT 1 FROM apps WHERE client_key = ?")
             .bind(client_key.expose())
             .fetch_optional(&mut *transaction)
@@ -265,7 +283,10 @@ impl Store {
         .execute(&mut *transaction)
         .await
         .map_err(query_error("store a merchant"))?;
-        transaction.commit().await.map_err(query_error("commit put_merchant"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit put_merchant"))?;
         Ok(Some(!existed))
     }
 
@@ -280,10 +301,11 @@ impl Store {
     }
 
     pub async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, StoreError> {
-        let rows = sqlx::query("SELECT account_id, client_key, source FROM merchants ORDER BY account_id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_error("list merchants"))?;
+        let rows =
+            sqlx::query("SELECT account_id, client_key, source FROM merchants ORDER BY account_id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("list merchants"))?;
         rows.iter()
             .map(|row| {
                 Ok(MerchantRecord {
@@ -305,7 +327,11 @@ impl Store {
         merchants: &[(AccountId, ClientKey)],
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut transaction = self.pool.begin().await.map_err(query_error("begin config sync"))?;
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin config sync"))?;
         for (client_key, client_secret) in apps {
             sqlx::query(
                 "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
@@ -321,11 +347,13 @@ impl Store {
             .execute(&mut *transaction)
             .await
             .map_err(query_error("sync a configured app"))?;
-            sqlx::query("INSERT INTO tokens (client_key) VALUES (?1) ON CONFLICT (client_key) DO NOTHING")
-                .bind(client_key.expose())
-                .execute(&mut *transaction)
-                .await
-                .map_err(query_error("prepare a configured app's token row"))?;
+            sqlx::query(
+                "INSERT INTO tokens (client_key) VALUES (?1) ON CONFLICT (client_key) DO NOTHING",
+            )
+            .bind(client_key.expose())
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("prepare a configured app's token row"))?;
         }
         let configured_keys: Vec<&str> = apps.iter().map(|(key, _)| key.expose()).collect();
         let configured_keys = serde_json::to_string(&configured_keys).unwrap_or_default();
@@ -351,7 +379,10 @@ impl Store {
             .await
             .map_err(query_error("sync a configured merchant"))?;
         }
-        let configured_accounts: Vec<&str> = merchants.iter().map(|(account, _)| account.as_str()).collect();
+        let configured_accounts: Vec<&str> = merchants
+            .iter()
+            .map(|(account, _)| account.as_str())
+            .collect();
         let configured_accounts = serde_json::to_string(&configured_accounts).unwrap_or_default();
         sqlx::query(
             "DELETE FROM merchants WHERE source = 'config'
@@ -361,7 +392,10 @@ impl Store {
         .execute(&mut *transaction)
         .await
         .map_err(query_error("remove merchants no longer configured"))?;
-        transaction.commit().await.map_err(query_error("commit config sync"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit config sync"))?;
         Ok(())
     }
 
@@ -473,7 +507,9 @@ mod tests {
 
     async fn temporary_store() -> (tempfile::TempDir, Store) {
         let directory = tempfile::tempdir().unwrap();
-        let store = Store::open(&directory.path().join("test.db")).await.unwrap();
+        let store = Store::open(&directory.path().join("test.db"))
+            .await
+            .unwrap();
         (directory, store)
     }
 
@@ -488,7 +524,12 @@ mod tests {
         let store = Store::open(&path).await.unwrap();
         let app = key("app-one");
         store
-            .put_app(&app, &ClientSecret::parse("secret").unwrap(), Source::Admin, 1)
+            .put_app(
+                &app,
+                &ClientSecret::parse("secret").unwrap(),
+                Source::Admin,
+                1,
+            )
             .await
             .unwrap();
         let token = AccessToken::new("clt.one".to_owned());
@@ -509,34 +550,71 @@ mod tests {
         assert_eq!(tokens.len(), 1);
         let record = &tokens[0].1;
         assert_eq!(record.access_token.as_ref().unwrap().expose(), "clt.one");
-        assert_eq!((record.generation, record.expires_at_ms), (3, Some(7_201_000)));
-        assert!(!store.mark_invalidated(&app, 2, 5).await.unwrap(), "stale generation must not invalidate");
+        assert_eq!(
+            (record.generation, record.expires_at_ms),
+            (3, Some(7_201_000))
+        );
+        assert!(
+            !store.mark_invalidated(&app, 2, 5).await.unwrap(),
+            "stale generation must not invalidate"
+        );
         assert!(store.mark_invalidated(&app, 3, 5).await.unwrap());
-        assert_eq!(store.load_tokens().await.unwrap()[0].1.invalidated_at_ms, Some(5));
+        assert_eq!(
+            store.load_tokens().await.unwrap()[0].1.invalidated_at_ms,
+            Some(5)
+        );
     }
 
     #[tokio::test]
     async fn config_sync_replaces_config_entries_and_keeps_admin_ones() {
         let (_directory, store) = temporary_store().await;
         let secret = ClientSecret::parse("s").unwrap();
-        store.put_app(&key("admin-app"), &secret, Source::Admin, 1).await.unwrap();
+        store
+            .put_app(&key("admin-app"), &secret, Source::Admin, 1)
+            .await
+            .unwrap();
         let account = |text: &str| AccountId::parse(text).unwrap();
         store
             .sync_config(
-                &[(key("cfg-a"), secret.clone()), (key("cfg-b"), secret.clone())],
+                &[
+                    (key("cfg-a"), secret.clone()),
+                    (key("cfg-b"), secret.clone()),
+                ],
                 &[(account("1"), key("cfg-a")), (account("2"), key("cfg-b"))],
                 2,
             )
             .await
             .unwrap();
-        store.sync_config(&[(key("cfg-a"), secret.clone())], &[(account("1"), key("cfg-a"))], 3).await.unwrap();
-        let apps: Vec<String> = store.list_apps().await.unwrap().iter().map(|app| app.client_key.expose().to_owned()).collect();
+        store
+            .sync_config(
+                &[(key("cfg-a"), secret.clone())],
+                &[(account("1"), key("cfg-a"))],
+                3,
+            )
+            .await
+            .unwrap();
+        let apps: Vec<String> = store
+            .list_apps()
+            .await
+            .unwrap()
+            .iter()
+            .map(|app| app.client_key.expose().to_owned())
+            .collect();
         assert_eq!(apps, ["admin-app", "cfg-a"]);
         let merchants = store.list_merchants().await.unwrap();
         assert_eq!(merchants.len(), 1);
         assert_eq!(merchants[0].account_id.as_str(), "1");
-        assert_eq!(store.put_merchant(&account("9"), &key("missing"), Source::Admin, 4).await.unwrap(), None);
+        assert_eq!(
+            store
+                .put_merchant(&account("9"), &key("missing"), Source::Admin, 4)
+                .await
+                .unwrap(),
+            None
+        );
         assert_eq!(store.remove_app(&key("cfg-a")).await.unwrap(), Some(1));
-        assert!(store.list_merchants().await.unwrap().is_empty(), "merchants go with their app");
+        assert!(
+            store.list_merchants().await.unwrap().is_empty(),
+            "merchants go with their app"
+        );
     }
 }

@@ -104,7 +104,11 @@ pub fn decode_after_sale_answer(
         }
         .into());
     }
-    let integer_at = |pointer: &str| document.pointer(pointer).and_then(serde_json::Value::as_i64);
+    let integer_at = |pointer: &str| {
+        document
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_i64)
+    };
     let text_at = |pointer: &str| {
         document
             .pointer(pointer)
@@ -157,7 +161,12 @@ mod tests {
     use super::*;
 
     fn decode(status: u16, body: &str) -> Result<AfterSaleAnswer, LookupFailure> {
-        decode_after_sale_answer(status, body.as_bytes(), "application/json", "HDR".to_owned())
+        decode_after_sale_answer(
+            status,
+            body.as_bytes(),
+            "application/json",
+            "HDR".to_owned(),
+        )
     }
 
     #[test]
@@ -167,12 +176,25 @@ mod tests {
             r#"{"extra":{"logid":"L1","error_code":2119002,"sub_error_code":7},"data":{"error_code":2190008,"description":"expired"}}"#,
         )
         .unwrap_err();
-        let LookupFailure::Douyin(error) = from_data else { panic!("{from_data:?}") };
-        assert_eq!((error.code, error.sub_code, error.logid.as_str()), (2190008, 7, "L1"));
-        let from_extra = decode(200, r#"{"extra":{"error_code":2119003,"description":"slow"},"data":{}}"#)
-            .unwrap_err();
-        let LookupFailure::Douyin(error) = from_extra else { panic!("{from_extra:?}") };
-        assert_eq!((error.code, error.description.as_str(), error.logid.as_str()), (2119003, "slow", "HDR"));
+        let LookupFailure::Douyin(error) = from_data else {
+            panic!("{from_data:?}")
+        };
+        assert_eq!(
+            (error.code, error.sub_code, error.logid.as_str()),
+            (2190008, 7, "L1")
+        );
+        let from_extra = decode(
+            200,
+            r#"{"extra":{"error_code":2119003,"description":"slow"},"data":{}}"#,
+        )
+        .unwrap_err();
+        let LookupFailure::Douyin(error) = from_extra else {
+            panic!("{from_extra:?}")
+        };
+        assert_eq!(
+            (error.code, error.description.as_str(), error.logid.as_str()),
+            (2119003, "slow", "HDR")
+        );
     }
 
     #[test]
@@ -184,7 +206,10 @@ mod tests {
         )
         .unwrap();
         let data = answer.response.data.unwrap();
-        assert_eq!(data.after_sale_order_list[0].merchant_account_id, 9147462244456248000);
+        assert_eq!(
+            data.after_sale_order_list[0].merchant_account_id,
+            9147462244456248000
+        );
         assert!(answer.raw_body.contains("brand_new_field"));
     }
 
@@ -192,15 +217,33 @@ mod tests {
     fn html_truncated_and_mistyped_bodies_are_malformed() {
         for (status, body) in [
             (200, "<!DOCTYPE html><html>gateway</html>"),
-            (200, r#"{"extra":{"logid":"L"},"data":{"after_sale_order_list":[{"order_id":"#),
-            (200, r#"{"data":{"after_sale_order_list":[{"status":"one"}]}}"#),
+            (
+                200,
+                r#"{"extra":{"logid":"L"},"data":{"after_sale_order_list":[{"order_id":"#,
+            ),
+            (
+                200,
+                r#"{"data":{"after_sale_order_list":[{"status":"one"}]}}"#,
+            ),
             (200, r#"[1,2,3]"#),
             (200, ""),
         ] {
             let error = decode(status, body).unwrap_err();
-            assert!(matches!(error, LookupFailure::Transport(TransportError::MalformedBody { .. })), "{body}: {error:?}");
+            assert!(
+                matches!(
+                    error,
+                    LookupFailure::Transport(TransportError::MalformedBody { .. })
+                ),
+                "{body}: {error:?}"
+            );
         }
         let error = decode(502, "<html>bad gateway</html>").unwrap_err();
-        assert_eq!(error, LookupFailure::Transport(TransportError::HttpStatus { status: 502, logid: "HDR".to_owned() }));
+        assert_eq!(
+            error,
+            LookupFailure::Transport(TransportError::HttpStatus {
+                status: 502,
+                logid: "HDR".to_owned()
+            })
+        );
     }
 }

@@ -47,7 +47,10 @@ pub const TOKEN_RATE_LIMITED: i64 = 10020;
 pub fn classify_gateway_code(code: i64) -> CodeClass {
     match code {
         TOKEN_INVALID | TOKEN_EXPIRED | TOKEN_EXPIRED_NEW_GATEWAY => CodeClass::TokenRejected,
-        SYSTEM_BUSY | SYSTEM_BUSY_ALT | TOO_MANY_REQUESTS | UNKNOWN_ERROR
+        SYSTEM_BUSY
+        | SYSTEM_BUSY_ALT
+        | TOO_MANY_REQUESTS
+        | UNKNOWN_ERROR
         | RETRYABLE_BUSINESS_ERROR => CodeClass::Transient,
         INVALID_PARAMETER | INVALID_PARAMETER_ALT => CodeClass::InvalidArgument,
         APP_LACKS_CAPABILITY | MERCHANT_NOT_AUTHORISED | PLATFORM_DENIED => {

@@ -128,7 +128,11 @@ fn describe_unparseable(body: &[u8], content_type: &str, error: &serde_json::Err
         format!(
             "{} bytes of {} that do not parse: {error}",
             body.len(),
-            if content_type.is_empty() { "unknown content" } else { content_type }
+            if content_type.is_empty() {
+                "unknown content"
+            } else {
+                content_type
+            }
         )
     }
 }

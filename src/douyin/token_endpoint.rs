@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{DouyinClient, TransportError, codes, describe_unparseable, logid_header, transport_error};
+use super::{
+    DouyinClient, TransportError, codes, describe_unparseable, logid_header, transport_error,
+};
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
 
 /// A token as Douyin handed it out.
@@ -173,7 +175,12 @@ mod tests {
     use super::*;
 
     fn parse(status: u16, body: &str) -> Result<FetchedToken, TokenFetchError> {
-        parse_token_answer(status, body.as_bytes(), "application/json", "LOG1".to_owned())
+        parse_token_answer(
+            status,
+            body.as_bytes(),
+            "application/json",
+            "LOG1".to_owned(),
+        )
     }
 
     #[test]
@@ -195,11 +202,15 @@ mod tests {
 
     #[test]
     fn refusals_are_classified() {
-        let bad_secret = parse(200, r#"{"data":{"error_code":10013,"description":"bad"},"message":"error"}"#)
-            .unwrap_err();
+        let bad_secret = parse(
+            200,
+            r#"{"data":{"error_code":10013,"description":"bad"},"message":"error"}"#,
+        )
+        .unwrap_err();
         assert!(bad_secret.is_permanent());
         assert!(bad_secret.to_string().contains("10013"));
-        let rate_limited = parse(200, r#"{"data":{"error_code":10020,"description":"slow"}}"#).unwrap_err();
+        let rate_limited =
+            parse(200, r#"{"data":{"error_code":10020,"description":"slow"}}"#).unwrap_err();
         assert!(!rate_limited.is_permanent());
         assert!(rate_limited.is_rate_limited());
     }
@@ -208,15 +219,30 @@ mod tests {
     fn garbage_is_a_transient_malformed_body() {
         for (status, body) in [
             (200, "<html><body>502 Bad Gateway</body></html>"),
-            (200, r#"{"data":{"access_token":"clt.x","error_code":0,"expires"#),
-            (200, r#"{"data":{"access_token":"","error_code":0,"expires_in":7200}}"#),
-            (200, r#"{"data":{"access_token":"clt.x","error_code":0,"expires_in":"soon"}}"#),
-            (200, r#"{"data":{"access_token":"clt.x","error_code":0,"expires_in":0}}"#),
+            (
+                200,
+                r#"{"data":{"access_token":"clt.x","error_code":0,"expires"#,
+            ),
+            (
+                200,
+                r#"{"data":{"access_token":"","error_code":0,"expires_in":7200}}"#,
+            ),
+            (
+                200,
+                r#"{"data":{"access_token":"clt.x","error_code":0,"expires_in":"soon"}}"#,
+            ),
+            (
+                200,
+                r#"{"data":{"access_token":"clt.x","error_code":0,"expires_in":0}}"#,
+            ),
             (502, "<html>bad gateway</html>"),
         ] {
             let error = parse(status, body).unwrap_err();
             assert!(!error.is_permanent(), "{body}");
-            assert!(matches!(error, TokenFetchError::Transport(_)), "{body}: {error:?}");
+            assert!(
+                matches!(error, TokenFetchError::Transport(_)),
+                "{body}: {error:?}"
+            );
         }
     }
 }

@@ -1,0 +1,351 @@
+//! The command line: subcommands, and the admin commands that talk to a
+//! running daemon's AdminService and print what it answers.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+use crate::proto::tokend::v1::admin_service_client::AdminServiceClient;
+use crate::proto::tokend::v1::*;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "douyin-tokend",
+    version,
+    about = "Owns Douyin client tokens and serves the after-sale order detail lookup over gRPC"
+)]
+pub struct Cli {
+    /// The TOML config file (defaults apply when absent).
+    #[arg(long, global = true, env = "DOUYIN_TOKEND_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve,
+    /// Run a sandbox Douyin and the daemon on a throwaway database, register a
+    /// demo merchant, look up an after-sale order through gRPC and print it.
+    Demo,
+    /// Run the sandbox Douyin upstream on its own (for manual testing).
+    Sandbox(SandboxArgs),
+    /// Validate the config file and exit (64 when it is invalid).
+    CheckConfig,
+    /// Manage the apps (client_key) of a running daemon.
+    App {
+        #[command(subcommand)]
+        command: AppCommand,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
+    /// Manage the merchants (account_id) of a running daemon.
+    Merchant {
+        #[command(subcommand)]
+        command: MerchantCommand,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
+    /// Inspect or refresh the tokens of a running daemon.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SandboxArgs {
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: std::net::SocketAddr,
+    /// An app the sandbox knows, as CLIENT_KEY:CLIENT_SECRET (repeatable).
+    #[arg(long = "app")]
+    pub apps: Vec<String>,
+    /// A merchant authorised for an app, as ACCOUNT_ID:CLIENT_KEY (repeatable).
+    #[arg(long = "merchant")]
+    pub merchants: Vec<String>,
+    /// Lifetime of issued tokens, e.g. "2h" or "30s".
+    #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+    pub token_lifetime: std::time::Duration,
+    /// How long a superseded token stays valid.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonAddress {
+    /// The daemon's gRPC address (default: `listen` from the config).
+    #[arg(long, env = "DOUYIN_TOKEND_ADDRESS")]
+    pub daemon: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Add an app or replace its secret. The secret is read from a file, an
+    /// environment variable, or standard input — never from the command line.
+    Add {
+        client_key: String,
+        #[arg(long, conflicts_with = "client_secret_env")]
+        client_secret_file: Option<PathBuf>,
+        #[arg(long)]
+        client_secret_env: Option<String>,
+    },
+    List,
+    /// Remove an app with its merchants and token.
+    Remove {
+        client_key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MerchantCommand {
+    /// Add a merchant served by an app, or move it to another app.
+    Add {
+        account_id: String,
+        #[arg(long)]
+        client_key: String,
+    },
+    List {
+        #[arg(long)]
+        client_key: Option<String>,
+    },
+    Remove {
+        account_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Token state of every app: expiry, generation, last refresh, last error.
+    List,
+    /// Fetch a new token for an app now.
+    Refresh { client_key: String },
+}
+
+/// Connects to the daemon's AdminService.
+pub async fn admin_client(address: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
+    let endpoint = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    AdminServiceClient::connect(endpoint.clone())
+        .await
+        .with_context(|| {
+            format!("cannot reach the daemon at {endpoint}; is `douyin-tokend serve` running?")
+        })
+}
+
+fn read_secret(file: Option<&PathBuf>, variable: Option<&String>) -> anyhow::Result<String> {
+    let raw = match (file, variable) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+        (None, Some(variable)) => std::env::var(variable)
+            .with_context(|| format!("environment variable {variable} is not set"))?,
+        (None, None) => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read the secret from standard input")?;
+            text
+        }
+    };
+    let secret = raw.trim_end_matches(['\r', '\n']).to_owned();
+    if secret.is_empty() {
+        bail!("the client secret is empty");
+    }
+    Ok(secret)
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+pub async fn run_app_command(
+    client: &mut AdminServiceClient<Channel>,
+    command: &AppCommand,
+) -> anyhow::Result<String> {
+    Ok(match command {
+        AppCommand::Add {
+            client_key,
+            client_secret_file,
+            client_secret_env,
+        } => {
+            let client_secret =
+                read_secret(client_secret_file.as_ref(), client_secret_env.as_ref())?;
+            let answer = client
+                .put_app(PutAppRequest {
+                    client_key: client_key.clone(),
+                    client_secret,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if answer.created {
+                "app added\n".to_owned()
+            } else {
+                "app secret replaced\n".to_owned()
+            }
+        }
+        AppCommand::List => {
+            let apps = client
+                .list_apps(ListAppsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .apps;
+            let mut out = format!("{:<40} {:<8} {}\n", "CLIENT_KEY", "SOURCE", "MERCHANTS");
+            for app in apps {
+                out.push_str(&format!(
+                    "{:<40} {:<8} {}\n",
+                    app.client_key, app.source, app.merchant_count
+                ));
+            }
+            out
+        }
+        AppCommand::Remove { client_key } => {
+            let answer = client
+                .remove_app(RemoveAppRequest {
+                    client_key: client_key.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            format!(
+                "app removed with {} merchant(s)\n",
+                answer.merchants_removed
+            )
+        }
+    })
+}
+
+pub async fn run_merchant_command(
+    client: &mut AdminServiceClient<Channel>,
+    command: &MerchantCommand,
+) -> anyhow::Result<String> {
+    Ok(match command {
+        MerchantCommand::Add {
+            account_id,
+            client_key,
+        } => {
+            let answer = client
+                .put_merchant(PutMerchantRequest {
+                    account_id: account_id.clone(),
+                    client_key: client_key.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if answer.created {
+                "merchant added\n".to_owned()
+            } else {
+                "merchant updated\n".to_owned()
+            }
+        }
+        MerchantCommand::List { client_key } => {
+            let merchants = client
+                .list_merchants(ListMerchantsRequest {
+                    client_key: client_key.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .merchants;
+            let mut out = format!("{:<24} {:<40} {}\n", "ACCOUNT_ID", "CLIENT_KEY", "SOURCE");
+            for merchant in merchants {
+                out.push_str(&format!(
+                    "{:<24} {:<40} {}\n",
+                    merchant.account_id, merchant.client_key, merchant.source
+                ));
+            }
+            out
+        }
+        MerchantCommand::Remove { account_id } => {
+            client
+                .remove_merchant(RemoveMerchantRequest {
+                    account_id: account_id.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            "merchant removed\n".to_owned()
+        }
+    })
+}
+
+pub async fn run_token_command(
+    client: &mut AdminServiceClient<Channel>,
+    command: &TokenCommand,
+) -> anyhow::Result<String> {
+    Ok(match command {
+        TokenCommand::List => {
+            let tokens = client
+                .list_token_status(ListTokenStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .tokens;
+            format_token_table(&tokens)
+        }
+        TokenCommand::Refresh { client_key } => {
+            let answer = client
+                .refresh_token(RefreshTokenRequest {
+                    client_key: client_key.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            format!(
+                "token refreshed: generation {}, expires at {}\n",
+                answer.generation,
+                format_unix_ms(answer.expires_at_unix_ms)
+            )
+        }
+    })
+}
+
+/// The token status table the CLI and the demo print. Holds no token.
+pub fn format_token_table(tokens: &[TokenStatus]) -> String {
+    let mut out = format!(
+        "{:<28} {:<11} {:>4} {:>10} {:<20} {:<20} {}\n",
+        "CLIENT_KEY", "STATE", "GEN", "EXPIRES_IN", "LAST_REFRESH", "NEXT_REFRESH", "LAST_ERROR"
+    );
+    for token in tokens {
+        out.push_str(&format!(
+            "{:<28} {:<11} {:>4} {:>9}s {:<20} {:<20} {}\n",
+            token.client_key,
+            token.state,
+            token.generation,
+            token.expires_in_seconds,
+            format_unix_ms(token.last_refresh_unix_ms),
+            format_unix_ms(token.refresh_at_unix_ms),
+            if token.last_error.is_empty() {
+                "-"
+            } else {
+                &token.last_error
+            },
+        ));
+    }
+    out
+}
+
+fn format_unix_ms(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".to_owned();
+    }
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}

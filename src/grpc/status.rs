@@ -1,0 +1,215 @@
+//! The one mapping from every failure to a gRPC status: the code a client can
+//! branch on, a message a person can act on, and `google.rpc.ErrorInfo`
+//! carrying Douyin's code and logid.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::InvalidId;
+use crate::douyin::after_sale::LookupFailure;
+use crate::douyin::{CodeClass, DouyinError, TransportError, codes};
+use crate::lookup::LookupError;
+use crate::registry::RegistryError;
+use crate::token::TokenError;
+
+/// ErrorInfo domain of errors that carry a Douyin code.
+pub const DOUYIN_DOMAIN: &str = "open.douyin.com";
+/// ErrorInfo domain of the daemon's own errors.
+pub const TOKEND_DOMAIN: &str = "douyin-tokend";
+
+fn status(
+    code: Code,
+    message: String,
+    reason: &str,
+    domain: &str,
+    metadata: HashMap<String, String>,
+    retry_after: Option<Duration>,
+) -> Status {
+    let mut details = ErrorDetails::with_error_info(reason, domain, metadata);
+    if let Some(delay) = retry_after {
+        details.set_retry_info(Some(delay));
+    }
+    Status::with_error_details(code, message, details)
+}
+
+pub fn invalid_argument(error: &InvalidId) -> Status {
+    status(
+        Code::InvalidArgument,
+        error.to_string(),
+        "INVALID_ARGUMENT",
+        TOKEND_DOMAIN,
+        HashMap::new(),
+        None,
+    )
+}
+
+pub fn lookup_status(error: &LookupError) -> Status {
+    match error {
+        LookupError::Registry(error) => registry_status(error),
+        LookupError::Token(error) => token_status(error),
+        LookupError::Upstream(LookupFailure::Douyin(error)) => douyin_status(error),
+        LookupError::Upstream(LookupFailure::Transport(error)) => transport_status(error),
+    }
+}
+
+pub fn registry_status(error: &RegistryError) -> Status {
+    match error {
+        RegistryError::UnknownMerchant { .. } => status(
+            Code::NotFound,
+            error.to_string(),
+            "MERCHANT_NOT_REGISTERED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+        RegistryError::UnknownApp { .. } => status(
+            Code::NotFound,
+            error.to_string(),
+            "APP_NOT_REGISTERED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+        RegistryError::Store(store_error) => {
+            tracing::error!(error = %store_error, "database failure");
+            status(
+                Code::Internal,
+                "the daemon's database failed; see its log".to_owned(),
+                "STORE_FAILED",
+                TOKEND_DOMAIN,
+                HashMap::new(),
+                None,
+            )
+        }
+    }
+}
+
+pub fn token_status(error: &TokenError) -> Status {
+    let message = error.to_string();
+    match error {
+        TokenError::UnknownApp { .. } => status(
+            Code::NotFound,
+            message,
+            "APP_NOT_REGISTERED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+        TokenError::CredentialsRefused {
+            douyin_code,
+            retry_in_seconds,
+            ..
+        } => {
+            let reason = douyin_code
+                .map_or_else(|| "CREDENTIALS_REFUSED".to_owned(), |code| code.to_string());
+            let domain = if douyin_code.is_some() {
+                DOUYIN_DOMAIN
+            } else {
+                TOKEND_DOMAIN
+            };
+            let metadata =
+                HashMap::from([("retry_in_seconds".to_owned(), retry_in_seconds.to_string())]);
+            status(
+                Code::FailedPrecondition,
+                message,
+                &reason,
+                domain,
+                metadata,
+                None,
+            )
+        }
+        TokenError::FetchFailing {
+            douyin_code,
+            retry_in_seconds,
+            ..
+        } => {
+            let reason = douyin_code
+                .map_or_else(|| "TOKEN_FETCH_FAILING".to_owned(), |code| code.to_string());
+            let domain = if douyin_code.is_some() {
+                DOUYIN_DOMAIN
+            } else {
+                TOKEND_DOMAIN
+            };
+            let delay = Duration::from_secs(u64::try_from(*retry_in_seconds).unwrap_or(1).max(1));
+            status(
+                Code::Unavailable,
+                message,
+                &reason,
+                domain,
+                HashMap::new(),
+                Some(delay),
+            )
+        }
+        TokenError::StoreFailed { .. } | TokenError::FetchAborted { .. } => status(
+            Code::Unavailable,
+            message,
+            "TOKEN_NOT_AVAILABLE",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            Some(Duration::from_secs(1)),
+        ),
+    }
+}
+
+pub fn douyin_status(error: &DouyinError) -> Status {
+    let code = match error.class() {
+        CodeClass::InvalidArgument => Code::InvalidArgument,
+        CodeClass::PermissionDenied => Code::PermissionDenied,
+        CodeClass::Offline => Code::Unimplemented,
+        CodeClass::Business => Code::FailedPrecondition,
+        CodeClass::Transient if error.code == codes::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        CodeClass::Transient | CodeClass::TokenRejected => Code::Unavailable,
+    };
+    let hint = match error.class() {
+        CodeClass::InvalidArgument => "check account_id, order_id and certificate_id",
+        CodeClass::PermissionDenied if error.code == codes::MERCHANT_NOT_AUTHORISED => {
+            "the merchant must authorise this app in the merchant back office, and the app accept it"
+        }
+        CodeClass::PermissionDenied => {
+            "the app needs this capability or access granted on the Douyin open platform"
+        }
+        CodeClass::Offline => "Douyin has taken this API offline",
+        CodeClass::Business => "Douyin refused the request; the description says why",
+        CodeClass::Transient => "Douyin is busy or limiting requests; retry later",
+        CodeClass::TokenRejected => "Douyin rejected a freshly refreshed token; retry later",
+    };
+    let mut metadata = HashMap::from([
+        ("logid".to_owned(), error.logid.clone()),
+        ("description".to_owned(), error.description.clone()),
+    ]);
+    if error.sub_code != 0 {
+        metadata.insert("sub_code".to_owned(), error.sub_code.to_string());
+        metadata.insert("sub_description".to_owned(), error.sub_description.clone());
+    }
+    let retry_after = matches!(code, Code::Unavailable | Code::ResourceExhausted)
+        .then_some(Duration::from_secs(1));
+    status(
+        code,
+        format!("{error}: {hint}"),
+        &error.code.to_string(),
+        DOUYIN_DOMAIN,
+        metadata,
+        retry_after,
+    )
+}
+
+pub fn transport_status(error: &TransportError) -> Status {
+    let (reason, logid) = match error {
+        TransportError::Timeout { .. } => ("UPSTREAM_TIMEOUT", ""),
+        TransportError::Connect { .. } => ("UPSTREAM_UNREACHABLE", ""),
+        TransportError::HttpStatus { logid, .. } => ("UPSTREAM_HTTP_STATUS", logid.as_str()),
+        TransportError::MalformedBody { logid, .. } => ("UPSTREAM_MALFORMED_BODY", logid.as_str()),
+    };
+    let metadata = HashMap::from([("logid".to_owned(), logid.to_owned())]);
+    status(
+        Code::Unavailable,
+        format!("{error}; retry later"),
+        reason,
+        TOKEND_DOMAIN,
+        metadata,
+        Some(Duration::from_secs(1)),
+    )
+}

@@ -1,0 +1,172 @@
+//! The directory of apps and merchants: writes them to SQLite, keeps the
+//! merchant → app map in memory for the lookup path, and tells the token
+//! manager about apps that come, change or go.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::clock::SharedClock;
+use crate::config::{ResolvedApp, ResolvedMerchant};
+use crate::domain::{AccountId, ClientKey, ClientSecret};
+use crate::store::{AppRecord, MerchantRecord, Source, Store, StoreError};
+use crate::token::TokenManager;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{client_key} is not registered; add it first with `douyin-tokend app add`")]
+    UnknownApp { client_key: ClientKey },
+    #[error(
+        "merchant {account_id} is not registered in the daemon; add it with `douyin-tokend merchant add`"
+    )]
+    UnknownMerchant { account_id: AccountId },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    store: Store,
+    tokens: TokenManager,
+    clock: SharedClock,
+    merchants: Arc<RwLock<HashMap<AccountId, ClientKey>>>,
+}
+
+impl Registry {
+    /// Makes the database's config-sourced apps and merchants match the config
+    /// file; runs before the token manager loads.
+    pub async fn sync_config(
+        store: &Store,
+        apps: &[ResolvedApp],
+        merchants: &[ResolvedMerchant],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let apps: Vec<(ClientKey, ClientSecret)> = apps
+            .iter()
+            .map(|app| (app.client_key.clone(), app.client_secret.clone()))
+            .collect();
+        let merchants: Vec<(AccountId, ClientKey)> = merchants
+            .iter()
+            .map(|merchant| (merchant.account_id.clone(), merchant.client_key.clone()))
+            .collect();
+        store.sync_config(&apps, &merchants, now_ms).await
+    }
+
+    pub async fn load(
+        store: Store,
+        tokens: TokenManager,
+        clock: SharedClock,
+    ) -> Result<Self, StoreError> {
+        let merchants = store
+            .list_merchants()
+            .await?
+            .into_iter()
+            .map(|merchant| (merchant.account_id, merchant.client_key))
+            .collect();
+        Ok(Self {
+            store,
+            tokens,
+            clock,
+            merchants: Arc::new(RwLock::new(merchants)),
+        })
+    }
+
+    /// The app serving a merchant, from memory.
+    pub fn app_for_merchant(&self, account_id: &AccountId) -> Result<ClientKey, RegistryError> {
+        let merchants = self
+            .merchants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        merchants
+            .get(account_id)
+            .cloned()
+            .ok_or_else(|| RegistryError::UnknownMerchant {
+                account_id: account_id.clone(),
+            })
+    }
+
+    /// Adds an app or replaces its secret. Returns true when it is new.
+    pub async fn put_app(
+        &self,
+        client_key: &ClientKey,
+        client_secret: &ClientSecret,
+    ) -> Result<bool, RegistryError> {
+        let created = self
+            .store
+            .put_app(
+                client_key,
+                client_secret,
+                Source::Admin,
+                self.clock.now_unix_ms(),
+            )
+            .await?;
+        self.tokens.app_put(client_key, client_secret.clone());
+        tracing::info!(app = %client_key, created, "app stored");
+        Ok(created)
+    }
+
+    /// Removes an app, its merchants and its token. Returns the number of merchants removed.
+    pub async fn remove_app(&self, client_key: &ClientKey) -> Result<i64, RegistryError> {
+        let removed =
+            self.store
+                .remove_app(client_key)
+                .await?
+                .ok_or_else(|| RegistryError::UnknownApp {
+                    client_key: client_key.clone(),
+                })?;
+        self.merchants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, app| app != client_key);
+        self.tokens.app_removed(client_key);
+        tracing::info!(app = %client_key, merchants_removed = removed, "app removed");
+        Ok(removed)
+    }
+
+    pub async fn list_apps(&self) -> Result<Vec<AppRecord>, RegistryError> {
+        Ok(self.store.list_apps().await?)
+    }
+
+    /// Adds a merchant or moves it to another app. Returns true when it is new.
+    pub async fn put_merchant(
+        &self,
+        account_id: &AccountId,
+        client_key: &ClientKey,
+    ) -> Result<bool, RegistryError> {
+        let created = self
+            .store
+            .put_merchant(
+                account_id,
+                client_key,
+                Source::Admin,
+                self.clock.now_unix_ms(),
+            )
+            .await?
+            .ok_or_else(|| RegistryError::UnknownApp {
+                client_key: client_key.clone(),
+            })?;
+        self.merchants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(account_id.clone(), client_key.clone());
+        tracing::info!(merchant = %account_id, app = %client_key, created, "merchant stored");
+        Ok(created)
+    }
+
+    pub async fn remove_merchant(&self, account_id: &AccountId) -> Result<(), RegistryError> {
+        if !self.store.remove_merchant(account_id).await? {
+            return Err(RegistryError::UnknownMerchant {
+                account_id: account_id.clone(),
+            });
+        }
+        self.merchants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(account_id);
+        tracing::info!(merchant = %account_id, "merchant removed");
+        Ok(())
+    }
+
+    pub async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, RegistryError> {
+        Ok(self.store.list_merchants().await?)
+    }
+}

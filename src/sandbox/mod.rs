@@ -1,0 +1,509 @@
+//! A strict fake of Douyin's open platform for tests, the demo and benchmarks:
+//! the client_token endpoint with the two-token rule, the grace period and the
+//! fetch budget, and the after-sale detail endpoint with per-app QPS, Douyin's
+//! error envelopes and the documented example. Knobs inject latency and faults.
+//! It rejects a superseded or expired token exactly as Douyin would, so a
+//! daemon regression shows up as a failing test.
+
+mod rules;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{SharedClock, duration_ms};
+use crate::douyin::after_sale::PATH as AFTER_SALE_PATH;
+use crate::douyin::codes;
+
+pub use rules::TokenVerdict;
+
+/// The documented example response of the after-sale detail API, verbatim.
+pub const DOCUMENTED_EXAMPLE: &str = include_str!("documented_example.json");
+/// The order id of the documented example, which the sandbox knows from the start.
+pub const DOCUMENTED_ORDER_ID: &str = "keXkM0H5DR";
+
+/// Douyin's rules as the sandbox enforces them; all adjustable at run time.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub token_lifetime: Duration,
+    /// How long the previous token stays valid after a new one is fetched.
+    pub grace: Duration,
+    /// Token endpoint calls allowed per app within `token_budget_window`.
+    pub token_budget: usize,
+    pub token_budget_window: Duration,
+    /// After-sale lookups allowed per app per second; 0 means unlimited.
+    pub lookup_qps: usize,
+    /// Added to every answer (real time, not the sandbox clock).
+    pub latency: Duration,
+    /// Send `expires_in` as a numeric string, as sibling endpoints do.
+    pub expires_in_as_string: bool,
+    /// Fraction (0..=1) of lookups answered with a random busy code.
+    pub busy_fraction: f64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            token_lifetime: Duration::from_secs(7200),
+            grace: Duration::from_secs(300),
+            token_budget: 500,
+            token_budget_window: Duration::from_secs(300),
+            lookup_qps: 10,
+            latency: Duration::ZERO,
+            expires_in_as_string: false,
+            busy_fraction: 0.0,
+        }
+    }
+}
+
+/// A scripted misbehaviour, consumed by the next request of its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// HTTP 200 with this Douyin error code.
+    ErrorCode(i64),
+    /// This HTTP status with a plain-text body.
+    HttpStatus(u16),
+    /// This HTTP status with a proxy's HTML error page.
+    HtmlPage(u16),
+    /// HTTP 200 with JSON cut off in the middle.
+    TruncatedJson,
+    /// Waits this long (real time) before answering normally.
+    Delay(Duration),
+}
+
+/// What the sandbox has seen and answered.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxStats {
+    /// Calls to the token endpoints, whatever their outcome.
+    pub token_calls: u64,
+    /// Tokens issued, per client_key.
+    pub tokens_issued: HashMap<String, u64>,
+    /// Token endpoint refusals by code.
+    pub token_refusals: BTreeMap<i64, u64>,
+    pub lookups: u64,
+    /// Lookup answers by Douyin code (0 = success).
+    pub lookup_codes: BTreeMap<i64, u64>,
+    /// Lookups answered with an injected fault that carries no code.
+    pub lookup_faults: u64,
+}
+
+impl SandboxStats {
+    pub fn tokens_issued_total(&self) -> u64 {
+        self.tokens_issued.values().sum()
+    }
+
+    pub fn tokens_issued_for(&self, client_key: &str) -> u64 {
+        self.tokens_issued.get(client_key).copied().unwrap_or(0)
+    }
+
+    pub fn lookups_answered_with(&self, code: i64) -> u64 {
+        self.lookup_codes.get(&code).copied().unwrap_or(0)
+    }
+
+    /// Lookups refused because of the token (invalid, expired or superseded).
+    pub fn token_rejections(&self) -> u64 {
+        [
+            codes::TOKEN_INVALID,
+            codes::TOKEN_EXPIRED,
+            codes::TOKEN_EXPIRED_NEW_GATEWAY,
+        ]
+        .iter()
+        .map(|code| self.lookups_answered_with(*code))
+        .sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct IssuedToken {
+    value: String,
+    issued_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct SandboxApp {
+    secret: String,
+    /// Issued tokens, newest last; only the last two can still be valid.
+    issued: VecDeque<IssuedToken>,
+    token_calls_ms: VecDeque<i64>,
+    lookups_ms: VecDeque<i64>,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    apps: HashMap<String, SandboxApp>,
+    token_owner: HashMap<String, String>,
+    authorized: HashMap<String, HashSet<String>>,
+    order_responses: HashMap<String, Value>,
+    lookup_faults: VecDeque<Fault>,
+    token_faults: VecDeque<Fault>,
+    stats: SandboxStats,
+    next_logid: u64,
+}
+
+/// The sandbox's state, shared by its HTTP handlers and whoever drives it.
+pub struct SandboxState {
+    clock: SharedClock,
+    config: Mutex<SandboxConfig>,
+    world: Mutex<World>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SandboxState {
+    pub fn new(clock: SharedClock, config: SandboxConfig) -> Arc<Self> {
+        let mut world = World::default();
+        let documented: Value =
+            serde_json::from_str(DOCUMENTED_EXAMPLE).expect("the documented example is JSON");
+        world
+            .order_responses
+            .insert(DOCUMENTED_ORDER_ID.to_owned(), documented);
+        Arc::new(Self {
+            clock,
+            config: Mutex::new(config),
+            world: Mutex::new(world),
+        })
+    }
+
+    pub fn add_app(&self, client_key: &str, client_secret: &str) {
+        let mut world = lock(&self.world);
+        world.apps.entry(client_key.to_owned()).or_default().secret = client_secret.to_owned();
+    }
+
+    /// Lets `client_key` act for merchant `account_id` (else lookups get 2119005).
+    pub fn authorize_merchant(&self, account_id: &str, client_key: &str) {
+        lock(&self.world)
+            .authorized
+            .entry(account_id.to_owned())
+            .or_default()
+            .insert(client_key.to_owned());
+    }
+
+    /// The whole response body served for `order_id` (any authorised merchant).
+    pub fn put_order_response(&self, order_id: &str, body: Value) {
+        lock(&self.world)
+            .order_responses
+            .insert(order_id.to_owned(), body);
+    }
+
+    pub fn push_lookup_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.world).lookup_faults.extend(faults);
+    }
+
+    pub fn push_token_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.world).token_faults.extend(faults);
+    }
+
+    pub fn configure(&self, change: impl FnOnce(&mut SandboxConfig)) {
+        change(&mut lock(&self.config));
+    }
+
+    pub fn stats(&self) -> SandboxStats {
+        lock(&self.world).stats.clone()
+    }
+
+    /// Issues a token as if another service fetched one with the app's key
+    /// behind the daemon's back. Returns the token.
+    pub fn issue_token_out_of_band(&self, client_key: &str) -> Option<String> {
+        let config = lock(&self.config).clone();
+        let now_ms = self.clock.now_unix_ms();
+        let mut world = lock(&self.world);
+        world
+            .apps
+            .contains_key(client_key)
+            .then(|| issue_token(&mut world, client_key, &config, now_ms).value)
+    }
+
+    /// How the sandbox judges a token right now.
+    pub fn judge_token(&self, token: &str) -> TokenVerdict {
+        let config = lock(&self.config).clone();
+        let world = lock(&self.world);
+        rules::judge_token(&world, token, &config, self.clock.now_unix_ms())
+    }
+}
+
+fn issue_token(
+    world: &mut World,
+    client_key: &str,
+    config: &SandboxConfig,
+    now_ms: i64,
+) -> IssuedToken {
+    let value: String = rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
+    let token = IssuedToken {
+        value: format!("clt.{value}"),
+        issued_at_ms: now_ms,
+        expires_at_ms: now_ms + duration_ms(config.token_lifetime),
+    };
+    world
+        .token_owner
+        .insert(token.value.clone(), client_key.to_owned());
+    let app = world
+        .apps
+        .get_mut(client_key)
+        .expect("caller checked the app exists");
+    app.issued.push_back(token.clone());
+    while app.issued.len() > 2 {
+        if let Some(dead) = app.issued.pop_front() {
+            // Keep the owner so that a dead token is reported invalid, not unknown.
+            world.token_owner.insert(dead.value, client_key.to_owned());
+        }
+    }
+    *world
+        .stats
+        .tokens_issued
+        .entry(client_key.to_owned())
+        .or_default() += 1;
+    token
+}
+
+/// A running sandbox on a loopback port.
+pub struct Sandbox {
+    state: Arc<SandboxState>,
+    address: SocketAddr,
+    stopped: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Sandbox {
+    /// Starts on 127.0.0.1 with a free port.
+    pub async fn start(clock: SharedClock, config: SandboxConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_on(listener, clock, config)
+    }
+
+    pub fn start_on(
+        listener: TcpListener,
+        clock: SharedClock,
+        config: SandboxConfig,
+    ) -> std::io::Result<Self> {
+        let address = listener.local_addr()?;
+        let state = SandboxState::new(clock, config);
+        let stopped = CancellationToken::new();
+        let router = router(Arc::clone(&state));
+        let shutdown = stopped.clone().cancelled_owned();
+        let task = tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(%error, "sandbox server failed");
+            }
+        });
+        Ok(Self {
+            state,
+            address,
+            stopped,
+            task,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn state(&self) -> &Arc<SandboxState> {
+        &self.state
+    }
+
+    pub async fn stop(self) {
+        self.stopped.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn router(state: Arc<SandboxState>) -> Router {
+    Router::new()
+        .route("/oauth/client_token/", post(client_token))
+        .route("/oauth/stable_client_token/", post(stable_client_token))
+        .route(AFTER_SALE_PATH, get(after_sale_order_detail))
+        .with_state(state)
+}
+
+// === token endpoint ===
+
+async fn client_token(State(state): State<Arc<SandboxState>>, body: Bytes) -> Response {
+    token_endpoint(&state, &body, false).await
+}
+
+async fn stable_client_token(State(state): State<Arc<SandboxState>>, body: Bytes) -> Response {
+    token_endpoint(&state, &body, true).await
+}
+
+async fn token_endpoint(state: &SandboxState, body: &[u8], stable: bool) -> Response {
+    let config = lock(&state.config).clone();
+    if !config.latency.is_zero() {
+        tokio::time::sleep(config.latency).await;
+    }
+    let fault = {
+        let mut world = lock(&state.world);
+        world.stats.token_calls += 1;
+        world.token_faults.pop_front()
+    };
+    if let Some(fault) = fault
+        && let Some(response) = fault_response(fault).await
+    {
+        return response;
+    }
+    let now_ms = state.clock.now_unix_ms();
+    let mut world = lock(&state.world);
+    let outcome = rules::grant_token(&mut world, body, &config, now_ms, stable);
+    match outcome {
+        Ok(token) => {
+            let lifetime_s = (token.expires_at_ms - now_ms) / 1000;
+            let expires_in = if config.expires_in_as_string {
+                json!(lifetime_s.to_string())
+            } else {
+                json!(lifetime_s)
+            };
+            axum::Json(json!({
+                "data": {"access_token": token.value, "description": "", "error_code": 0, "expires_in": expires_in},
+                "message": "success"
+            }))
+            .into_response()
+        }
+        Err((code, description)) => {
+            *world.stats.token_refusals.entry(code).or_default() += 1;
+            axum::Json(json!({"data": {"error_code": code, "description": description}, "message": "error"})).into_response()
+        }
+    }
+}
+
+// === after-sale endpoint ===
+
+async fn after_sale_order_detail(
+    State(state): State<Arc<SandboxState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let config = lock(&state.config).clone();
+    if !config.latency.is_zero() {
+        tokio::time::sleep(config.latency).await;
+    }
+    let fault = {
+        let mut world = lock(&state.world);
+        world.stats.lookups += 1;
+        world.lookup_faults.pop_front()
+    };
+    if let Some(fault) = fault {
+        if let Fault::ErrorCode(code) = fault {
+            return error_envelope(&state, code, "injected fault");
+        }
+        if let Some(response) = fault_response(fault).await {
+            lock(&state.world).stats.lookup_faults += 1;
+            return response;
+        }
+    }
+    if config.busy_fraction > 0.0 && rand::rng().random_bool(config.busy_fraction.clamp(0.0, 1.0)) {
+        return error_envelope(&state, codes::SYSTEM_BUSY, "系统繁忙,请稍候再试");
+    }
+    let token = headers
+        .get("access-token")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let now_ms = state.clock.now_unix_ms();
+    let verdict = {
+        let mut world = lock(&state.world);
+        rules::admit_lookup(&mut world, token, &query, &config, now_ms)
+    };
+    match verdict {
+        Err((code, description)) => error_envelope(&state, code, description),
+        Ok(()) => {
+            let order_id = query.get("order_id").cloned().unwrap_or_default();
+            let mut world = lock(&state.world);
+            *world.stats.lookup_codes.entry(0).or_default() += 1;
+            let body = match world.order_responses.get(&order_id) {
+                Some(body) => body.clone(),
+                None => {
+                    let logid = next_logid(&mut world);
+                    json!({
+                        "extra": {"logid": logid, "now": now_ms, "error_code": 0, "description": "", "sub_error_code": 0, "sub_description": ""},
+                        "data": {"error_code": 0, "description": "", "has_more": false, "cursor": "", "after_sale_order_list": []}
+                    })
+                }
+            };
+            axum::Json(body).into_response()
+        }
+    }
+}
+
+fn next_logid(world: &mut World) -> String {
+    world.next_logid += 1;
+    format!("SANDBOX{:020}", world.next_logid)
+}
+
+/// Douyin's error envelope: HTTP 200, the code in `data` and in `extra`.
+fn error_envelope(state: &SandboxState, code: i64, description: &str) -> Response {
+    let now_ms = state.clock.now_unix_ms();
+    let logid = {
+        let mut world = lock(&state.world);
+        *world.stats.lookup_codes.entry(code).or_default() += 1;
+        next_logid(&mut world)
+    };
+    (
+        [("x-tt-logid", logid.clone())],
+        axum::Json(json!({
+            "extra": {"logid": logid, "now": now_ms, "error_code": code, "description": description, "sub_error_code": 0, "sub_description": ""},
+            "data": {"error_code": code, "description": description}
+        })),
+    )
+        .into_response()
+}
+
+/// The answer of a fault that replaces the real answer; None for a delay.
+async fn fault_response(fault: Fault) -> Option<Response> {
+    match fault {
+        Fault::ErrorCode(code) => Some(
+            axum::Json(json!({"data": {"error_code": code, "description": "injected fault"}, "message": "error"}))
+                .into_response(),
+        ),
+        Fault::HttpStatus(status) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Some((status, "internal error").into_response())
+        }
+        Fault::HtmlPage(status) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            Some(
+                (
+                    status,
+                    [(header::CONTENT_TYPE, "text/html")],
+                    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>",
+                )
+                    .into_response(),
+            )
+        }
+        Fault::TruncatedJson => Some(
+            ([(header::CONTENT_TYPE, "application/json")], r#"{"extra":{"logid":"TRUNC","now":1},"data":{"error_code":0,"after_sale_order_list":[{"order_id":"#)
+                .into_response(),
+        ),
+        Fault::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            None
+        }
+    }
+}

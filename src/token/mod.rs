@@ -1,0 +1,759 @@
+//! Token lifecycle: one owner per app (`client_key`) holding its current
+//! client_token, single-flight fetches owned by the daemon rather than by any
+//! caller's future, proactive refresh through the sweep, backoff after
+//! failures, and compare-and-invalidate when Douyin rejects a token.
+
+pub mod policy;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::stream::{self, StreamExt};
+use tokio::sync::watch;
+
+use crate::clock::{SharedClock, duration_ms};
+use crate::domain::{AccessToken, ClientKey, ClientSecret};
+use crate::douyin::DouyinClient;
+use crate::douyin::token_endpoint::TokenFetchError;
+use crate::store::{FetchFailure, NewToken, Store, StoreError};
+
+pub use policy::RefreshPolicy;
+
+/// The token an app holds right now, as handed to a caller.
+#[derive(Debug, Clone)]
+pub struct TokenLease {
+    pub client_key: ClientKey,
+    pub access_token: AccessToken,
+    pub generation: i64,
+    pub expires_at_ms: i64,
+}
+
+/// Why no token can be handed out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("{client_key} is not registered in the daemon")]
+    UnknownApp { client_key: ClientKey },
+    #[error(
+        "Douyin refuses the credentials of {client_key} ({cause}); fix the app's client_secret \
+         with `douyin-tokend app add` — until then the daemon does not ask Douyin again before {retry_in_seconds} s have passed"
+    )]
+    CredentialsRefused {
+        client_key: ClientKey,
+        cause: String,
+        douyin_code: Option<i64>,
+        retry_in_seconds: i64,
+    },
+    #[error(
+        "no valid token for {client_key} right now ({cause}); the next try is in {retry_in_seconds} s"
+    )]
+    FetchFailing {
+        client_key: ClientKey,
+        cause: String,
+        douyin_code: Option<i64>,
+        retry_in_seconds: i64,
+    },
+    #[error("the token fetched for {client_key} could not be stored, so it is not used: {message}")]
+    StoreFailed {
+        client_key: ClientKey,
+        message: String,
+    },
+    #[error("the token fetch for {client_key} stopped unexpectedly")]
+    FetchAborted { client_key: ClientKey },
+}
+
+/// Why a token is being fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshReason {
+    /// A caller needs a token and none is valid.
+    Demand,
+    /// The sweep found the refresh window reached, or no token held.
+    Scheduled,
+    /// An operator asked for it.
+    Forced,
+}
+
+impl RefreshReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Demand => "demand",
+            Self::Scheduled => "scheduled",
+            Self::Forced => "forced",
+        }
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub apps: usize,
+    pub due: usize,
+    pub refreshed: usize,
+    pub failed: usize,
+}
+
+/// A snapshot of one app's token state for operators; holds no secret.
+#[derive(Debug, Clone)]
+pub struct TokenStatusView {
+    pub client_key: ClientKey,
+    pub state: &'static str,
+    pub generation: i64,
+    pub expires_at_ms: Option<i64>,
+    pub fetched_at_ms: Option<i64>,
+    pub refresh_at_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    pub consecutive_failures: u32,
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<TokenLease, TokenError>>>;
+
+#[derive(Debug, Clone)]
+struct HeldToken {
+    access_token: AccessToken,
+    generation: i64,
+    fetched_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    /// Douyin's error code, when Douyin answered with one.
+    douyin_code: Option<i64>,
+    message: String,
+    at_ms: i64,
+    permanent: bool,
+    consecutive: u32,
+    retry_at_ms: i64,
+}
+
+struct AppState {
+    secret: ClientSecret,
+    current: Option<HeldToken>,
+    /// The highest generation ever fetched for this app.
+    generation: i64,
+    refresh_at_ms: Option<i64>,
+    failure: Option<Failure>,
+    /// Douyin rejected the last token and no new one arrived yet.
+    invalidated: bool,
+    inflight: Option<SharedFetch>,
+    removed: bool,
+}
+
+struct AppSlot {
+    client_key: ClientKey,
+    state: Mutex<AppState>,
+}
+
+struct Inner {
+    store: Store,
+    douyin: DouyinClient,
+    clock: SharedClock,
+    policy: RefreshPolicy,
+    max_concurrent_fetches: usize,
+    apps: RwLock<HashMap<ClientKey, Arc<AppSlot>>>,
+    sweeps_completed: watch::Sender<u64>,
+}
+
+/// Owns every app's token. Cheap to clone; clones share the same state.
+#[derive(Clone)]
+pub struct TokenManager {
+    inner: Arc<Inner>,
+}
+
+enum Acquire {
+    Ready(TokenLease),
+    Wait(SharedFetch),
+    Refuse(TokenError),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl TokenManager {
+    /// Loads every app and its stored token. Valid stored tokens are used as
+    /// they are: a restart fetches nothing for them.
+    pub async fn load(
+        store: Store,
+        douyin: DouyinClient,
+        clock: SharedClock,
+        policy: RefreshPolicy,
+        max_concurrent_fetches: usize,
+    ) -> Result<Self, StoreError> {
+        let secrets: HashMap<ClientKey, ClientSecret> = store
+            .list_apps()
+            .await?
+            .into_iter()
+            .map(|app| (app.client_key, app.client_secret))
+            .collect();
+        let now_ms = clock.now_unix_ms();
+        let mut rng = rand::rng();
+        let mut apps = HashMap::new();
+        for (client_key, record) in store.load_tokens().await? {
+            let Some(secret) = secrets.get(&client_key).cloned() else {
+                continue;
+            };
+            let current = match (
+                record.access_token,
+                record.fetched_at_ms,
+                record.expires_at_ms,
+            ) {
+                (Some(access_token), Some(fetched_at_ms), Some(expires_at_ms))
+                    if record.invalidated_at_ms.is_none()
+                        && policy.is_servable(expires_at_ms, now_ms) =>
+                {
+                    Some(HeldToken {
+                        access_token,
+                        generation: record.generation,
+                        fetched_at_ms,
+                        expires_at_ms,
+                    })
+                }
+                _ => None,
+            };
+            let refresh_at_ms = current.as_ref().map(|held| {
+                policy.draw_refresh_at(held.fetched_at_ms, held.expires_at_ms, &mut rng)
+            });
+            let failure = record.last_error.map(|message| {
+                let at_ms = record.last_error_at_ms.unwrap_or(now_ms);
+                let consecutive = u32::try_from(record.consecutive_failures).unwrap_or(u32::MAX);
+                // Permanent failures keep their cooldown across restarts; a
+                // transient one may be retried at once.
+                let retry_at_ms = if record.last_error_permanent {
+                    at_ms + duration_ms(policy.permanent_failure_cooldown)
+                } else {
+                    now_ms
+                };
+                Failure {
+                    douyin_code: None,
+                    message,
+                    at_ms,
+                    permanent: record.last_error_permanent,
+                    consecutive,
+                    retry_at_ms,
+                }
+            });
+            let state = AppState {
+                secret,
+                invalidated: record.invalidated_at_ms.is_some(),
+                current,
+                generation: record.generation,
+                refresh_at_ms,
+                failure,
+                inflight: None,
+                removed: false,
+            };
+            apps.insert(
+                client_key.clone(),
+                Arc::new(AppSlot {
+                    client_key,
+                    state: Mutex::new(state),
+                }),
+            );
+        }
+        tracing::info!(
+            apps = apps.len(),
+            valid_tokens = apps
+                .values()
+                .filter(|slot| lock(&slot.state).current.is_some())
+                .count(),
+            "token state loaded"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                douyin,
+                clock,
+                policy,
+                max_concurrent_fetches,
+                apps: RwLock::new(apps),
+                sweeps_completed: watch::channel(0).0,
+            }),
+        })
+    }
+
+    fn slot(&self, client_key: &ClientKey) -> Option<Arc<AppSlot>> {
+        let apps = self
+            .inner
+            .apps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        apps.get(client_key).cloned()
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.inner.clock.now_unix_ms()
+    }
+
+    /// The app's current token. Returns at once while a valid token is held;
+    /// otherwise joins (or starts) the one fetch in flight for the app. The
+    /// fetch runs on its own task: a caller that gives up cancels nothing.
+    pub async fn token_for_app(&self, client_key: &ClientKey) -> Result<TokenLease, TokenError> {
+        let slot = self
+            .slot(client_key)
+            .ok_or_else(|| TokenError::UnknownApp {
+                client_key: client_key.clone(),
+            })?;
+        self.acquire_and_wait(&slot, RefreshReason::Demand).await
+    }
+
+    /// Fetches a new token now, whatever the schedule, backoff or cooldown say
+    /// (joining a fetch already in flight).
+    pub async fn force_refresh(&self, client_key: &ClientKey) -> Result<TokenLease, TokenError> {
+        let slot = self
+            .slot(client_key)
+            .ok_or_else(|| TokenError::UnknownApp {
+                client_key: client_key.clone(),
+            })?;
+        self.acquire_and_wait(&slot, RefreshReason::Forced).await
+    }
+
+    async fn acquire_and_wait(
+        &self,
+        slot: &Arc<AppSlot>,
+        reason: RefreshReason,
+    ) -> Result<TokenLease, TokenError> {
+        match self.acquire(slot, reason) {
+            Acquire::Ready(lease) => Ok(lease),
+            Acquire::Wait(fetch) => fetch.await,
+            Acquire::Refuse(error) => Err(error),
+        }
+    }
+
+    fn acquire(&self, slot: &Arc<AppSlot>, reason: RefreshReason) -> Acquire {
+        let now_ms = self.now_ms();
+        let mut state = lock(&slot.state);
+        if reason == RefreshReason::Demand
+            && let Some(held) = &state.current
+            && self.inner.policy.is_servable(held.expires_at_ms, now_ms)
+        {
+            return Acquire::Ready(lease_of(&slot.client_key, held));
+        }
+        if let Some(fetch) = &state.inflight {
+            return Acquire::Wait(fetch.clone());
+        }
+        if reason != RefreshReason::Forced
+            && let Some(failure) = &state.failure
+            && now_ms < failure.retry_at_ms
+        {
+            // A short negative cache: a dead endpoint or a bad secret costs
+            // callers nothing until the next try is due.
+            return Acquire::Refuse(failure_error(&slot.client_key, failure, now_ms));
+        }
+        if reason == RefreshReason::Scheduled && self.due(&state, now_ms).is_none() {
+            return match &state.current {
+                Some(held) => Acquire::Ready(lease_of(&slot.client_key, held)),
+                None => Acquire::Refuse(TokenError::FetchAborted {
+                    client_key: slot.client_key.clone(),
+                }),
+            };
+        }
+        Acquire::Wait(self.start_fetch(slot, &mut state, reason, now_ms))
+    }
+
+    /// Starts the single fetch of this app; the caller holds the slot lock, so
+    /// nobody else can start a second one.
+    fn start_fetch(
+        &self,
+        slot: &Arc<AppSlot>,
+        state: &mut AppState,
+        reason: RefreshReason,
+        now_ms: i64,
+    ) -> SharedFetch {
+        let manager = self.clone();
+        let task_slot = Arc::clone(slot);
+        let secret = state.secret.clone();
+        let generation = state.generation + 1;
+        let client_key = slot.client_key.clone();
+        let task = tokio::spawn(async move {
+            manager
+                .run_fetch(task_slot, secret, generation, reason, now_ms)
+                .await
+        });
+        let fetch = async move {
+            task.await
+                .unwrap_or_else(|_| Err(TokenError::FetchAborted { client_key }))
+        }
+        .boxed()
+        .shared();
+        state.inflight = Some(fetch.clone());
+        fetch
+    }
+
+    async fn run_fetch(
+        &self,
+        slot: Arc<AppSlot>,
+        secret: ClientSecret,
+        generation: i64,
+        reason: RefreshReason,
+        started_at_ms: i64,
+    ) -> Result<TokenLease, TokenError> {
+        let client_key = &slot.client_key;
+        tracing::info!(app = %client_key, reason = reason.as_str(), generation, "fetching client_token");
+        let fetched = self
+            .inner
+            .douyin
+            .fetch_client_token(client_key, &secret)
+            .await;
+        let now_ms = self.now_ms();
+        match fetched {
+            Ok(fetched) => {
+                // Expiry counts from when the fetch started, not when it ended.
+                let held = HeldToken {
+                    access_token: fetched.access_token,
+                    generation,
+                    fetched_at_ms: started_at_ms,
+                    expires_at_ms: started_at_ms + duration_ms(fetched.expires_in),
+                };
+                // Committed before anyone uses it: waiters are released only below.
+                let saved = self
+                    .inner
+                    .store
+                    .save_fetched_token(&NewToken {
+                        client_key,
+                        access_token: &held.access_token,
+                        generation,
+                        fetched_at_ms: held.fetched_at_ms,
+                        expires_at_ms: held.expires_at_ms,
+                    })
+                    .await;
+                if let Err(error) = saved {
+                    tracing::error!(app = %client_key, %error, "fetched token not stored; it will not be used");
+                    let mut state = lock(&slot.state);
+                    state.inflight = None;
+                    return Err(TokenError::StoreFailed {
+                        client_key: client_key.clone(),
+                        message: error.to_string(),
+                    });
+                }
+                let refresh_at_ms = self.inner.policy.draw_refresh_at(
+                    held.fetched_at_ms,
+                    held.expires_at_ms,
+                    &mut rand::rng(),
+                );
+                let lease = lease_of(client_key, &held);
+                let mut state = lock(&slot.state);
+                tracing::info!(
+                    app = %client_key,
+                    token = %held.access_token,
+                    generation,
+                    expires_in_s = (held.expires_at_ms - now_ms) / 1000,
+                    refresh_in_s = (refresh_at_ms - now_ms) / 1000,
+                    "client_token fetched"
+                );
+                state.generation = state.generation.max(generation);
+                state.current = Some(held);
+                state.refresh_at_ms = Some(refresh_at_ms);
+                state.failure = None;
+                state.invalidated = false;
+                state.inflight = None;
+                Ok(lease)
+            }
+            Err(cause) => {
+                let (failure, error) = {
+                    let mut state = lock(&slot.state);
+                    let consecutive = state
+                        .failure
+                        .as_ref()
+                        .map_or(0, |failure| failure.consecutive)
+                        .saturating_add(1);
+                    let permanent = cause.is_permanent();
+                    let delay = if permanent {
+                        self.inner.policy.permanent_failure_cooldown
+                    } else {
+                        self.inner.policy.backoff(consecutive, &mut rand::rng())
+                    };
+                    let failure = Failure {
+                        message: cause.to_string(),
+                        douyin_code: match &cause {
+                            TokenFetchError::Refused { code, .. } => Some(*code),
+                            TokenFetchError::Transport(_) => None,
+                        },
+                        at_ms: now_ms,
+                        permanent,
+                        consecutive,
+                        retry_at_ms: now_ms + duration_ms(delay),
+                    };
+                    let error = failure_error(client_key, &failure, now_ms);
+                    state.failure = Some(failure.clone());
+                    state.inflight = None;
+                    (failure, error)
+                };
+                if failure.permanent {
+                    tracing::error!(app = %client_key, error = %failure.message, "Douyin refuses this app's credentials; not retrying until the cooldown ends or the secret changes");
+                } else {
+                    tracing::warn!(app = %client_key, error = %failure.message, consecutive = failure.consecutive, retry_in_ms = failure.retry_at_ms - now_ms, "client_token fetch failed; keeping the current token and backing off");
+                }
+                let recorded = self
+                    .inner
+                    .store
+                    .record_fetch_failure(&FetchFailure {
+                        client_key,
+                        message: &failure.message,
+                        at_ms: failure.at_ms,
+                        permanent: failure.permanent,
+                        consecutive_failures: i64::from(failure.consecutive),
+                    })
+                    .await;
+                if let Err(store_error) = recorded {
+                    tracing::error!(app = %client_key, error = %store_error, "cannot record the fetch failure");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Compare-and-invalidate: forgets the app's token only if it is still the
+    /// generation the caller used, so a burst of failures with one stale token
+    /// causes one refresh, and a token fetched meanwhile is never thrown away.
+    /// Returns true when this call invalidated it.
+    pub async fn invalidate_if_current(&self, client_key: &ClientKey, generation: i64) -> bool {
+        let Some(slot) = self.slot(client_key) else {
+            return false;
+        };
+        {
+            let mut state = lock(&slot.state);
+            match &state.current {
+                Some(held) if held.generation == generation => {
+                    state.current = None;
+                    state.refresh_at_ms = None;
+                    state.invalidated = true;
+                }
+                _ => return false,
+            }
+        }
+        tracing::warn!(
+            app = %client_key,
+            generation,
+            "Douyin rejected the current token; refreshing. If this repeats, something else is fetching tokens with this app's key"
+        );
+        if let Err(error) = self
+            .inner
+            .store
+            .mark_invalidated(client_key, generation, self.now_ms())
+            .await
+        {
+            tracing::error!(app = %client_key, %error, "cannot record the invalidation");
+        }
+        true
+    }
+
+    /// Why the app needs a fetch now, if it does.
+    fn due(&self, state: &AppState, now_ms: i64) -> Option<RefreshReason> {
+        if state.removed || state.inflight.is_some() {
+            return None;
+        }
+        if let Some(failure) = &state.failure
+            && now_ms < failure.retry_at_ms
+        {
+            return None;
+        }
+        match &state.current {
+            Some(held) if self.inner.policy.is_servable(held.expires_at_ms, now_ms) => {
+                let refresh_at_ms = state.refresh_at_ms.unwrap_or(held.fetched_at_ms);
+                (now_ms >= refresh_at_ms).then_some(RefreshReason::Scheduled)
+            }
+            _ => Some(RefreshReason::Scheduled),
+        }
+    }
+
+    /// One pass of the proactive refresher: fetches for every app whose refresh
+    /// time has come or that holds no valid token (and is not backing off),
+    /// a bounded number at a time. The scheduler only triggers this; tests call it.
+    pub async fn sweep(&self) -> SweepReport {
+        let now_ms = self.now_ms();
+        let slots: Vec<Arc<AppSlot>> = {
+            let apps = self
+                .inner
+                .apps
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            apps.values().cloned().collect()
+        };
+        let mut report = SweepReport {
+            apps: slots.len(),
+            ..SweepReport::default()
+        };
+        let due: Vec<Arc<AppSlot>> = slots
+            .into_iter()
+            .filter(|slot| self.due(&lock(&slot.state), now_ms).is_some())
+            .collect();
+        report.due = due.len();
+        let results: Vec<bool> = stream::iter(due)
+            .map(|slot| async move {
+                self.acquire_and_wait(&slot, RefreshReason::Scheduled)
+                    .await
+                    .is_ok()
+            })
+            .buffer_unordered(self.inner.max_concurrent_fetches)
+            .collect()
+            .await;
+        report.refreshed = results.iter().filter(|ok| **ok).count();
+        report.failed = results.len() - report.refreshed;
+        self.inner.sweeps_completed.send_modify(|count| *count += 1);
+        if report.due > 0 {
+            tracing::info!(
+                apps = report.apps,
+                due = report.due,
+                refreshed = report.refreshed,
+                failed = report.failed,
+                "refresh sweep"
+            );
+        }
+        report
+    }
+
+    /// Counts completed sweeps: the heartbeat that shows the scheduler is alive.
+    pub fn sweep_heartbeat(&self) -> watch::Receiver<u64> {
+        self.inner.sweeps_completed.subscribe()
+    }
+
+    /// Registers a new app or a new secret. A new secret clears a failure so the
+    /// next demand or sweep tries again at once.
+    pub fn app_put(&self, client_key: &ClientKey, secret: ClientSecret) {
+        let mut apps = self
+            .inner
+            .apps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match apps.get(client_key) {
+            Some(slot) => {
+                let mut state = lock(&slot.state);
+                if state.secret != secret {
+                    state.secret = secret;
+                    state.failure = None;
+                }
+            }
+            None => {
+                let state = AppState {
+                    secret,
+                    current: None,
+                    generation: 0,
+                    refresh_at_ms: None,
+                    failure: None,
+                    invalidated: false,
+                    inflight: None,
+                    removed: false,
+                };
+                apps.insert(
+                    client_key.clone(),
+                    Arc::new(AppSlot {
+                        client_key: client_key.clone(),
+                        state: Mutex::new(state),
+                    }),
+                );
+            }
+        }
+    }
+
+    pub fn app_removed(&self, client_key: &ClientKey) {
+        let mut apps = self
+            .inner
+            .apps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(slot) = apps.remove(client_key) {
+            let mut state = lock(&slot.state);
+            state.removed = true;
+            state.current = None;
+        }
+    }
+
+    /// Every app's token state, sorted by fingerprint; no secret included.
+    pub fn status(&self) -> Vec<TokenStatusView> {
+        let now_ms = self.now_ms();
+        let apps = self
+            .inner
+            .apps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut views: Vec<TokenStatusView> =
+            apps.values()
+                .map(|slot| {
+                    let state = lock(&slot.state);
+                    let servable = state.current.as_ref().is_some_and(|held| {
+                        self.inner.policy.is_servable(held.expires_at_ms, now_ms)
+                    });
+                    let label = match (&state.failure, servable, &state.current) {
+                        (Some(failure), false, _) if failure.permanent => "failed",
+                        (_, true, _) => "valid",
+                        (_, false, Some(_)) => "expired",
+                        _ if state.invalidated => "invalidated",
+                        _ => "missing",
+                    };
+                    TokenStatusView {
+                        client_key: slot.client_key.clone(),
+                        state: label,
+                        generation: state
+                            .current
+                            .as_ref()
+                            .map_or(state.generation, |held| held.generation),
+                        expires_at_ms: state.current.as_ref().map(|held| held.expires_at_ms),
+                        fetched_at_ms: state.current.as_ref().map(|held| held.fetched_at_ms),
+                        refresh_at_ms: state.refresh_at_ms,
+                        last_error: state
+                            .failure
+                            .as_ref()
+                            .map(|failure| failure.message.clone()),
+                        last_error_at_ms: state.failure.as_ref().map(|failure| failure.at_ms),
+                        consecutive_failures: state
+                            .failure
+                            .as_ref()
+                            .map_or(0, |failure| failure.consecutive),
+                    }
+                })
+                .collect();
+        views.sort_by_key(|view| view.client_key.fingerprint());
+        views
+    }
+
+    /// True when at least one app holds a valid token (or no app is registered).
+    pub fn any_token_servable(&self) -> bool {
+        let now_ms = self.now_ms();
+        let apps = self
+            .inner
+            .apps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        apps.is_empty()
+            || apps.values().any(|slot| {
+                lock(&slot.state)
+                    .current
+                    .as_ref()
+                    .is_some_and(|held| self.inner.policy.is_servable(held.expires_at_ms, now_ms))
+            })
+    }
+}
+
+fn lease_of(client_key: &ClientKey, held: &HeldToken) -> TokenLease {
+    TokenLease {
+        client_key: client_key.clone(),
+        access_token: held.access_token.clone(),
+        generation: held.generation,
+        expires_at_ms: held.expires_at_ms,
+    }
+}
+
+fn failure_error(client_key: &ClientKey, failure: &Failure, now_ms: i64) -> TokenError {
+    let retry_in_seconds = ((failure.retry_at_ms - now_ms).max(0) + 999) / 1000;
+    if failure.permanent {
+        TokenError::CredentialsRefused {
+            client_key: client_key.clone(),
+            cause: failure.message.clone(),
+            douyin_code: failure.douyin_code,
+            retry_in_seconds,
+        }
+    } else {
+        TokenError::FetchFailing {
+            client_key: client_key.clone(),
+            cause: failure.message.clone(),
+            douyin_code: failure.douyin_code,
+            retry_in_seconds,
+        }
+    }
+}

@@ -73,6 +73,7 @@ pub async fn serve(
                 .await;
         }
     };
+    // Small request/response messages: Nagle's algorithm would add ~40 ms to each.
     Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -89,7 +90,10 @@ pub async fn serve(
             tokens: dependencies.tokens,
             clock: dependencies.clock,
         }))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }
 

@@ -376,8 +376,10 @@ impl TokenManager {
                 .await
         });
         let fetch = async move {
-            task.await
-                .unwrap_or_else(|_| Err(TokenError::FetchAborted { client_key }))
+            match task.await {
+                Ok(result) => result,
+                Err(_) => Err(TokenError::FetchAborted { client_key }),
+            }
         }
         .boxed()
         .shared();

@@ -18,8 +18,8 @@ use crate::grpc::{self, GrpcDependencies};
 use crate::lookup::LookupService;
 use crate::registry::Registry;
 use crate::store::Store;
+use crate::token::TokenManager;
 use crate::token::scheduler::SweepSchedule;
-use crate::token::{RefreshPolicy, TokenManager};
 
 /// The daemon's parts, built and connected. Cheap to clone.
 #[derive(Clone)]
@@ -51,12 +51,11 @@ impl App {
             store.clone(),
             douyin.clone(),
             clock.clone(),
-            RefreshPolicy::from(&config.refresh),
-            config.refresh.max_concurrent_fetches,
+            &config.refresh,
         )
         .await?;
         let registry = Registry::load(store.clone(), tokens.clone(), clock.clone()).await?;
-        let lookup = LookupService::new(registry.clone(), tokens.clone(), douyin);
+        let lookup = LookupService::new(registry.clone(), tokens.clone(), douyin, &config.lookup);
         Ok(Self {
             config: Arc::new(config),
             clock,

@@ -46,6 +46,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub douyin: DouyinConfig,
     pub refresh: RefreshConfig,
+    pub lookup: LookupConfig,
     pub apps: Vec<AppEntry>,
     pub merchants: Vec<MerchantEntry>,
 }
@@ -102,8 +103,48 @@ pub struct RefreshConfig {
     /// trying again on its own; updating the app's secret retries at once.
     #[serde(with = "humane_duration")]
     pub permanent_failure_cooldown: Duration,
-    /// How many token fetches a sweep runs at once.
+    /// How many token fetches run at once, across all apps.
     pub max_concurrent_fetches: usize,
+    /// Token endpoint calls allowed across all apps per `budget_window`
+    /// (Douyin allows 500 per 5 minutes).
+    pub budget: usize,
+    #[serde(with = "humane_duration")]
+    pub budget_window: Duration,
+    /// Part of the budget that only urgent fetches (a caller waiting, a
+    /// rejected token, an operator's forced refresh) may use.
+    pub budget_reserve: usize,
+    /// After Douyin answers 10020 (too many token calls), scheduled refreshes
+    /// pause this long.
+    #[serde(with = "humane_duration")]
+    pub rate_limited_pause: Duration,
+}
+
+/// How lookups treat Douyin: rate, concurrency, deadlines, retries, coalescing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupConfig {
+    /// Lookups per second per app (Douyin documents 10 QPS per app).
+    pub rate_per_second: u32,
+    /// Per-app overrides of `rate_per_second`, keyed by client_key.
+    pub app_rate_per_second: std::collections::HashMap<String, u32>,
+    /// Lookups in flight to Douyin at once, per app.
+    pub max_concurrent_per_app: usize,
+    /// The deadline of a request that carries none.
+    #[serde(with = "humane_duration")]
+    pub default_deadline: Duration,
+    /// Time a queued request must still have for the upstream call itself;
+    /// a request whose deadline leaves less is refused at once.
+    #[serde(with = "humane_duration")]
+    pub upstream_time_reserve: Duration,
+    /// Tries in all for a transient failure (busy codes, 5xx, timeouts, connection errors).
+    pub max_tries: u32,
+    #[serde(with = "humane_duration")]
+    pub retry_backoff_initial: Duration,
+    #[serde(with = "humane_duration")]
+    pub retry_backoff_max: Duration,
+    /// Keep successful answers this long and serve repeats from memory; "0s" (the default) turns the cache off.
+    #[serde(with = "humane_duration")]
+    pub cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +187,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             douyin: DouyinConfig::default(),
             refresh: RefreshConfig::default(),
+            lookup: LookupConfig::default(),
             apps: Vec::new(),
             merchants: Vec::new(),
         }
@@ -174,6 +216,26 @@ impl Default for RefreshConfig {
             backoff_max: Duration::from_secs(5 * 60),
             permanent_failure_cooldown: Duration::from_secs(10 * 60),
             max_concurrent_fetches: 8,
+            budget: 500,
+            budget_window: Duration::from_secs(5 * 60),
+            budget_reserve: 50,
+            rate_limited_pause: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for LookupConfig {
+    fn default() -> Self {
+        Self {
+            rate_per_second: 10,
+            app_rate_per_second: std::collections::HashMap::new(),
+            max_concurrent_per_app: 10,
+            default_deadline: Duration::from_secs(5),
+            upstream_time_reserve: Duration::from_millis(200),
+            max_tries: 3,
+            retry_backoff_initial: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            cache_ttl: Duration::ZERO,
         }
     }
 }
@@ -276,6 +338,47 @@ impl Config {
             return Err(ConfigError::invalid(
                 "refresh.max_concurrent_fetches",
                 "must be at least 1",
+            ));
+        }
+        if refresh.budget == 0 || refresh.budget_reserve >= refresh.budget {
+            return Err(ConfigError::invalid(
+                "refresh.budget_reserve",
+                "must be smaller than refresh.budget, which must be at least 1",
+            ));
+        }
+        let lookup = &self.lookup;
+        if lookup.rate_per_second == 0 {
+            return Err(ConfigError::invalid(
+                "lookup.rate_per_second",
+                "must be at least 1",
+            ));
+        }
+        if let Some((key, _)) = lookup
+            .app_rate_per_second
+            .iter()
+            .find(|(_, rate)| **rate == 0)
+        {
+            return Err(ConfigError::invalid(
+                format!("lookup.app_rate_per_second.{key}"),
+                "must be at least 1 (remove the app's merchants to stop its lookups)",
+            ));
+        }
+        if lookup.max_concurrent_per_app == 0 {
+            return Err(ConfigError::invalid(
+                "lookup.max_concurrent_per_app",
+                "must be at least 1",
+            ));
+        }
+        if lookup.max_tries == 0 || lookup.max_tries > 10 {
+            return Err(ConfigError::invalid(
+                "lookup.max_tries",
+                "must be between 1 and 10",
+            ));
+        }
+        if lookup.default_deadline <= lookup.upstream_time_reserve {
+            return Err(ConfigError::invalid(
+                "lookup.default_deadline",
+                "must be longer than lookup.upstream_time_reserve",
             ));
         }
         if refresh.sweep != "off" && refresh.sweep.split_whitespace().count() != 6 {

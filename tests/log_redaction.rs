@@ -66,9 +66,12 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
     app.sandbox.state().issue_token_out_of_band(CLIENT_KEY);
     app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
     app.advance(std::time::Duration::from_secs(1));
-    app.sandbox
-        .state()
-        .push_lookup_faults([Fault::HtmlPage(502), Fault::ErrorCode(2119005)]);
+    app.sandbox.state().push_lookup_faults([
+        Fault::HtmlPage(502),
+        Fault::DropConnection,
+        Fault::HttpStatus(503),
+        Fault::ErrorCode(2119005),
+    ]);
     for _ in 0..2 {
         let status = app
             .lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID)

@@ -109,7 +109,7 @@ fn transport_error(error: &reqwest::Error, timeout: Duration) -> TransportError 
         }
     } else {
         TransportError::Connect {
-            detail: "the request failed before an answer arrived".to_owned(),
+            detail: "the connection broke before a complete answer arrived".to_owned(),
         }
     }
 }

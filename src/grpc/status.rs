@@ -52,6 +52,32 @@ pub fn lookup_status(error: &LookupError) -> Status {
         LookupError::Token(error) => token_status(error),
         LookupError::Upstream(LookupFailure::Douyin(error)) => douyin_status(error),
         LookupError::Upstream(LookupFailure::Transport(error)) => transport_status(error),
+        LookupError::NotAdmitted(refusal) => status(
+            Code::ResourceExhausted,
+            format!(
+                "{error}; retry after the delay in RetryInfo, or give the request a longer deadline"
+            ),
+            "RATE_LIMITED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            Some(refusal.retry_after),
+        ),
+        LookupError::DeadlineExceeded { .. } => status(
+            Code::DeadlineExceeded,
+            error.to_string(),
+            "DEADLINE_EXCEEDED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+        LookupError::Aborted => status(
+            Code::Internal,
+            error.to_string(),
+            "LOOKUP_ABORTED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
     }
 }
 
@@ -139,6 +165,19 @@ pub fn token_status(error: &TokenError) -> Status {
                 message,
                 &reason,
                 domain,
+                HashMap::new(),
+                Some(delay),
+            )
+        }
+        TokenError::BudgetExhausted {
+            retry_in_seconds, ..
+        } => {
+            let delay = Duration::from_secs(u64::try_from(*retry_in_seconds).unwrap_or(1).max(1));
+            status(
+                Code::Unavailable,
+                message,
+                "TOKEN_BUDGET_EXHAUSTED",
+                TOKEND_DOMAIN,
                 HashMap::new(),
                 Some(delay),
             )

@@ -51,7 +51,9 @@ pub struct SandboxConfig {
     pub latency: Duration,
     /// Send `expires_in` as a numeric string, as sibling endpoints do.
     pub expires_in_as_string: bool,
-    /// Fraction (0..=1) of lookups answered with a random busy code.
+    /// Fraction (0..=1) of lookups answered with busy code 2119002, spread
+    /// evenly and deterministically (at 0.3: lookups 3, 6, 10, 13, …), so a
+    /// test can rely on the pattern.
     pub busy_fraction: f64,
 }
 
@@ -83,6 +85,8 @@ pub enum Fault {
     TruncatedJson,
     /// Waits this long (real time) before answering normally.
     Delay(Duration),
+    /// Sends the headers, then breaks the connection in the middle of the body.
+    DropConnection,
 }
 
 /// What the sandbox has seen and answered.
@@ -153,6 +157,7 @@ struct World {
     token_faults: VecDeque<Fault>,
     stats: SandboxStats,
     next_logid: u64,
+    busy_counter: u64,
 }
 
 /// The sandbox's state, shared by its HTTP handlers and whoever drives it.
@@ -419,8 +424,17 @@ async fn after_sale_order_detail(
             return response;
         }
     }
-    if config.busy_fraction > 0.0 && rand::rng().random_bool(config.busy_fraction.clamp(0.0, 1.0)) {
-        return error_envelope(&state, codes::SYSTEM_BUSY, "系统繁忙,请稍候再试");
+    if config.busy_fraction > 0.0 {
+        let fraction = config.busy_fraction.clamp(0.0, 1.0);
+        let busy = {
+            let mut world = lock(&state.world);
+            world.busy_counter += 1;
+            let n = world.busy_counter as f64;
+            (n * fraction).floor() > ((n - 1.0) * fraction).floor()
+        };
+        if busy {
+            return error_envelope(&state, codes::SYSTEM_BUSY, "系统繁忙,请稍候再试");
+        }
     }
     let token = headers
         .get("access-token")
@@ -504,6 +518,10 @@ async fn fault_response(fault: Fault) -> Option<Response> {
         Fault::Delay(delay) => {
             tokio::time::sleep(delay).await;
             None
+        }
+        Fault::DropConnection => {
+            let broken = futures::stream::once(async { Err::<Bytes, std::io::Error>(std::io::Error::other("connection dropped by the sandbox")) });
+            Some(([(header::CONTENT_TYPE, "application/json"), (header::CONTENT_LENGTH, "512")], axum::body::Body::from_stream(broken)).into_response())
         }
     }
 }

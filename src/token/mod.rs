@@ -3,6 +3,7 @@
 //! caller's future, proactive refresh through the sweep, backoff after
 //! failures, and compare-and-invalidate when Douyin rejects a token.
 
+pub mod budget;
 pub mod policy;
 pub mod scheduler;
 
@@ -11,14 +12,16 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::clock::{SharedClock, duration_ms};
+use crate::config::RefreshConfig;
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
 use crate::douyin::DouyinClient;
 use crate::douyin::token_endpoint::TokenFetchError;
 use crate::store::{FetchFailure, NewToken, Store, StoreError};
 
+pub use budget::{FetchPriority, TokenBudget};
 pub use policy::RefreshPolicy;
 
 /// The token an app holds right now, as handed to a caller.
@@ -52,6 +55,13 @@ pub enum TokenError {
         client_key: ClientKey,
         cause: String,
         douyin_code: Option<i64>,
+        retry_in_seconds: i64,
+    },
+    #[error(
+        "no valid token for {client_key}, and the token endpoint budget is spent (Douyin allows 500 fetches per 5 minutes); the next fetch is possible in {retry_in_seconds} s"
+    )]
+    BudgetExhausted {
+        client_key: ClientKey,
         retry_in_seconds: i64,
     },
     #[error("the token fetched for {client_key} could not be stored, so it is not used: {message}")]
@@ -91,6 +101,8 @@ pub struct SweepReport {
     pub due: usize,
     pub refreshed: usize,
     pub failed: usize,
+    /// Due, but left for a later sweep because the token budget is spent.
+    pub deferred: usize,
 }
 
 /// A snapshot of one app's token state for operators; holds no secret.
@@ -151,6 +163,9 @@ struct Inner {
     douyin: DouyinClient,
     clock: SharedClock,
     policy: RefreshPolicy,
+    budget: TokenBudget,
+    /// Caps token fetches in flight across all apps.
+    fetch_slots: Semaphore,
     max_concurrent_fetches: usize,
     apps: RwLock<HashMap<ClientKey, Arc<AppSlot>>>,
     sweeps_completed: watch::Sender<u64>,
@@ -166,6 +181,8 @@ enum Acquire {
     Ready(TokenLease),
     Wait(SharedFetch),
     Refuse(TokenError),
+    /// A scheduled refresh the budget cannot afford now.
+    Deferred,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,9 +199,9 @@ impl TokenManager {
         store: Store,
         douyin: DouyinClient,
         clock: SharedClock,
-        policy: RefreshPolicy,
-        max_concurrent_fetches: usize,
+        config: &RefreshConfig,
     ) -> Result<Self, StoreError> {
+        let policy = RefreshPolicy::from(config);
         let secrets: HashMap<ClientKey, ClientSecret> = store
             .list_apps()
             .await?
@@ -270,7 +287,9 @@ impl TokenManager {
                 douyin,
                 clock,
                 policy,
-                max_concurrent_fetches,
+                budget: TokenBudget::new(config),
+                fetch_slots: Semaphore::new(config.max_concurrent_fetches),
+                max_concurrent_fetches: config.max_concurrent_fetches,
                 apps: RwLock::new(apps),
                 sweeps_completed: watch::channel(0).0,
             }),
@@ -322,6 +341,10 @@ impl TokenManager {
             Acquire::Ready(lease) => Ok(lease),
             Acquire::Wait(fetch) => fetch.await,
             Acquire::Refuse(error) => Err(error),
+            Acquire::Deferred => Err(TokenError::BudgetExhausted {
+                client_key: slot.client_key.clone(),
+                retry_in_seconds: 1,
+            }),
         }
     }
 
@@ -351,6 +374,22 @@ impl TokenManager {
                 None => Acquire::Refuse(TokenError::FetchAborted {
                     client_key: slot.client_key.clone(),
                 }),
+            };
+        }
+        let priority = match reason {
+            RefreshReason::Scheduled => FetchPriority::Scheduled,
+            RefreshReason::Demand | RefreshReason::Forced => FetchPriority::Urgent,
+        };
+        if let Err(wait) = self.inner.budget.try_spend(priority, now_ms) {
+            return match priority {
+                FetchPriority::Scheduled => Acquire::Deferred,
+                FetchPriority::Urgent => {
+                    tracing::warn!(app = %slot.client_key, wait_s = wait.as_secs(), "token endpoint budget spent; refusing an urgent fetch");
+                    Acquire::Refuse(TokenError::BudgetExhausted {
+                        client_key: slot.client_key.clone(),
+                        retry_in_seconds: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX).max(1),
+                    })
+                }
             };
         }
         Acquire::Wait(self.start_fetch(slot, &mut state, reason, now_ms))
@@ -397,12 +436,21 @@ impl TokenManager {
     ) -> Result<TokenLease, TokenError> {
         let client_key = &slot.client_key;
         tracing::info!(app = %client_key, reason = reason.as_str(), generation, "fetching client_token");
-        let fetched = self
-            .inner
-            .douyin
-            .fetch_client_token(client_key, &secret)
-            .await;
+        let fetched = {
+            // The semaphore is never closed, so acquiring cannot fail.
+            let _slot = self.inner.fetch_slots.acquire().await;
+            self.inner
+                .douyin
+                .fetch_client_token(client_key, &secret)
+                .await
+        };
         let now_ms = self.now_ms();
+        if let Err(error) = &fetched
+            && error.is_rate_limited()
+        {
+            tracing::warn!(app = %client_key, "Douyin says the token endpoint is called too often (10020); pausing scheduled refreshes");
+            self.inner.budget.douyin_rate_limited(now_ms);
+        }
         match fetched {
             Ok(fetched) => {
                 // Expiry counts from when the fetch started, not when it ended.
@@ -581,22 +629,46 @@ impl TokenManager {
             apps: slots.len(),
             ..SweepReport::default()
         };
-        let due: Vec<Arc<AppSlot>> = slots
+        // Closest to expiry first (no token at all first of all), so a tight
+        // budget goes where it matters most.
+        let mut due: Vec<(i64, Arc<AppSlot>)> = slots
             .into_iter()
-            .filter(|slot| self.due(&lock(&slot.state), now_ms).is_some())
+            .filter_map(|slot| {
+                let state = lock(&slot.state);
+                self.due(&state, now_ms)?;
+                let urgency = state
+                    .current
+                    .as_ref()
+                    .map_or(i64::MIN, |held| held.expires_at_ms);
+                drop(state);
+                Some((urgency, slot))
+            })
             .collect();
+        due.sort_by_key(|(urgency, _)| *urgency);
         report.due = due.len();
-        let results: Vec<bool> = stream::iter(due)
-            .map(|slot| async move {
-                self.acquire_and_wait(&slot, RefreshReason::Scheduled)
-                    .await
-                    .is_ok()
+        let outcomes: Vec<SweepOutcome> = stream::iter(due)
+            .map(|(_, slot)| async move {
+                match self.acquire(&slot, RefreshReason::Scheduled) {
+                    Acquire::Wait(fetch) => match fetch.await {
+                        Ok(_) => SweepOutcome::Refreshed,
+                        Err(_) => SweepOutcome::Failed,
+                    },
+                    Acquire::Ready(_) => SweepOutcome::NothingToDo,
+                    Acquire::Deferred => SweepOutcome::Deferred,
+                    Acquire::Refuse(_) => SweepOutcome::Failed,
+                }
             })
             .buffer_unordered(self.inner.max_concurrent_fetches)
             .collect()
             .await;
-        report.refreshed = results.iter().filter(|ok| **ok).count();
-        report.failed = results.len() - report.refreshed;
+        for outcome in outcomes {
+            match outcome {
+                SweepOutcome::Refreshed => report.refreshed += 1,
+                SweepOutcome::Failed => report.failed += 1,
+                SweepOutcome::Deferred => report.deferred += 1,
+                SweepOutcome::NothingToDo => {}
+            }
+        }
         self.inner.sweeps_completed.send_modify(|count| *count += 1);
         if report.due > 0 {
             tracing::info!(
@@ -604,10 +676,16 @@ impl TokenManager {
                 due = report.due,
                 refreshed = report.refreshed,
                 failed = report.failed,
+                deferred = report.deferred,
                 "refresh sweep"
             );
         }
         report
+    }
+
+    /// Token endpoint calls still allowed in the current budget window.
+    pub fn budget_remaining(&self) -> usize {
+        self.inner.budget.remaining(self.now_ms())
     }
 
     /// Counts completed sweeps: the heartbeat that shows the scheduler is alive.
@@ -730,6 +808,13 @@ impl TokenManager {
                     .is_some_and(|held| self.inner.policy.is_servable(held.expires_at_ms, now_ms))
             })
     }
+}
+
+enum SweepOutcome {
+    Refreshed,
+    Failed,
+    Deferred,
+    NothingToDo,
 }
 
 fn lease_of(client_key: &ClientKey, held: &HeldToken) -> TokenLease {

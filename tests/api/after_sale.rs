@@ -115,14 +115,15 @@ async fn a_hundred_concurrent_lookups_on_a_cold_app_cause_exactly_one_token_fetc
     let app = TestApp::spawn_with(|_, sandbox| sandbox.lookup_qps = 0).await;
     app.register_default().await;
 
+    // Different orders, so that lookup coalescing does not hide the token path.
     let lookups: Vec<_> = (0..100)
-        .map(|_| {
+        .map(|index| {
             let mut client = app.after_sale_client();
             tokio::spawn(async move {
                 client
                     .get_after_sale_order_detail(GetAfterSaleOrderDetailRequest {
                         account_id: ACCOUNT_ID.to_owned(),
-                        order_id: DOCUMENTED_ORDER_ID.to_owned(),
+                        order_id: format!("order-{index}"),
                         certificate_id: None,
                         include_raw_json: false,
                     })

@@ -1,26 +1,43 @@
-//! Upstream garbage — HTML error pages, truncated JSON, HTTP 500 — becomes a
-//! clear UNAVAILABLE, and the daemon keeps serving afterwards.
+//! Riding out Douyin's bad minutes: retries by class, upstream garbage, slow
+//! answers, and one gRPC status (with ErrorInfo) for every kind of failure.
 
+use std::time::Duration;
+
+use douyin_tokend::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest;
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::helpers::{ACCOUNT_ID, TestApp};
 
+fn request(order_id: &str) -> GetAfterSaleOrderDetailRequest {
+    GetAfterSaleOrderDetailRequest {
+        account_id: ACCOUNT_ID.to_owned(),
+        order_id: order_id.to_owned(),
+        certificate_id: None,
+        include_raw_json: false,
+    }
+}
+
 #[tokio::test]
 async fn upstream_garbage_is_unavailable_with_a_clear_message_and_the_daemon_keeps_serving() {
     let app = TestApp::spawn().await;
     app.register_default().await;
     app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+    // (fault, how often Douyin is asked: retried classes three times, others once, expected message)
     let cases = [
-        (Fault::HtmlPage(502), "HTTP 502"),
-        (Fault::HtmlPage(200), "an HTML page"),
-        (Fault::TruncatedJson, "not the expected JSON"),
-        (Fault::HttpStatus(500), "HTTP 500"),
+        (Fault::HtmlPage(502), 3, "HTTP 502"),
+        (Fault::HttpStatus(500), 3, "HTTP 500"),
+        (Fault::DropConnection, 3, "connection broke"),
+        (Fault::HtmlPage(200), 1, "an HTML page"),
+        (Fault::TruncatedJson, 1, "not the expected JSON"),
     ];
-    for (fault, expected) in cases {
-        app.advance(std::time::Duration::from_secs(1));
-        app.sandbox.state().push_lookup_faults([fault.clone()]);
+    for (fault, calls, expected) in cases {
+        app.advance(Duration::from_secs(1));
+        app.sandbox
+            .state()
+            .push_lookup_faults(std::iter::repeat_n(fault.clone(), calls));
+        let before = app.sandbox.state().stats().lookups;
         let status = app
             .lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID)
             .await
@@ -35,36 +52,45 @@ async fn upstream_garbage_is_unavailable_with_a_clear_message_and_the_daemon_kee
             status.get_details_error_info().is_some(),
             "{fault:?} carries ErrorInfo"
         );
+        assert_eq!(
+            app.sandbox.state().stats().lookups - before,
+            calls as u64,
+            "{fault:?}"
+        );
     }
-    app.advance(std::time::Duration::from_secs(1));
+    app.advance(Duration::from_secs(1));
     app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
     app.stop().await;
 }
 
 #[tokio::test]
-async fn douyin_codes_map_to_their_grpc_status_with_error_info() {
+async fn every_douyin_code_maps_to_its_grpc_status_with_error_info_and_retries_only_transient_ones()
+{
     let app = TestApp::spawn().await;
     app.register_default().await;
+    // (Douyin code, gRPC status, upstream calls made)
     let table = [
-        (2119001, Code::InvalidArgument),
-        (2100005, Code::InvalidArgument),
-        (2119005, Code::PermissionDenied),
-        (2190004, Code::PermissionDenied),
-        (2119008, Code::PermissionDenied),
-        (2119003, Code::ResourceExhausted),
-        (2119002, Code::Unavailable),
-        (2100004, Code::Unavailable),
-        (2100001, Code::Unavailable),
-        (3000001, Code::Unavailable),
-        (4000001, Code::FailedPrecondition),
-        (5000001, Code::FailedPrecondition),
-        (2119010, Code::Unimplemented),
+        (2119001, Code::InvalidArgument, 1),
+        (2100005, Code::InvalidArgument, 1),
+        (2119005, Code::PermissionDenied, 1),
+        (2190004, Code::PermissionDenied, 1),
+        (2119008, Code::PermissionDenied, 1),
+        (2119003, Code::ResourceExhausted, 3),
+        (2119002, Code::Unavailable, 3),
+        (2100004, Code::Unavailable, 3),
+        (2100001, Code::Unavailable, 3),
+        (3000001, Code::Unavailable, 3),
+        (4000001, Code::FailedPrecondition, 1),
+        (4000002, Code::FailedPrecondition, 1),
+        (5000001, Code::FailedPrecondition, 1),
+        (2119010, Code::Unimplemented, 1),
     ];
-    for (douyin_code, grpc_code) in table {
-        app.advance(std::time::Duration::from_secs(1));
+    for (douyin_code, grpc_code, calls) in table {
+        app.advance(Duration::from_secs(1));
         app.sandbox
             .state()
-            .push_lookup_faults([Fault::ErrorCode(douyin_code)]);
+            .push_lookup_faults(std::iter::repeat_n(Fault::ErrorCode(douyin_code), calls));
+        let before = app.sandbox.state().stats().lookups;
         let status = app
             .lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID)
             .await
@@ -80,6 +106,181 @@ async fn douyin_codes_map_to_their_grpc_status_with_error_info() {
             "{douyin_code}"
         );
         assert!(status.message().contains(&douyin_code.to_string()));
+        assert_eq!(
+            app.sandbox.state().stats().lookups - before,
+            calls as u64,
+            "Douyin {douyin_code}"
+        );
+        if matches!(grpc_code, Code::Unavailable | Code::ResourceExhausted) {
+            assert!(
+                status.get_details_retry_info().is_some(),
+                "{douyin_code} carries RetryInfo"
+            );
+        }
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn transient_failures_followed_by_success_reach_the_caller_as_success() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.sandbox
+        .state()
+        .push_lookup_faults([Fault::ErrorCode(2119002), Fault::HtmlPage(502)]);
+
+    let response = app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+
+    assert_eq!(response.data.unwrap().after_sale_order_list.len(), 1);
+    assert_eq!(app.sandbox.state().stats().lookups, 3);
+    assert_eq!(
+        app.app
+            .lookup
+            .counters()
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_thirty_percent_busy_answers_every_caller_still_succeeds() {
+    let app = TestApp::spawn_with(|_, sandbox| {
+        sandbox.busy_fraction = 0.3;
+        sandbox.lookup_qps = 0;
+    })
+    .await;
+    app.register_default().await;
+
+    for index in 0..60 {
+        app.lookup(ACCOUNT_ID, &format!("order-{index}"))
+            .await
+            .unwrap();
+    }
+
+    let stats = app.sandbox.state().stats();
+    let busy = stats.lookups_answered_with(2119002);
+    assert_eq!(stats.lookups_answered_with(0), 60);
+    assert!(
+        busy >= 25,
+        "the sandbox answered busy {busy} times out of {}",
+        stats.lookups
+    );
+    assert_eq!(
+        app.app
+            .lookup
+            .counters()
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        busy
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_slower_than_the_deadline_is_deadline_exceeded_and_the_daemon_keeps_serving() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+    app.sandbox
+        .state()
+        .push_lookup_faults([Fault::Delay(Duration::from_millis(700))]);
+
+    let mut slow = tonic::Request::new(request("slow-order"));
+    slow.set_timeout(Duration::from_millis(300));
+    let status = app
+        .after_sale_client()
+        .get_after_sale_order_detail(slow)
+        .await
+        .unwrap_err();
+
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "{}",
+        status.message()
+    );
+    app.advance(Duration::from_secs(1));
+    app.lookup(ACCOUNT_ID, "next-order").await.unwrap();
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_identical_concurrent_lookups_make_one_upstream_call() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.access_token_for(ACCOUNT_ID).await.unwrap();
+    // The first call is slow, so every other caller arrives while it is in flight.
+    app.sandbox
+        .state()
+        .push_lookup_faults([Fault::Delay(Duration::from_millis(300))]);
+
+    let lookups: Vec<_> = (0..50)
+        .map(|_| {
+            let mut client = app.after_sale_client();
+            tokio::spawn(async move {
+                client
+                    .get_after_sale_order_detail(request(DOCUMENTED_ORDER_ID))
+                    .await
+            })
+        })
+        .collect();
+    for lookup in lookups {
+        let response = lookup.await.unwrap().unwrap().into_inner();
+        assert_eq!(
+            response.data.unwrap().after_sale_order_list[0].order_id,
+            DOCUMENTED_ORDER_ID
+        );
+    }
+
+    assert_eq!(app.sandbox.state().stats().lookups, 1);
+    assert_eq!(
+        app.app
+            .lookup
+            .counters()
+            .coalesced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        49
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_optional_response_cache_serves_repeats_from_memory() {
+    let app =
+        TestApp::spawn_with(|config, _| config.lookup.cache_ttl = Duration::from_secs(30)).await;
+    app.register_default().await;
+
+    for _ in 0..5 {
+        app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+    }
+
+    assert_eq!(app.sandbox.state().stats().lookups, 1);
+    assert_eq!(
+        app.app
+            .lookup
+            .counters()
+            .cache_hits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_unknown_to_douyin_is_a_failed_precondition() {
+    let app = TestApp::spawn().await;
+    app.register("awunknowntodouyin", "whatever", "7300000000000000003")
+        .await;
+
+    let status = app
+        .lookup("7300000000000000003", DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap_err();
+
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("10003"), "{}", status.message());
+    assert_eq!(status.get_details_error_info().unwrap().reason, "10003");
     app.stop().await;
 }

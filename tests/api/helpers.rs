@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use douyin_tokend::app::App;
-use douyin_tokend::clock::{ManualClock, SharedClock};
+use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
 use douyin_tokend::config::Config;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use douyin_tokend::proto::douyin::goodlife::v1::{
@@ -28,7 +28,10 @@ pub const ACCOUNT_ID: &str = "7100000000000000001";
 pub const START_UNIX_MS: i64 = 1_767_225_600_000;
 
 pub struct TestApp {
+    /// Moves the daemon's and the sandbox's time, unless the app runs in real time.
     pub clock: Arc<ManualClock>,
+    /// What the daemon and the sandbox read: the manual clock, or the system clock.
+    shared_clock: SharedClock,
     pub sandbox: Sandbox,
     pub app: App,
     pub config: Config,
@@ -48,6 +51,25 @@ impl TestApp {
 
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config, &mut SandboxConfig)) -> Self {
         let clock = ManualClock::starting_at(START_UNIX_MS);
+        Self::spawn_on_clock(clock.clone(), clock, adjust).await
+    }
+
+    /// Like `spawn_with`, but the daemon and the sandbox read the system clock:
+    /// for the tests of pacing in real time (rate limits).
+    pub async fn spawn_real_time(adjust: impl FnOnce(&mut Config, &mut SandboxConfig)) -> Self {
+        Self::spawn_on_clock(
+            ManualClock::starting_at(START_UNIX_MS),
+            Arc::new(SystemClock),
+            adjust,
+        )
+        .await
+    }
+
+    async fn spawn_on_clock(
+        clock: Arc<ManualClock>,
+        shared_clock: SharedClock,
+        adjust: impl FnOnce(&mut Config, &mut SandboxConfig),
+    ) -> Self {
         let mut sandbox_config = SandboxConfig::default();
         let directory = Arc::new(tempfile::tempdir().unwrap());
         let mut config = Config {
@@ -55,23 +77,31 @@ impl TestApp {
             ..Config::default()
         };
         config.refresh.sweep = "off".to_owned();
+        // The sandbox clock is manual; pacing in real time would only slow the
+        // tests down. The rate-limit tests set their own pace.
+        config.lookup.rate_per_second = 10_000;
+        config.lookup.retry_backoff_initial = Duration::from_millis(2);
+        config.lookup.retry_backoff_max = Duration::from_millis(10);
         adjust(&mut config, &mut sandbox_config);
-        let shared_clock: SharedClock = clock.clone();
-        let sandbox = Sandbox::start(shared_clock, sandbox_config).await.unwrap();
+        let sandbox = Sandbox::start(shared_clock.clone(), sandbox_config)
+            .await
+            .unwrap();
         sandbox.state().add_app(CLIENT_KEY, CLIENT_SECRET);
         sandbox.state().authorize_merchant(ACCOUNT_ID, CLIENT_KEY);
         config.douyin.base_url = sandbox.base_url();
-        Self::start_daemon(clock, sandbox, config, directory).await
+        Self::start_daemon(clock, shared_clock, sandbox, config, directory).await
     }
 
     async fn start_daemon(
         clock: Arc<ManualClock>,
+        shared_clock: SharedClock,
         sandbox: Sandbox,
         config: Config,
         directory: Arc<tempfile::TempDir>,
     ) -> Self {
-        let shared_clock: SharedClock = clock.clone();
-        let app = App::start(config.clone(), shared_clock).await.unwrap();
+        let app = App::start(config.clone(), shared_clock.clone())
+            .await
+            .unwrap();
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let address = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -83,6 +113,7 @@ impl TestApp {
             .connect_lazy();
         Self {
             clock,
+            shared_clock,
             sandbox,
             app,
             config,
@@ -97,6 +128,7 @@ impl TestApp {
     pub async fn restart(self) -> Self {
         let Self {
             clock,
+            shared_clock,
             sandbox,
             app,
             config,
@@ -108,7 +140,7 @@ impl TestApp {
         stop.cancel();
         server.await.unwrap().unwrap();
         app.close().await;
-        Self::start_daemon(clock, sandbox, config, _directory).await
+        Self::start_daemon(clock, shared_clock, sandbox, config, _directory).await
     }
 
     pub async fn stop(self) {

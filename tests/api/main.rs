@@ -9,3 +9,4 @@ mod after_sale;
 mod demo;
 mod failures;
 mod token_lifecycle;
+mod traffic;

@@ -1,0 +1,321 @@
+//! The after-sale order detail use case: find the merchant's app, coalesce
+//! identical lookups in flight, wait for the app's turn (rate and concurrency,
+//! deadline-aware), take the current token, ask Douyin, retry transient
+//! failures with backoff, and on a token rejection compare-and-invalidate,
+//! refresh and retry exactly once.
+
+pub mod admission;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::config::LookupConfig;
+use crate::domain::{AfterSaleQuery, ClientKey};
+use crate::douyin::after_sale::{AfterSaleAnswer, LookupFailure};
+use crate::douyin::{CodeClass, DouyinClient, TransportError, codes};
+use crate::registry::{Registry, RegistryError};
+use crate::token::{TokenError, TokenManager};
+
+pub use admission::{Admission, NotAdmitted};
+
+/// Everything that can stop a lookup, mapped to a gRPC status in one place (`grpc::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Upstream(#[from] LookupFailure),
+    #[error(transparent)]
+    NotAdmitted(#[from] NotAdmitted),
+    #[error("the request's deadline passed while Douyin was still answering (after {tries} tries)")]
+    DeadlineExceeded { tries: u32 },
+    #[error("the lookup stopped unexpectedly; see the daemon's log")]
+    Aborted,
+}
+
+/// Counters of what the lookup path did, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct LookupCounters {
+    /// Upstream calls to the after-sale API (tries included).
+    pub upstream_calls: AtomicU64,
+    /// Retries after a transient failure.
+    pub retries: AtomicU64,
+    /// Callers served by a lookup another caller started.
+    pub coalesced: AtomicU64,
+    /// Callers served from the response cache.
+    pub cache_hits: AtomicU64,
+    /// Callers refused because their turn would come too late.
+    pub not_admitted: AtomicU64,
+    /// Lookups waiting for their turn or for Douyin right now.
+    pub in_progress: AtomicU64,
+}
+
+/// How long before the caller's deadline the daemon gives up on Douyin.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
+type Flight = Shared<BoxFuture<'static, Result<AfterSaleAnswer, Arc<LookupError>>>>;
+
+/// Identical lookups: same app, merchant, order and certificate.
+type LookupKey = (ClientKey, AfterSaleQuery);
+
+#[derive(Clone)]
+pub struct LookupService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    tokens: TokenManager,
+    douyin: DouyinClient,
+    admission: Admission,
+    config: LookupConfig,
+    in_flight: Mutex<HashMap<LookupKey, Flight>>,
+    cache: Mutex<HashMap<LookupKey, (Instant, AfterSaleAnswer)>>,
+    counters: LookupCounters,
+}
+
+impl LookupService {
+    pub fn new(
+        registry: Registry,
+        tokens: TokenManager,
+        douyin: DouyinClient,
+        config: &LookupConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                tokens,
+                douyin,
+                admission: Admission::new(config),
+                config: config.clone(),
+                in_flight: Mutex::new(HashMap::new()),
+                cache: Mutex::new(HashMap::new()),
+                counters: LookupCounters::default(),
+            }),
+        }
+    }
+
+    pub fn counters(&self) -> &LookupCounters {
+        &self.inner.counters
+    }
+
+    /// Looks up one order's after-sale details before `deadline` (the caller's,
+    /// or `default_deadline` from now). Identical lookups in flight share one
+    /// upstream call; the call runs on its own task and outlives impatient callers.
+    pub async fn after_sale_order_detail(
+        &self,
+        query: &AfterSaleQuery,
+        deadline: Option<Instant>,
+    ) -> Result<AfterSaleAnswer, Arc<LookupError>> {
+        let client_key = self
+            .inner
+            .registry
+            .app_for_merchant(&query.account_id)
+            .map_err(|error| Arc::new(LookupError::from(error)))?;
+        let deadline =
+            deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
+        let key = (client_key, query.clone());
+        if let Some(answer) = self.cached(&key) {
+            self.inner
+                .counters
+                .cache_hits
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(answer);
+        }
+        let flight = {
+            let mut in_flight = self
+                .inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match in_flight.get(&key) {
+                Some(flight) => {
+                    self.inner
+                        .counters
+                        .coalesced
+                        .fetch_add(1, Ordering::Relaxed);
+                    flight.clone()
+                }
+                None => {
+                    let service = self.clone();
+                    let task_key = key.clone();
+                    let task = tokio::spawn(async move {
+                        let result = service
+                            .execute(&task_key.0, &task_key.1, deadline)
+                            .await
+                            .map_err(Arc::new);
+                        service.finish_flight(&task_key, &result);
+                        result
+                    });
+                    let flight: Flight = async move {
+                        match task.await {
+                            Ok(result) => result,
+                            Err(_) => Err(Arc::new(LookupError::Aborted)),
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    in_flight.insert(key, flight.clone());
+                    flight
+                }
+            }
+        };
+        flight.await
+    }
+
+    fn cached(&self, key: &LookupKey) -> Option<AfterSaleAnswer> {
+        if self.inner.config.cache_ttl.is_zero() {
+            return None;
+        }
+        let cache = self
+            .inner
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache
+            .get(key)
+            .filter(|(stored_at, _)| stored_at.elapsed() < self.inner.config.cache_ttl)
+            .map(|(_, answer)| answer.clone())
+    }
+
+    /// Ends a flight: later callers start a new one; a success enters the cache.
+    fn finish_flight(&self, key: &LookupKey, result: &Result<AfterSaleAnswer, Arc<LookupError>>) {
+        let ttl = self.inner.config.cache_ttl;
+        if let Ok(answer) = result
+            && !ttl.is_zero()
+        {
+            let mut cache = self
+                .inner
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            cache.retain(|_, (stored_at, _)| stored_at.elapsed() < ttl);
+            cache.insert(key.clone(), (Instant::now(), answer.clone()));
+        }
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
+    async fn execute(
+        &self,
+        client_key: &ClientKey,
+        query: &AfterSaleQuery,
+        deadline: Instant,
+    ) -> Result<AfterSaleAnswer, LookupError> {
+        let counters = &self.inner.counters;
+        counters.in_progress.fetch_add(1, Ordering::Relaxed);
+        let result = self.execute_with_retries(client_key, query, deadline).await;
+        counters.in_progress.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn execute_with_retries(
+        &self,
+        client_key: &ClientKey,
+        query: &AfterSaleQuery,
+        deadline: Instant,
+    ) -> Result<AfterSaleAnswer, LookupError> {
+        let config = &self.inner.config;
+        let counters = &self.inner.counters;
+        let mut tries = 0;
+        let mut token_retry_used = false;
+        loop {
+            tries += 1;
+            let admitted = self
+                .inner
+                .admission
+                .admit(client_key, deadline)
+                .await
+                .inspect_err(|_| {
+                    counters.not_admitted.fetch_add(1, Ordering::Relaxed);
+                })?;
+            let lease = self.inner.tokens.token_for_app(client_key).await?;
+            counters.upstream_calls.fetch_add(1, Ordering::Relaxed);
+            // Stop waiting for Douyin a moment before the caller's deadline, so
+            // the caller hears DEADLINE_EXCEEDED from us rather than a bare cancel.
+            let upstream_deadline = deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline);
+            let remaining = upstream_deadline.saturating_duration_since(Instant::now());
+            let answer = self
+                .inner
+                .douyin
+                .get_after_sale_order_detail(&lease.access_token, query, Some(remaining))
+                .await;
+            drop(admitted);
+            let failure = match answer {
+                Ok(answer) => return Ok(answer),
+                Err(failure) => failure,
+            };
+            match &failure {
+                LookupFailure::Douyin(error) if error.class() == CodeClass::TokenRejected => {
+                    self.inner
+                        .tokens
+                        .invalidate_if_current(client_key, lease.generation)
+                        .await;
+                    if token_retry_used {
+                        tracing::error!(app = %client_key, code = error.code, logid = %error.logid, "Douyin rejected a freshly refreshed token too");
+                        return Err(failure.into());
+                    }
+                    tracing::warn!(app = %client_key, code = error.code, logid = %error.logid, generation = lease.generation, "Douyin rejected the token; refreshing and retrying once");
+                    token_retry_used = true;
+                    // The token retry is not one of the transient tries.
+                    tries -= 1;
+                    continue;
+                }
+                LookupFailure::Transport(TransportError::Timeout { .. })
+                    if Instant::now() >= upstream_deadline =>
+                {
+                    return Err(LookupError::DeadlineExceeded { tries });
+                }
+                _ => {}
+            }
+            if !is_retryable(&failure) || tries >= config.max_tries {
+                return Err(failure.into());
+            }
+            if let LookupFailure::Douyin(error) = &failure
+                && error.code == codes::TOO_MANY_REQUESTS
+            {
+                tracing::warn!(app = %client_key, logid = %error.logid, "Douyin says this app calls too often (2119003) although the daemon paces it; lower lookup.rate_per_second if this repeats");
+            }
+            let backoff = full_jitter_backoff(config, tries);
+            if Instant::now() + backoff + config.upstream_time_reserve > deadline {
+                return Err(failure.into());
+            }
+            tracing::info!(app = %client_key, try_number = tries, backoff_ms = backoff.as_millis() as u64, error = %failure, "transient failure; retrying");
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+        }
+    }
+}
+
+/// Douyin's transient codes, HTTP 5xx, timeouts and connection errors are
+/// worth another try; a garbled body or a business error is not.
+fn is_retryable(failure: &LookupFailure) -> bool {
+    match failure {
+        LookupFailure::Douyin(error) => error.class() == CodeClass::Transient,
+        LookupFailure::Transport(TransportError::HttpStatus { status, .. }) => *status >= 500,
+        LookupFailure::Transport(
+            TransportError::Timeout { .. } | TransportError::Connect { .. },
+        ) => true,
+        LookupFailure::Transport(TransportError::MalformedBody { .. }) => false,
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, initial · 2^(try-1))].
+fn full_jitter_backoff(config: &LookupConfig, tries: u32) -> Duration {
+    let ceiling = config
+        .retry_backoff_initial
+        .saturating_mul(1 << tries.saturating_sub(1).min(16))
+        .min(config.retry_backoff_max);
+    ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+}

@@ -305,6 +305,12 @@ impl TokenManager {
         apps.get(client_key).cloned()
     }
 
+    fn registered_slot(&self, client_key: &ClientKey) -> Result<Arc<AppSlot>, TokenError> {
+        self.slot(client_key).ok_or_else(|| TokenError::UnknownApp {
+            client_key: client_key.clone(),
+        })
+    }
+
     fn now_ms(&self) -> i64 {
         self.inner.clock.now_unix_ms()
     }
@@ -313,23 +319,15 @@ impl TokenManager {
     /// otherwise joins (or starts) the one fetch in flight for the app. The
     /// fetch runs on its own task: a caller that gives up cancels nothing.
     pub async fn token_for_app(&self, client_key: &ClientKey) -> Result<TokenLease, TokenError> {
-        let slot = self
-            .slot(client_key)
-            .ok_or_else(|| TokenError::UnknownApp {
-                client_key: client_key.clone(),
-            })?;
-        self.acquire_and_wait(&slot, RefreshReason::Demand).await
+        self.acquire_and_wait(&self.registered_slot(client_key)?, RefreshReason::Demand)
+            .await
     }
 
     /// Fetches a new token now, whatever the schedule, backoff or cooldown say
     /// (joining a fetch already in flight).
     pub async fn force_refresh(&self, client_key: &ClientKey) -> Result<TokenLease, TokenError> {
-        let slot = self
-            .slot(client_key)
-            .ok_or_else(|| TokenError::UnknownApp {
-                client_key: client_key.clone(),
-            })?;
-        self.acquire_and_wait(&slot, RefreshReason::Forced).await
+        self.acquire_and_wait(&self.registered_slot(client_key)?, RefreshReason::Forced)
+            .await
     }
 
     async fn acquire_and_wait(

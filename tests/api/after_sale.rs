@@ -6,7 +6,7 @@ use douyin_tokend::sandbox::{DOCUMENTED_EXAMPLE, DOCUMENTED_ORDER_ID};
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, TestApp};
+use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, TestApp, after_sale_request};
 
 /// Asserts that every value in `expected` is in `actual` at the same path.
 fn assert_contains_json(expected: &Value, actual: &Value, path: &str) {
@@ -121,12 +121,10 @@ async fn a_hundred_concurrent_lookups_on_a_cold_app_cause_exactly_one_token_fetc
             let mut client = app.after_sale_client();
             tokio::spawn(async move {
                 client
-                    .get_after_sale_order_detail(GetAfterSaleOrderDetailRequest {
-                        account_id: ACCOUNT_ID.to_owned(),
-                        order_id: format!("order-{index}"),
-                        certificate_id: None,
-                        include_raw_json: false,
-                    })
+                    .get_after_sale_order_detail(after_sale_request(
+                        ACCOUNT_ID,
+                        &format!("order-{index}"),
+                    ))
                     .await
             })
         })

@@ -3,21 +3,11 @@
 
 use std::time::Duration;
 
-use douyin_tokend::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest;
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{ACCOUNT_ID, TestApp};
-
-fn request(order_id: &str) -> GetAfterSaleOrderDetailRequest {
-    GetAfterSaleOrderDetailRequest {
-        account_id: ACCOUNT_ID.to_owned(),
-        order_id: order_id.to_owned(),
-        certificate_id: None,
-        include_raw_json: false,
-    }
-}
+use crate::helpers::{ACCOUNT_ID, TestApp, after_sale_request};
 
 #[tokio::test]
 async fn upstream_garbage_is_unavailable_with_a_clear_message_and_the_daemon_keeps_serving() {
@@ -133,14 +123,7 @@ async fn transient_failures_followed_by_success_reach_the_caller_as_success() {
 
     assert_eq!(response.data.unwrap().after_sale_order_list.len(), 1);
     assert_eq!(app.sandbox.state().stats().lookups, 3);
-    assert_eq!(
-        app.app
-            .lookup
-            .counters()
-            .retries
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
+    assert_eq!(app.lookup_counter(|counters| &counters.retries), 2);
     app.stop().await;
 }
 
@@ -167,14 +150,7 @@ async fn with_thirty_percent_busy_answers_every_caller_still_succeeds() {
         "the sandbox answered busy {busy} times out of {}",
         stats.lookups
     );
-    assert_eq!(
-        app.app
-            .lookup
-            .counters()
-            .retries
-            .load(std::sync::atomic::Ordering::Relaxed),
-        busy
-    );
+    assert_eq!(app.lookup_counter(|counters| &counters.retries), busy);
     app.stop().await;
 }
 
@@ -187,7 +163,7 @@ async fn an_answer_slower_than_the_deadline_is_deadline_exceeded_and_the_daemon_
         .state()
         .push_lookup_faults([Fault::Delay(Duration::from_millis(700))]);
 
-    let mut slow = tonic::Request::new(request("slow-order"));
+    let mut slow = tonic::Request::new(after_sale_request(ACCOUNT_ID, "slow-order"));
     slow.set_timeout(Duration::from_millis(300));
     let status = app
         .after_sale_client()
@@ -221,7 +197,10 @@ async fn fifty_identical_concurrent_lookups_make_one_upstream_call() {
             let mut client = app.after_sale_client();
             tokio::spawn(async move {
                 client
-                    .get_after_sale_order_detail(request(DOCUMENTED_ORDER_ID))
+                    .get_after_sale_order_detail(after_sale_request(
+                        ACCOUNT_ID,
+                        DOCUMENTED_ORDER_ID,
+                    ))
                     .await
             })
         })
@@ -235,14 +214,7 @@ async fn fifty_identical_concurrent_lookups_make_one_upstream_call() {
     }
 
     assert_eq!(app.sandbox.state().stats().lookups, 1);
-    assert_eq!(
-        app.app
-            .lookup
-            .counters()
-            .coalesced
-            .load(std::sync::atomic::Ordering::Relaxed),
-        49
-    );
+    assert_eq!(app.lookup_counter(|counters| &counters.coalesced), 49);
     app.stop().await;
 }
 
@@ -257,14 +229,7 @@ async fn the_optional_response_cache_serves_repeats_from_memory() {
     }
 
     assert_eq!(app.sandbox.state().stats().lookups, 1);
-    assert_eq!(
-        app.app
-            .lookup
-            .counters()
-            .cache_hits
-            .load(std::sync::atomic::Ordering::Relaxed),
-        4
-    );
+    assert_eq!(app.lookup_counter(|counters| &counters.cache_hits), 4);
     app.stop().await;
 }
 

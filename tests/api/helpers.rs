@@ -2,11 +2,13 @@
 //! sandbox Douyin and a manual clock, plus one helper per RPC.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use douyin_tokend::app::App;
 use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
 use douyin_tokend::config::Config;
+use douyin_tokend::lookup::LookupCounters;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use douyin_tokend::proto::douyin::goodlife::v1::{
     GetAfterSaleOrderDetailRequest, GetAfterSaleOrderDetailResponse,
@@ -26,6 +28,16 @@ pub const CLIENT_KEY: &str = "awtestkey00000001";
 pub const CLIENT_SECRET: &str = "test-secret-0001";
 pub const ACCOUNT_ID: &str = "7100000000000000001";
 pub const START_UNIX_MS: i64 = 1_767_225_600_000;
+
+/// A plain lookup request: no certificate, no raw JSON.
+pub fn after_sale_request(account_id: &str, order_id: &str) -> GetAfterSaleOrderDetailRequest {
+    GetAfterSaleOrderDetailRequest {
+        account_id: account_id.to_owned(),
+        order_id: order_id.to_owned(),
+        certificate_id: None,
+        include_raw_json: false,
+    }
+}
 
 pub struct TestApp {
     /// Moves the daemon's and the sandbox's time, unless the app runs in real time.
@@ -186,18 +198,18 @@ impl TestApp {
         self.register(CLIENT_KEY, CLIENT_SECRET, ACCOUNT_ID).await;
     }
 
+    /// A counter of the daemon's lookup path, e.g. `app.lookup_counter(|c| &c.retries)`.
+    pub fn lookup_counter(&self, pick: impl Fn(&LookupCounters) -> &AtomicU64) -> u64 {
+        pick(self.app.lookup.counters()).load(Ordering::Relaxed)
+    }
+
     pub async fn lookup(
         &self,
         account_id: &str,
         order_id: &str,
     ) -> Result<GetAfterSaleOrderDetailResponse, Status> {
-        self.lookup_with(GetAfterSaleOrderDetailRequest {
-            account_id: account_id.to_owned(),
-            order_id: order_id.to_owned(),
-            certificate_id: None,
-            include_raw_json: false,
-        })
-        .await
+        self.lookup_with(after_sale_request(account_id, order_id))
+            .await
     }
 
     pub async fn lookup_with(

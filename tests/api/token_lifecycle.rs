@@ -6,7 +6,7 @@ use std::time::Duration;
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tonic::Code;
 
-use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, CLIENT_SECRET, TestApp};
+use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, CLIENT_SECRET, TestApp, after_sale_request};
 
 #[tokio::test]
 async fn a_restart_with_a_valid_stored_token_fetches_nothing() {
@@ -135,12 +135,10 @@ async fn concurrent_callers_with_the_same_dead_token_cause_one_refresh() {
             tokio::spawn(async move {
                 let mut client = client;
                 client
-                    .get_after_sale_order_detail(douyin_tokend::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest {
-                        account_id: ACCOUNT_ID.to_owned(),
-                        order_id: DOCUMENTED_ORDER_ID.to_owned(),
-                        certificate_id: None,
-                        include_raw_json: false,
-                    })
+                    .get_after_sale_order_detail(after_sale_request(
+                        ACCOUNT_ID,
+                        DOCUMENTED_ORDER_ID,
+                    ))
                     .await
             })
         })
@@ -280,5 +278,39 @@ async fn the_cron_schedule_triggers_the_sweep() {
     .unwrap();
 
     assert_eq!(app.token_status().await[0].state, "valid");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_does_not_cancel_the_token_fetch() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.sandbox
+        .state()
+        .push_token_faults([Fault::Delay(Duration::from_millis(300))]);
+
+    let mut impatient =
+        tonic::Request::new(douyin_tokend::proto::tokend::v1::GetAccessTokenRequest {
+            selector: Some(
+                douyin_tokend::proto::tokend::v1::get_access_token_request::Selector::AccountId(
+                    ACCOUNT_ID.to_owned(),
+                ),
+            ),
+        });
+    impatient.set_timeout(Duration::from_millis(50));
+    let gave_up = app
+        .token_client()
+        .get_access_token(impatient)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(gave_up.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{gave_up:?}"
+    );
+
+    // The fetch went on: the next caller joins it (or finds its result) instead of fetching again.
+    let lease = app.access_token_for(ACCOUNT_ID).await.unwrap();
+    assert_eq!(lease.generation, 1);
+    assert_eq!(app.sandbox.state().stats().token_calls, 1);
     app.stop().await;
 }

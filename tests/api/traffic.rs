@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use douyin_tokend::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest;
 use douyin_tokend::sandbox::Fault;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{ACCOUNT_ID, TestApp};
+use crate::helpers::{ACCOUNT_ID, TestApp, after_sale_request};
 
 const OTHER_CLIENT_KEY: &str = "awotherapp0000002";
 const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
@@ -37,12 +36,7 @@ async fn three_times_the_allowed_rate_never_trips_douyins_limit_and_the_excess_f
         pace.tick().await;
         let mut client = app.after_sale_client();
         let lookup = |account_id: &str, order_id: String| {
-            let mut request = tonic::Request::new(GetAfterSaleOrderDetailRequest {
-                account_id: account_id.to_owned(),
-                order_id,
-                certificate_id: None,
-                include_raw_json: false,
-            });
+            let mut request = tonic::Request::new(after_sale_request(account_id, &order_id));
             request.set_timeout(Duration::from_millis(600));
             request
         };

@@ -17,7 +17,7 @@ use crate::douyin::DouyinClient;
 use crate::grpc::{self, GrpcDependencies};
 use crate::lookup::LookupService;
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{MasterKeyOutcome, Store};
 use crate::token::TokenManager;
 use crate::token::scheduler::SweepSchedule;
 
@@ -42,7 +42,14 @@ impl App {
             credentials_directory.as_deref(),
         )?;
         let merchants = config.resolve_merchants()?;
-        let store = Store::open(&config.database).await?;
+        let master_key_path = config.master_key_path(credentials_directory.as_deref());
+        let (store, key_outcome) = Store::open(&config.database, &master_key_path).await?;
+        if let MasterKeyOutcome::Created(path) = key_outcome {
+            tracing::warn!(
+                path = %path.display(),
+                "created a new master key (mode 0600) for a new database; back it up: without it the stored secrets cannot be read"
+            );
+        }
         Registry::sync_config(&store, &apps, &merchants, clock.now_unix_ms())
             .await
             .context("cannot sync the config's apps and merchants into the database")?;
@@ -118,4 +125,46 @@ impl App {
     pub async fn close(&self) {
         self.store.close().await;
     }
+}
+
+/// What a master key rotation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRotation {
+    pub key_file: PathBuf,
+    pub values_resealed: usize,
+}
+
+/// Re-seals every secret and token of a stopped daemon's database under a new
+/// master key and replaces the key file. The new key is written beside the old
+/// one first (`<file>.new`) and renamed over it only after the database
+/// committed, so a crash leaves either the old pair or the new key ready to rename.
+pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
+    let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let key_file = config.master_key_path(credentials_directory.as_deref());
+    if !key_file.exists() {
+        anyhow::bail!("no master key at {}; nothing to rotate", key_file.display());
+    }
+    let (mut store, _) = Store::open(&config.database, &key_file).await?;
+    let staged = PathBuf::from(format!("{}.new", key_file.display()));
+    if staged.exists() {
+        std::fs::remove_file(&staged)
+            .with_context(|| format!("cannot remove the stale {}", staged.display()))?;
+    }
+    let new_key = crate::sealing::MasterKey::generate();
+    new_key.write_new(&staged).context(
+        "cannot write the new key beside the old one; if the key is a systemd credential, rotate with --config naming a master_key_file at the credential's writable source",
+    )?;
+    let values_resealed = store.rotate_master_key(new_key).await?;
+    std::fs::rename(&staged, &key_file).with_context(|| {
+        format!(
+            "the database is now sealed with the key in {}; move it to {} by hand",
+            staged.display(),
+            key_file.display()
+        )
+    })?;
+    store.close().await;
+    Ok(KeyRotation {
+        key_file,
+        values_resealed,
+    })
 }

@@ -45,6 +45,9 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Validate the config file and exit (64 when it is invalid).
     CheckConfig,
+    /// Re-seal the database's secrets and tokens under a new master key and
+    /// replace the key file. Stop the daemon first.
+    RotateMasterKey,
     /// Manage the apps (client_key) of a running daemon.
     App {
         #[command(subcommand)]

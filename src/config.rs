@@ -41,6 +41,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The SQLite database file.
     pub database: PathBuf,
+    /// The master key that seals secrets and tokens in the database (64 hex
+    /// digits). Default: `$CREDENTIALS_DIRECTORY/master-key` when that exists,
+    /// else `master.key` beside the database. A relative path is looked up in
+    /// `$CREDENTIALS_DIRECTORY` when set, else beside the database. Created
+    /// (mode 0600) on the first start of a new database.
+    pub master_key_file: Option<PathBuf>,
     /// How long in-flight RPCs may run on after a shutdown signal.
     #[serde(with = "humane_duration")]
     pub shutdown_grace: Duration,
@@ -184,6 +190,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             database: default_database_path(std::env::var_os("STATE_DIRECTORY").as_deref()),
+            master_key_file: None,
             shutdown_grace: Duration::from_secs(10),
             douyin: DouyinConfig::default(),
             refresh: RefreshConfig::default(),
@@ -480,6 +487,23 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// Where the master key lives (see `master_key_file`).
+    pub fn master_key_path(&self, credentials_directory: Option<&Path>) -> PathBuf {
+        let beside_database = self
+            .database
+            .parent()
+            .map_or_else(PathBuf::new, Path::to_path_buf);
+        match (&self.master_key_file, credentials_directory) {
+            (Some(file), _) if file.is_absolute() => file.clone(),
+            (Some(file), Some(credentials)) => credentials.join(file),
+            (Some(file), None) => beside_database.join(file),
+            (None, Some(credentials)) if credentials.join("master-key").exists() => {
+                credentials.join("master-key")
+            }
+            (None, _) => beside_database.join("master.key"),
+        }
     }
 
     pub fn resolve_merchants(&self) -> Result<Vec<ResolvedMerchant>, ConfigError> {

@@ -25,5 +25,6 @@ pub mod lookup;
 pub mod proto;
 pub mod registry;
 pub mod sandbox;
+pub mod sealing;
 pub mod store;
 pub mod token;

@@ -67,6 +67,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("config is valid");
             Ok(())
         }
+        Command::RotateMasterKey => {
+            let rotation =
+                douyin_tokend::app::rotate_master_key(&Config::load(cli.config.as_deref())?)
+                    .await?;
+            println!(
+                "re-sealed {} values under a new master key, now in {}; back it up",
+                rotation.values_resealed,
+                rotation.key_file.display()
+            );
+            Ok(())
+        }
         Command::Demo => {
             let mut stdout = std::io::stdout().lock();
             douyin_tokend::demo::run(&mut stdout).await

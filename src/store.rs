@@ -2,14 +2,16 @@
 //! running the embedded migrations, and every query the daemon makes. The
 //! only module that writes SQL.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
 use crate::domain::{AccessToken, AccountId, ClientKey, ClientSecret};
+use crate::sealing::{MasterKey, SealError};
 
 /// A store failure. Messages name the operation, never a value.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,43 @@ pub enum StoreError {
     },
     #[error("the database holds a value it should not: {0}")]
     Corrupt(String),
+    #[error(
+        "the master key file {key_path} is missing, but the database {database} was sealed with a master key; \
+         restore the key file (or point master_key_file at it) — nothing was changed"
+    )]
+    MasterKeyMissing { key_path: String, database: String },
+    #[error(
+        "the master key in {key_path} does not open the database {database} (a different key?); \
+         start with the right key file — nothing was changed"
+    )]
+    MasterKeyMismatch { key_path: String, database: String },
+    #[error(
+        "another douyin-tokend process is using the database {database} (it holds {database}.lock); \
+         stop it first — two owners of one token store would fetch against each other"
+    )]
+    InUse { database: String },
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+/// What opening the store did about the master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeyOutcome {
+    /// The key file existed and opens the database.
+    Loaded,
+    /// A new database: a new key was written to this file.
+    Created(PathBuf),
+}
+
+/// The plaintext sealed into `meta.key_check`, to recognise the right key.
+const KEY_CHECK_PLAINTEXT: &str = "douyin-tokend master key check";
+
+fn secret_binding(client_key: &ClientKey) -> String {
+    format!("apps.client_secret/{}", client_key.expose())
+}
+
+fn token_binding(client_key: &ClientKey) -> String {
+    format!("tokens.access_token/{}", client_key.expose())
 }
 
 fn query_error(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -109,15 +148,34 @@ pub struct FetchFailure<'a> {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    master_key: Arc<MasterKey>,
+    /// An exclusive lock on `<database>.lock`, held until `close`: one owner per token store.
+    owner_lock: Arc<std::sync::Mutex<Option<std::fs::File>>>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database file and brings its schema up to date.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) the database file, brings its schema up to
+    /// date and unseals it with the master key in `master_key_file`. A new
+    /// database gets a new key file (mode 0600); an existing one refuses to open
+    /// without its own key, and nothing is written until the key is proven right.
+    pub async fn open(
+        path: &Path,
+        master_key_file: &Path,
+    ) -> Result<(Self, MasterKeyOutcome), StoreError> {
         let open_error = |source| StoreError::Open {
             path: path.display().to_string(),
             source,
         };
+        let database = path.display().to_string();
+        let owner_lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(format!("{database}.lock"))
+            .map_err(|error| open_error(sqlx::Error::Io(error)))?;
+        if owner_lock.try_lock().is_err() {
+            return Err(StoreError::InUse { database });
+        }
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
             .map_err(open_error)?
             .create_if_missing(true)
@@ -133,11 +191,156 @@ impl Store {
             .await
             .map_err(open_error)?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let key_check: Option<String> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'key_check'")
+                .fetch_optional(&pool)
+                .await
+                .map_err(query_error("read the key check"))?;
+        let key_path = master_key_file.display().to_string();
+        let (master_key, outcome) = match (&key_check, master_key_file.exists()) {
+            (Some(_), false) => return Err(StoreError::MasterKeyMissing { key_path, database }),
+            (_, true) => (MasterKey::read(master_key_file)?, MasterKeyOutcome::Loaded),
+            (None, false) => {
+                let key = MasterKey::generate();
+                key.write_new(master_key_file)?;
+                (key, MasterKeyOutcome::Created(master_key_file.to_owned()))
+            }
+        };
+        let store = Self {
+            pool,
+            master_key: Arc::new(master_key),
+            owner_lock: Arc::new(std::sync::Mutex::new(Some(owner_lock))),
+        };
+        match key_check {
+            Some(sealed) => {
+                let opened = store.master_key.open("meta.key_check", &sealed);
+                if opened.ok().as_deref() != Some(KEY_CHECK_PLAINTEXT) {
+                    return Err(StoreError::MasterKeyMismatch { key_path, database });
+                }
+            }
+            None => store.seal_for_the_first_time().await?,
+        }
+        Ok((store, outcome))
     }
 
+    /// Seals whatever plaintext an unsealed database holds and records the key check, in one transaction.
+    async fn seal_for_the_first_time(&self) -> Result<(), StoreError> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin sealing"))?;
+        let apps = sqlx::query("SELECT client_key, client_secret FROM apps")
+            .fetch_all(&mut *transaction)
+            .await
+            .map_err(query_error("read apps to seal"))?;
+        for row in &apps {
+            let client_key = parse_client_key(row.get(0))?;
+            let sealed = self
+                .master_key
+                .seal(&secret_binding(&client_key), row.get(1));
+            sqlx::query("UPDATE apps SET client_secret = ?2 WHERE client_key = ?1")
+                .bind(client_key.expose())
+                .bind(sealed)
+                .execute(&mut *transaction)
+                .await
+                .map_err(query_error("seal an app secret"))?;
+        }
+        let tokens = sqlx::query(
+            "SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL",
+        )
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(query_error("read tokens to seal"))?;
+        for row in &tokens {
+            let client_key = parse_client_key(row.get(0))?;
+            let sealed = self
+                .master_key
+                .seal(&token_binding(&client_key), row.get(1));
+            sqlx::query("UPDATE tokens SET access_token = ?2 WHERE client_key = ?1")
+                .bind(client_key.expose())
+                .bind(sealed)
+                .execute(&mut *transaction)
+                .await
+                .map_err(query_error("seal a token"))?;
+        }
+        sqlx::query("INSERT INTO meta (name, value) VALUES ('key_check', ?1)")
+            .bind(self.master_key.seal("meta.key_check", KEY_CHECK_PLAINTEXT))
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("record the key check"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit sealing"))?;
+        Ok(())
+    }
+
+    /// Re-seals every secret and token under `new_key` in one transaction.
+    /// Returns how many values were re-sealed. The caller then replaces the key file.
+    pub async fn rotate_master_key(&mut self, new_key: MasterKey) -> Result<usize, StoreError> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin key rotation"))?;
+        let mut resealed = 0;
+        let apps = sqlx::query("SELECT client_key, client_secret FROM apps")
+            .fetch_all(&mut *transaction)
+            .await
+            .map_err(query_error("read apps to re-seal"))?;
+        for row in &apps {
+            let client_key = parse_client_key(row.get(0))?;
+            let binding = secret_binding(&client_key);
+            let secret = self.master_key.open(&binding, row.get(1))?;
+            sqlx::query("UPDATE apps SET client_secret = ?2 WHERE client_key = ?1")
+                .bind(client_key.expose())
+                .bind(new_key.seal(&binding, &secret))
+                .execute(&mut *transaction)
+                .await
+                .map_err(query_error("re-seal an app secret"))?;
+            resealed += 1;
+        }
+        let tokens = sqlx::query(
+            "SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL",
+        )
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(query_error("read tokens to re-seal"))?;
+        for row in &tokens {
+            let client_key = parse_client_key(row.get(0))?;
+            let binding = token_binding(&client_key);
+            let token = self.master_key.open(&binding, row.get(1))?;
+            sqlx::query("UPDATE tokens SET access_token = ?2 WHERE client_key = ?1")
+                .bind(client_key.expose())
+                .bind(new_key.seal(&binding, &token))
+                .execute(&mut *transaction)
+                .await
+                .map_err(query_error("re-seal a token"))?;
+            resealed += 1;
+        }
+        sqlx::query("UPDATE meta SET value = ?1 WHERE name = 'key_check'")
+            .bind(new_key.seal("meta.key_check", KEY_CHECK_PLAINTEXT))
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("record the new key check"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit key rotation"))?;
+        self.master_key = Arc::new(new_key);
+        Ok(resealed)
+    }
+
+    /// Closes the pool and gives up ownership of the database.
     pub async fn close(&self) {
         self.pool.close().await;
+        let lock = self
+            .owner_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(lock);
     }
 
     // === apps ===
@@ -169,7 +372,10 @@ impl Store {
                  updated_at = excluded.updated_at",
         )
         .bind(client_key.expose())
-        .bind(client_secret.expose())
+        .bind(
+            self.master_key
+                .seal(&secret_binding(client_key), client_secret.expose()),
+        )
         .bind(source.as_str())
         .bind(now_ms)
         .execute(&mut *transaction)
@@ -229,10 +435,14 @@ impl Store {
         .map_err(query_error("list apps"))?;
         rows.iter()
             .map(|row| {
+                let client_key = parse_client_key(row.get(0))?;
+                let secret = self
+                    .master_key
+                    .open(&secret_binding(&client_key), row.get(1))?;
                 Ok(AppRecord {
-                    client_key: parse_client_key(row.get(0))?,
-                    client_secret: ClientSecret::parse(row.get(1))
+                    client_secret: ClientSecret::parse(&secret)
                         .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                    client_key,
                     source: Source::parse(row.get(2))?,
                     merchant_count: row.get(3),
                 })
@@ -338,11 +548,13 @@ impl Store {
                  VALUES (?1, ?2, 'config', ?3, ?3)
                  ON CONFLICT (client_key) DO UPDATE
                  SET source = 'config', updated_at = excluded.updated_at,
-                     client_secret = excluded.client_secret
-                 WHERE apps.client_secret IS NOT excluded.client_secret OR apps.source != 'config'",
+                     client_secret = excluded.client_secret",
             )
             .bind(client_key.expose())
-            .bind(client_secret.expose())
+            .bind(
+                self.master_key
+                    .seal(&secret_binding(client_key), client_secret.expose()),
+            )
             .bind(now_ms)
             .execute(&mut *transaction)
             .await
@@ -414,11 +626,18 @@ impl Store {
         .map_err(query_error("load tokens"))?;
         rows.iter()
             .map(|row| {
-                let access_token: Option<String> = row.get(1);
+                let client_key = parse_client_key(row.get(0))?;
+                let sealed_token: Option<String> = row.get(1);
+                let access_token = match sealed_token {
+                    Some(sealed) => Some(AccessToken::new(
+                        self.master_key.open(&token_binding(&client_key), &sealed)?,
+                    )),
+                    None => None,
+                };
                 Ok((
-                    parse_client_key(row.get(0))?,
+                    client_key,
                     TokenRecord {
-                        access_token: access_token.map(AccessToken::new),
+                        access_token,
                         generation: row.get(2),
                         fetched_at_ms: row.get(3),
                         expires_at_ms: row.get(4),
@@ -447,7 +666,10 @@ impl Store {
                  last_error_permanent = 0, consecutive_failures = 0",
         )
         .bind(token.client_key.expose())
-        .bind(token.access_token.expose())
+        .bind(self.master_key.seal(
+            &token_binding(token.client_key),
+            token.access_token.expose(),
+        ))
         .bind(token.generation)
         .bind(token.fetched_at_ms)
         .bind(token.expires_at_ms)
@@ -507,9 +729,12 @@ mod tests {
 
     async fn temporary_store() -> (tempfile::TempDir, Store) {
         let directory = tempfile::tempdir().unwrap();
-        let store = Store::open(&directory.path().join("test.db"))
-            .await
-            .unwrap();
+        let (store, _) = Store::open(
+            &directory.path().join("test.db"),
+            &directory.path().join("master.key"),
+        )
+        .await
+        .unwrap();
         (directory, store)
     }
 
@@ -521,7 +746,9 @@ mod tests {
     async fn a_saved_token_survives_reopening_and_invalidation_compares_generations() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("test.db");
-        let store = Store::open(&path).await.unwrap();
+        let key_file = directory.path().join("master.key");
+        let (store, outcome) = Store::open(&path, &key_file).await.unwrap();
+        assert_eq!(outcome, MasterKeyOutcome::Created(key_file.clone()));
         let app = key("app-one");
         store
             .put_app(
@@ -545,7 +772,8 @@ mod tests {
             .unwrap();
         store.close().await;
 
-        let store = Store::open(&path).await.unwrap();
+        let (store, outcome) = Store::open(&path, &key_file).await.unwrap();
+        assert_eq!(outcome, MasterKeyOutcome::Loaded);
         let tokens = store.load_tokens().await.unwrap();
         assert_eq!(tokens.len(), 1);
         let record = &tokens[0].1;

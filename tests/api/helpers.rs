@@ -101,19 +101,27 @@ impl TestApp {
         sandbox.state().add_app(CLIENT_KEY, CLIENT_SECRET);
         sandbox.state().authorize_merchant(ACCOUNT_ID, CLIENT_KEY);
         config.douyin.base_url = sandbox.base_url();
-        Self::start_daemon(clock, shared_clock, sandbox, config, directory).await
+        StoppedApp {
+            clock,
+            shared_clock,
+            sandbox,
+            config,
+            directory,
+        }
+        .start()
+        .await
+        .map_err(|(error, _)| error)
+        .unwrap()
     }
 
-    async fn start_daemon(
+    async fn serve(
         clock: Arc<ManualClock>,
         shared_clock: SharedClock,
         sandbox: Sandbox,
         config: Config,
         directory: Arc<tempfile::TempDir>,
+        app: App,
     ) -> Self {
-        let app = App::start(config.clone(), shared_clock.clone())
-            .await
-            .unwrap();
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let address = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -138,6 +146,16 @@ impl TestApp {
 
     /// Stops the daemon and starts a new one on the same database, clock and sandbox.
     pub async fn restart(self) -> Self {
+        self.stop_daemon()
+            .await
+            .start()
+            .await
+            .map_err(|(error, _)| error)
+            .unwrap()
+    }
+
+    /// Stops the daemon only; the sandbox, clock and database stay for a later start.
+    pub async fn stop_daemon(self) -> StoppedApp {
         let Self {
             clock,
             shared_clock,
@@ -152,7 +170,13 @@ impl TestApp {
         stop.cancel();
         server.await.unwrap().unwrap();
         app.close().await;
-        Self::start_daemon(clock, shared_clock, sandbox, config, _directory).await
+        StoppedApp {
+            clock,
+            shared_clock,
+            sandbox,
+            config,
+            directory: _directory,
+        }
     }
 
     pub async fn stop(self) {
@@ -245,5 +269,46 @@ impl TestApp {
 
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
+    }
+}
+
+/// A daemon stopped by `TestApp::stop_daemon`, with everything it needs to start again.
+pub struct StoppedApp {
+    pub clock: Arc<ManualClock>,
+    shared_clock: SharedClock,
+    pub sandbox: Sandbox,
+    pub config: Config,
+    directory: Arc<tempfile::TempDir>,
+}
+
+impl StoppedApp {
+    /// Starts the daemon again; the error is `App::start`'s, for tests of failed start-ups.
+    pub async fn start(self) -> Result<TestApp, (anyhow::Error, StoppedApp)> {
+        match App::start(self.config.clone(), self.shared_clock.clone()).await {
+            Ok(app) => Ok(TestApp::serve(
+                self.clock,
+                self.shared_clock,
+                self.sandbox,
+                self.config,
+                self.directory,
+                app,
+            )
+            .await),
+            Err(error) => Err((error, self)),
+        }
+    }
+
+    /// The files the daemon keeps on disk: database, WAL, shared memory.
+    pub fn database_files(&self) -> Vec<std::path::PathBuf> {
+        let database = self.config.database.display().to_string();
+        [
+            database.clone(),
+            format!("{database}-wal"),
+            format!("{database}-shm"),
+        ]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .filter(|path| path.exists())
+        .collect()
     }
 }

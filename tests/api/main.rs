@@ -8,5 +8,6 @@ mod admin;
 mod after_sale;
 mod demo;
 mod failures;
+mod sealing;
 mod token_lifecycle;
 mod traffic;

@@ -11,15 +11,16 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditLog;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::douyin::DouyinClient;
 use crate::grpc::{self, GrpcDependencies};
 use crate::lookup::LookupService;
 use crate::registry::Registry;
+use crate::schedule::{ScheduledJob, Schedules};
 use crate::store::{MasterKeyOutcome, Store};
 use crate::token::TokenManager;
-use crate::token::scheduler::SweepSchedule;
 
 /// The daemon's parts, built and connected. Cheap to clone.
 #[derive(Clone)]
@@ -30,6 +31,7 @@ pub struct App {
     pub tokens: TokenManager,
     pub registry: Registry,
     pub lookup: LookupService,
+    pub audit: AuditLog,
 }
 
 impl App {
@@ -50,15 +52,18 @@ impl App {
                 "created a new master key (mode 0600) for a new database; back it up: without it the stored secrets cannot be read"
             );
         }
-        Registry::sync_config(&store, &apps, &merchants, clock.now_unix_ms())
+        let clients = config.resolve_clients()?;
+        Registry::sync_config(&store, &apps, &merchants, &clients, clock.now_unix_ms())
             .await
             .context("cannot sync the config's apps and merchants into the database")?;
         let douyin = DouyinClient::new(&config.douyin).context("cannot build the HTTP client")?;
+        let (audit, _audit_writer) = AuditLog::start(store.clone(), clock.clone());
         let tokens = TokenManager::load(
             store.clone(),
             douyin.clone(),
             clock.clone(),
             &config.refresh,
+            audit.clone(),
         )
         .await?;
         let registry = Registry::load(store.clone(), tokens.clone(), clock.clone()).await?;
@@ -70,6 +75,7 @@ impl App {
             tokens,
             registry,
             lookup,
+            audit,
         })
     }
 
@@ -81,17 +87,32 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let schedule = if self.config.refresh.sweep == "off" {
-            None
-        } else {
-            let schedule = SweepSchedule::start(self.tokens.clone(), &self.config.refresh.sweep)
-                .await
-                .context("cannot start the refresh schedule")?;
+        let mut jobs = Vec::new();
+        if self.config.refresh.sweep != "off" {
+            let tokens = self.tokens.clone();
+            jobs.push(ScheduledJob::new(&self.config.refresh.sweep, move || {
+                let tokens = tokens.clone();
+                async move {
+                    tokens.sweep().await;
+                }
+            }));
             // Apps without a valid token get one now rather than at the first tick.
             let tokens = self.tokens.clone();
             tokio::spawn(async move { tokens.sweep().await });
-            Some(schedule)
-        };
+        }
+        let audit = self.audit.clone();
+        let retention = self.config.audit.retention;
+        jobs.push(ScheduledJob::new(&self.config.audit.prune, move || {
+            let audit = audit.clone();
+            async move {
+                if let Err(error) = audit.prune(retention).await {
+                    tracing::error!(%error, "pruning the audit trail failed; will try at the next tick");
+                }
+            }
+        }));
+        let schedule = Schedules::start(jobs)
+            .await
+            .context("cannot start the scheduled jobs")?;
         let (health, health_service) = tonic_health::server::health_reporter();
         let shutdown_begun = CancellationToken::new();
         let signal_shutdown = shutdown_begun.clone();
@@ -105,6 +126,7 @@ impl App {
             registry: self.registry.clone(),
             tokens: self.tokens.clone(),
             clock: self.clock.clone(),
+            audit: self.audit.clone(),
         };
         tracing::info!(address = %listener.local_addr()?, "serving gRPC");
         let grace = self.config.shutdown_grace;
@@ -115,14 +137,13 @@ impl App {
                 Ok(())
             }
         };
-        if let Some(schedule) = schedule {
-            schedule.stop().await;
-        }
+        schedule.stop().await;
         served
     }
 
     /// Closes the database pool; call after `serve` returned.
     pub async fn close(&self) {
+        self.audit.flush().await;
         self.store.close().await;
     }
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::proto::tokend::v1::admin_service_client::AdminServiceClient;
@@ -21,6 +23,9 @@ pub struct Cli {
     /// The TOML config file (defaults apply when absent).
     #[arg(long, global = true, env = "DOUYIN_TOKEND_CONFIG")]
     pub config: Option<PathBuf>,
+    /// A file holding the API key for admin commands (or set DOUYIN_TOKEND_API_KEY).
+    #[arg(long, global = true, env = "DOUYIN_TOKEND_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -68,6 +73,53 @@ pub enum Command {
         command: TokenCommand,
         #[command(flatten)]
         daemon: DaemonAddress,
+    },
+    /// Manage the API clients allowed to call a running daemon.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
+    /// Read the audit trail of a running daemon.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Create a client on the daemon and print its key, once.
+    Create {
+        name: String,
+        /// aftersale.read, token.read, token.report or admin (repeatable).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Only this app, by client_key (repeatable).
+        #[arg(long = "app")]
+        apps: Vec<String>,
+        /// Only this merchant, by account_id (repeatable).
+        #[arg(long = "merchant")]
+        merchants: Vec<String>,
+    },
+    List,
+    Remove {
+        name: String,
+    },
+    /// Print a new key and its SHA-256 for a [[clients]] entry in the config
+    /// file; needs no daemon.
+    NewKey,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest audit lines first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
     },
 }
 
@@ -139,18 +191,74 @@ pub enum TokenCommand {
     Refresh { client_key: String },
 }
 
-/// Connects to the daemon's AdminService.
-pub async fn admin_client(address: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
+/// Sends `authorization: Bearer <key>` with every call.
+#[derive(Clone)]
+pub struct BearerAuth {
+    header: MetadataValue<Ascii>,
+}
+
+impl BearerAuth {
+    pub fn new(api_key: &str) -> anyhow::Result<Self> {
+        let header = format!("Bearer {}", api_key.trim())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot carry"))?;
+        Ok(Self { header })
+    }
+}
+
+impl std::fmt::Debug for BearerAuth {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("BearerAuth(<redacted>)")
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.header.clone());
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the API key.
+pub type AuthenticatedChannel = InterceptedService<Channel, BearerAuth>;
+
+/// The API key for admin commands: `--api-key-file`, else `DOUYIN_TOKEND_API_KEY`.
+pub fn api_key(file: Option<&PathBuf>) -> anyhow::Result<String> {
+    match file {
+        Some(path) => Ok(std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the API key from {}", path.display()))?
+            .trim()
+            .to_owned()),
+        None => std::env::var("DOUYIN_TOKEND_API_KEY")
+            .context("no API key: give --api-key-file or set DOUYIN_TOKEND_API_KEY (a key with the admin scope)"),
+    }
+}
+
+/// Connects to the daemon's AdminService with an API key.
+pub async fn admin_client(
+    address: &str,
+    api_key: &str,
+) -> anyhow::Result<AdminServiceClient<AuthenticatedChannel>> {
     let endpoint = if address.contains("://") {
         address.to_owned()
     } else {
         format!("http://{address}")
     };
-    AdminServiceClient::connect(endpoint.clone())
+    let channel = Channel::from_shared(endpoint.clone())?
+        .connect()
         .await
         .with_context(|| {
             format!("cannot reach the daemon at {endpoint}; is `douyin-tokend serve` running?")
-        })
+        })?;
+    Ok(AdminServiceClient::with_interceptor(
+        channel,
+        BearerAuth::new(api_key)?,
+    ))
 }
 
 fn read_secret(file: Option<&PathBuf>, variable: Option<&String>) -> anyhow::Result<String> {
@@ -179,7 +287,7 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn run_app_command(
-    client: &mut AdminServiceClient<Channel>,
+    client: &mut AdminServiceClient<AuthenticatedChannel>,
     command: &AppCommand,
 ) -> anyhow::Result<String> {
     Ok(match command {
@@ -237,7 +345,7 @@ pub async fn run_app_command(
 }
 
 pub async fn run_merchant_command(
-    client: &mut AdminServiceClient<Channel>,
+    client: &mut AdminServiceClient<AuthenticatedChannel>,
     command: &MerchantCommand,
 ) -> anyhow::Result<String> {
     Ok(match command {
@@ -290,7 +398,7 @@ pub async fn run_merchant_command(
 }
 
 pub async fn run_token_command(
-    client: &mut AdminServiceClient<Channel>,
+    client: &mut AdminServiceClient<AuthenticatedChannel>,
     command: &TokenCommand,
 ) -> anyhow::Result<String> {
     Ok(match command {
@@ -351,4 +459,115 @@ fn format_unix_ms(unix_ms: i64) -> String {
     }
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms as u64);
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// `client new-key`: a key for a [[clients]] entry, made without a daemon.
+pub fn new_key_text() -> String {
+    let key = crate::access::generate_api_key();
+    let hash = crate::access::KeyHash::of_key(&key).to_hex();
+    format!(
+        "API key (give it to the service; it is not stored anywhere):\n  {key}\n\
+         for the config file:\n  key_sha256 = \"{hash}\"\n"
+    )
+}
+
+/// Runs a client command against a daemon; `client new-key` needs none (see `new_key_text`).
+pub async fn run_client_command(
+    client: &mut AdminServiceClient<AuthenticatedChannel>,
+    command: &ClientCommand,
+) -> anyhow::Result<String> {
+    Ok(match command {
+        ClientCommand::Create {
+            name,
+            scopes,
+            apps,
+            merchants,
+        } => {
+            let answer = client
+                .create_client(CreateClientRequest {
+                    name: name.clone(),
+                    scopes: scopes.clone(),
+                    apps: apps.clone(),
+                    merchants: merchants.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            format!(
+                "client {name:?} created. Its API key, shown this once:\n  {}\n",
+                answer.api_key
+            )
+        }
+        ClientCommand::List => {
+            let clients = client
+                .list_clients(ListClientsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .clients;
+            let mut out = format!(
+                "{:<24} {:<8} {:<48} {}\n",
+                "NAME", "SOURCE", "SCOPES", "BOUNDS"
+            );
+            for entry in clients {
+                let bounds = match (entry.apps.is_empty(), entry.merchants.is_empty()) {
+                    (true, true) => "-".to_owned(),
+                    _ => format!("apps {:?} merchants {:?}", entry.apps, entry.merchants),
+                };
+                out.push_str(&format!(
+                    "{:<24} {:<8} {:<48} {}\n",
+                    entry.name,
+                    entry.source,
+                    entry.scopes.join(","),
+                    bounds
+                ));
+            }
+            out
+        }
+        ClientCommand::Remove { name } => {
+            client
+                .remove_client(RemoveClientRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            format!("client {name:?} removed\n")
+        }
+        ClientCommand::NewKey => new_key_text(),
+    })
+}
+
+pub async fn run_audit_command(
+    client: &mut AdminServiceClient<AuthenticatedChannel>,
+    command: &AuditCommand,
+) -> anyhow::Result<String> {
+    let AuditCommand::List { limit } = command;
+    let entries = client
+        .list_audit(ListAuditRequest {
+            since_unix_ms: 0,
+            limit: *limit,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .entries;
+    let mut out = format!(
+        "{:<20} {:<16} {:<15} {:<13} {:<14} {:>5} {}\n",
+        "AT", "CLIENT", "ACTION", "APP", "TOKEN", "COUNT", "REASON"
+    );
+    for entry in entries {
+        out.push_str(&format!(
+            "{:<20} {:<16} {:<15} {:<13} {:<14} {:>5} {}\n",
+            format_unix_ms(entry.at_unix_ms),
+            entry.client,
+            entry.action,
+            entry.app,
+            if entry.token_fingerprint.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("token:{}", entry.token_fingerprint)
+            },
+            entry.count,
+            entry.reason
+        ));
+    }
+    Ok(out)
 }

@@ -53,8 +53,11 @@ pub struct Config {
     pub douyin: DouyinConfig,
     pub refresh: RefreshConfig,
     pub lookup: LookupConfig,
+    pub audit: AuditConfig,
     pub apps: Vec<AppEntry>,
     pub merchants: Vec<MerchantEntry>,
+    /// Services allowed to call the daemon; more can be added over AdminService.
+    pub clients: Vec<ClientEntry>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -123,6 +126,9 @@ pub struct RefreshConfig {
     /// pause this long.
     #[serde(with = "humane_duration")]
     pub rate_limited_pause: Duration,
+    /// ReportInvalidToken refreshes an app at most once per this interval.
+    #[serde(with = "humane_duration")]
+    pub report_min_interval: Duration,
 }
 
 /// How lookups treat Douyin: rate, concurrency, deadlines, retries, coalescing.
@@ -164,6 +170,40 @@ pub struct AppEntry {
     pub client_secret_env: Option<String>,
 }
 
+/// How long the audit trail is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    #[serde(with = "humane_duration")]
+    pub retention: Duration,
+    /// Six-field cron of the pruning job.
+    pub prune: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(90 * 24 * 3600),
+            prune: "0 17 * * * *".to_owned(),
+        }
+    }
+}
+
+/// An API client declared in the config file: its key's SHA-256 (never the key).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    pub name: String,
+    /// `douyin-tokend client new-key` prints a key and this hash.
+    pub key_sha256: String,
+    /// Any of "aftersale.read", "token.read", "token.report", "admin".
+    pub scopes: Vec<String>,
+    /// Only these apps (client_key), when given.
+    pub apps: Option<Vec<String>>,
+    /// Only these merchants (account_id), when given.
+    pub merchants: Option<Vec<String>>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MerchantEntry {
@@ -195,8 +235,10 @@ impl Default for Config {
             douyin: DouyinConfig::default(),
             refresh: RefreshConfig::default(),
             lookup: LookupConfig::default(),
+            audit: AuditConfig::default(),
             apps: Vec::new(),
             merchants: Vec::new(),
+            clients: Vec::new(),
         }
     }
 }
@@ -227,6 +269,7 @@ impl Default for RefreshConfig {
             budget_window: Duration::from_secs(5 * 60),
             budget_reserve: 50,
             rate_limited_pause: Duration::from_secs(60),
+            report_min_interval: Duration::from_secs(30),
         }
     }
 }
@@ -412,6 +455,13 @@ impl Config {
                 ));
             }
         }
+        if self.audit.prune.split_whitespace().count() != 6 {
+            return Err(ConfigError::invalid(
+                "audit.prune",
+                "must be a six-field cron (seconds first)",
+            ));
+        }
+        self.resolve_clients()?;
         let mut declared_merchants = HashSet::new();
         for (index, merchant) in self.merchants.iter().enumerate() {
             AccountId::parse(&merchant.account_id).map_err(|error| {
@@ -484,6 +534,59 @@ impl Config {
                 Ok(ResolvedApp {
                     client_key,
                     client_secret,
+                })
+            })
+            .collect()
+    }
+
+    /// The declared API clients, checked.
+    pub fn resolve_clients(&self) -> Result<Vec<crate::store::ClientRecord>, ConfigError> {
+        let mut names = HashSet::new();
+        self.clients
+            .iter()
+            .enumerate()
+            .map(|(index, client)| {
+                let key = |field: &str| format!("clients[{index}].{field}");
+                if client.name.trim().is_empty() || client.name.len() > 64 {
+                    return Err(ConfigError::invalid(
+                        key("name"),
+                        "must be 1 to 64 characters",
+                    ));
+                }
+                if !names.insert(client.name.as_str()) {
+                    return Err(ConfigError::invalid(
+                        key("name"),
+                        "the same client is declared twice",
+                    ));
+                }
+                let hash = crate::access::KeyHash::parse_hex(&client.key_sha256)
+                    .map_err(|message| ConfigError::invalid(key("key_sha256"), message))?;
+                if client.scopes.is_empty() {
+                    return Err(ConfigError::invalid(
+                        key("scopes"),
+                        "give at least one scope",
+                    ));
+                }
+                for scope in &client.scopes {
+                    crate::access::Scope::parse(scope)
+                        .map_err(|message| ConfigError::invalid(key("scopes"), message))?;
+                }
+                for app in client.apps.iter().flatten() {
+                    ClientKey::parse(app)
+                        .map_err(|error| ConfigError::invalid(key("apps"), error.to_string()))?;
+                }
+                for merchant in client.merchants.iter().flatten() {
+                    AccountId::parse(merchant).map_err(|error| {
+                        ConfigError::invalid(key("merchants"), error.to_string())
+                    })?;
+                }
+                Ok(crate::store::ClientRecord {
+                    name: client.name.clone(),
+                    key_sha256: hash.to_hex(),
+                    scopes: client.scopes.clone(),
+                    apps: client.apps.clone(),
+                    merchants: client.merchants.clone(),
+                    source: crate::store::Source::Config,
                 })
             })
             .collect()

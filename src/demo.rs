@@ -12,10 +12,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::access::{KeyHash, Scope};
 use crate::app::App;
-use crate::cli::{MerchantCommand, admin_client, format_token_table, run_merchant_command};
+use crate::cli::{
+    BearerAuth, MerchantCommand, admin_client, format_token_table, run_merchant_command,
+};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::Config;
+use crate::config::{ClientEntry, Config};
 use crate::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest;
 use crate::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use crate::proto::tokend::v1::{
@@ -77,11 +80,23 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         .state()
         .authorize_merchant(DEMO_ACCOUNT_ID, DEMO_CLIENT_KEY);
     let directory = tempfile::tempdir().context("cannot create a temporary directory")?;
+    // The demo's own API client, with every scope; only its key's hash is configured.
+    let api_key = crate::access::generate_api_key();
     let mut config = Config {
         database: directory.path().join("demo.db"),
         ..Config::default()
     };
     config.douyin.base_url = sandbox.base_url();
+    config.clients.push(ClientEntry {
+        name: "demo".to_owned(),
+        key_sha256: KeyHash::of_key(&api_key).to_hex(),
+        scopes: Scope::ALL
+            .iter()
+            .map(|scope| scope.as_str().to_owned())
+            .collect(),
+        apps: None,
+        merchants: None,
+    });
     writeln!(out, "sandbox Douyin listening on {}", sandbox.base_url())?;
 
     let daemon = start_daemon(config.clone(), clock.clone()).await?;
@@ -92,7 +107,7 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         config.database.display()
     )?;
 
-    let mut admin = admin_client(&daemon.address).await?;
+    let mut admin = admin_client(&daemon.address, &api_key).await?;
     admin
         .put_app(PutAppRequest {
             client_key: DEMO_CLIENT_KEY.to_owned(),
@@ -115,7 +130,10 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         "registered demo app and merchant {DEMO_ACCOUNT_ID}: {added}"
     )?;
 
-    let mut after_sale = AfterSaleServiceClient::new(daemon.channel().await?);
+    let mut after_sale = AfterSaleServiceClient::with_interceptor(
+        daemon.channel().await?,
+        BearerAuth::new(&api_key)?,
+    );
     let response = after_sale
         .get_after_sale_order_detail(GetAfterSaleOrderDetailRequest {
             account_id: DEMO_ACCOUNT_ID.to_owned(),
@@ -148,7 +166,8 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
     daemon.stop().await?;
 
     let daemon = start_daemon(config, clock).await?;
-    let mut token_service = TokenServiceClient::new(daemon.channel().await?);
+    let mut token_service =
+        TokenServiceClient::with_interceptor(daemon.channel().await?, BearerAuth::new(&api_key)?);
     let lease = token_service
         .get_access_token(GetAccessTokenRequest {
             selector: Some(get_access_token_request::Selector::AccountId(

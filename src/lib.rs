@@ -13,7 +13,9 @@
 //! - [`sandbox`]: a strict fake Douyin for tests, the demo and benchmarks.
 //! - [`config`], [`domain`], [`clock`], [`proto`]: shared foundations.
 
+pub mod access;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -25,6 +27,7 @@ pub mod lookup;
 pub mod proto;
 pub mod registry;
 pub mod sandbox;
+pub mod schedule;
 pub mod sealing;
 pub mod store;
 pub mod token;

@@ -83,22 +83,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             douyin_tokend::demo::run(&mut stdout).await
         }
         Command::Sandbox(arguments) => run_sandbox(arguments).await,
+        Command::Client {
+            command: cli::ClientCommand::NewKey,
+            ..
+        } => {
+            print!("{}", cli::new_key_text());
+            Ok(())
+        }
         Command::App { command, daemon } => {
-            let mut client = cli::admin_client(&daemon_address(&cli, daemon)?).await?;
+            let mut client = connect_admin(&cli, daemon).await?;
             print!("{}", cli::run_app_command(&mut client, command).await?);
             Ok(())
         }
         Command::Merchant { command, daemon } => {
-            let mut client = cli::admin_client(&daemon_address(&cli, daemon)?).await?;
+            let mut client = connect_admin(&cli, daemon).await?;
             print!("{}", cli::run_merchant_command(&mut client, command).await?);
             Ok(())
         }
         Command::Token { command, daemon } => {
-            let mut client = cli::admin_client(&daemon_address(&cli, daemon)?).await?;
+            let mut client = connect_admin(&cli, daemon).await?;
             print!("{}", cli::run_token_command(&mut client, command).await?);
             Ok(())
         }
+        Command::Client { command, daemon } => {
+            let mut client = connect_admin(&cli, daemon).await?;
+            print!("{}", cli::run_client_command(&mut client, command).await?);
+            Ok(())
+        }
+        Command::Audit { command, daemon } => {
+            let mut client = connect_admin(&cli, daemon).await?;
+            print!("{}", cli::run_audit_command(&mut client, command).await?);
+            Ok(())
+        }
     }
+}
+
+async fn connect_admin(
+    cli: &Cli,
+    daemon: &cli::DaemonAddress,
+) -> anyhow::Result<
+    douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient<
+        cli::AuthenticatedChannel,
+    >,
+> {
+    let api_key = cli::api_key(cli.api_key_file.as_ref())?;
+    cli::admin_client(&daemon_address(cli, daemon)?, &api_key).await
 }
 
 fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<String> {

@@ -63,5 +63,17 @@ mod opaque_debug_impls {
         RefreshTokenRequest,
         RefreshTokenResponse,
         get_access_token_request::Selector,
+        ReportInvalidTokenRequest,
+        report_invalid_token_request::Selector,
+        CreateClientRequest,
+        CreateClientResponse,
+        RemoveClientRequest,
+        RemoveClientResponse,
+        ListClientsRequest,
+        ListClientsResponse,
+        ClientInfo,
+        ListAuditRequest,
+        ListAuditResponse,
+        AuditEntry,
     );
 }

@@ -1,14 +1,15 @@
-//! The directory of apps and merchants: writes them to SQLite, keeps the
-//! merchant → app map in memory for the lookup path, and tells the token
-//! manager about apps that come, change or go.
+//! The directory of apps, merchants and API clients: writes them to SQLite,
+//! keeps the merchant → app map and the client list in memory for the request
+//! path, and tells the token manager about apps that come, change or go.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use crate::access::{ApiClient, Authenticator, KeyHash, Scope};
 use crate::clock::SharedClock;
 use crate::config::{ResolvedApp, ResolvedMerchant};
 use crate::domain::{AccountId, ClientKey, ClientSecret};
-use crate::store::{AppRecord, MerchantRecord, Source, Store, StoreError};
+use crate::store::{AppRecord, ClientRecord, MerchantRecord, Source, Store, StoreError};
 use crate::token::TokenManager;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,12 @@ pub enum RegistryError {
         "merchant {account_id} is not registered in the daemon; add it with `douyin-tokend merchant add`"
     )]
     UnknownMerchant { account_id: AccountId },
+    #[error("a client named {name:?} exists already; remove it first or pick another name")]
+    ClientExists { name: String },
+    #[error("no client named {name:?}")]
+    UnknownClient { name: String },
+    #[error("{0}")]
+    InvalidClient(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -29,6 +36,7 @@ pub struct Registry {
     tokens: TokenManager,
     clock: SharedClock,
     merchants: Arc<RwLock<HashMap<AccountId, ClientKey>>>,
+    authenticator: Authenticator,
 }
 
 impl Registry {
@@ -38,6 +46,7 @@ impl Registry {
         store: &Store,
         apps: &[ResolvedApp],
         merchants: &[ResolvedMerchant],
+        clients: &[ClientRecord],
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let apps: Vec<(ClientKey, ClientSecret)> = apps
@@ -48,7 +57,7 @@ impl Registry {
             .iter()
             .map(|merchant| (merchant.account_id.clone(), merchant.client_key.clone()))
             .collect();
-        store.sync_config(&apps, &merchants, now_ms).await
+        store.sync_config(&apps, &merchants, clients, now_ms).await
     }
 
     pub async fn load(
@@ -62,12 +71,93 @@ impl Registry {
             .into_iter()
             .map(|merchant| (merchant.account_id, merchant.client_key))
             .collect();
-        Ok(Self {
+        let registry = Self {
             store,
             tokens,
             clock,
             merchants: Arc::new(RwLock::new(merchants)),
-        })
+            authenticator: Authenticator::default(),
+        };
+        registry.reload_clients().await?;
+        Ok(registry)
+    }
+
+    /// Who may call the daemon, as the request path checks it.
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.authenticator
+    }
+
+    async fn reload_clients(&self) -> Result<(), StoreError> {
+        let clients = self
+            .store
+            .list_clients()
+            .await?
+            .iter()
+            .map(api_client_from_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        if clients.is_empty() {
+            tracing::warn!(
+                "no API clients are configured: every call except health and reflection is refused; add [[clients]] to the config"
+            );
+        }
+        self.authenticator.replace(clients);
+        Ok(())
+    }
+
+    /// Creates an API client and returns its key; only the key's hash is stored.
+    pub async fn create_client(
+        &self,
+        name: &str,
+        scopes: &[String],
+        apps: &[String],
+        merchants: &[String],
+    ) -> Result<String, RegistryError> {
+        let api_key = crate::access::generate_api_key();
+        let record = ClientRecord {
+            name: name.trim().to_owned(),
+            key_sha256: KeyHash::of_key(&api_key).to_hex(),
+            scopes: scopes.to_vec(),
+            apps: (!apps.is_empty()).then(|| apps.to_vec()),
+            merchants: (!merchants.is_empty()).then(|| merchants.to_vec()),
+            source: Source::Admin,
+        };
+        if record.name.is_empty() || record.name.len() > 64 {
+            return Err(RegistryError::InvalidClient(
+                "a client name is 1 to 64 characters".to_owned(),
+            ));
+        }
+        if record.scopes.is_empty() {
+            return Err(RegistryError::InvalidClient(
+                "give at least one scope".to_owned(),
+            ));
+        }
+        api_client_from_record(&record)
+            .map_err(|error| RegistryError::InvalidClient(error.to_string()))?;
+        if !self
+            .store
+            .create_client(&record, self.clock.now_unix_ms())
+            .await?
+        {
+            return Err(RegistryError::ClientExists { name: record.name });
+        }
+        self.reload_clients().await?;
+        tracing::info!(client = %record.name, scopes = ?record.scopes, "API client created");
+        Ok(api_key)
+    }
+
+    pub async fn remove_client(&self, name: &str) -> Result<(), RegistryError> {
+        if !self.store.remove_client(name).await? {
+            return Err(RegistryError::UnknownClient {
+                name: name.to_owned(),
+            });
+        }
+        self.reload_clients().await?;
+        tracing::info!(client = %name, "API client removed");
+        Ok(())
+    }
+
+    pub async fn list_clients(&self) -> Result<Vec<ClientRecord>, RegistryError> {
+        Ok(self.store.list_clients().await?)
     }
 
     /// The app serving a merchant, from memory.
@@ -169,4 +259,41 @@ impl Registry {
     pub async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, RegistryError> {
         Ok(self.store.list_merchants().await?)
     }
+}
+
+/// Turns a stored client into the form the request path checks.
+fn api_client_from_record(record: &ClientRecord) -> Result<ApiClient, StoreError> {
+    let corrupt =
+        |message: String| StoreError::Corrupt(format!("client {:?}: {message}", record.name));
+    Ok(ApiClient {
+        name: record.name.clone(),
+        key_hash: KeyHash::parse_hex(&record.key_sha256).map_err(corrupt)?,
+        scopes: record
+            .scopes
+            .iter()
+            .map(|scope| Scope::parse(scope))
+            .collect::<Result<_, _>>()
+            .map_err(corrupt)?,
+        apps: record
+            .apps
+            .as_ref()
+            .map(|apps| {
+                apps.iter()
+                    .map(|app| ClientKey::parse(app))
+                    .collect::<Result<_, _>>()
+            })
+            .transpose()
+            .map_err(|error| corrupt(error.to_string()))?,
+        merchants: record
+            .merchants
+            .as_ref()
+            .map(|merchants| {
+                merchants
+                    .iter()
+                    .map(|merchant| AccountId::parse(merchant))
+                    .collect::<Result<_, _>>()
+            })
+            .transpose()
+            .map_err(|error| corrupt(error.to_string()))?,
+    })
 }

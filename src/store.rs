@@ -125,6 +125,31 @@ pub struct TokenRecord {
     pub consecutive_failures: i64,
 }
 
+/// An API client as stored: the key's SHA-256 in hex, never the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub name: String,
+    pub key_sha256: String,
+    pub scopes: Vec<String>,
+    /// None: every app.
+    pub apps: Option<Vec<String>>,
+    /// None: every merchant.
+    pub merchants: Option<Vec<String>>,
+    pub source: Source,
+}
+
+/// One line of the audit trail. Apps and tokens appear as fingerprints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub at_ms: i64,
+    pub client: String,
+    pub action: String,
+    pub app: String,
+    pub reason: String,
+    pub token_fingerprint: String,
+    pub count: i64,
+}
+
 /// A freshly fetched token, to be committed before anyone uses it.
 #[derive(Debug, Clone)]
 pub struct NewToken<'a> {
@@ -535,6 +560,7 @@ impl Store {
         &self,
         apps: &[(ClientKey, ClientSecret)],
         merchants: &[(AccountId, ClientKey)],
+        clients: &[ClientRecord],
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let mut transaction = self
@@ -542,6 +568,34 @@ impl Store {
             .begin()
             .await
             .map_err(query_error("begin config sync"))?;
+        for client in clients {
+            sqlx::query(
+                "INSERT INTO clients (name, key_sha256, scopes, apps, merchants, source, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'config', ?6)
+                 ON CONFLICT (name) DO UPDATE
+                 SET key_sha256 = excluded.key_sha256, scopes = excluded.scopes, apps = excluded.apps,
+                     merchants = excluded.merchants, source = 'config'",
+            )
+            .bind(&client.name)
+            .bind(&client.key_sha256)
+            .bind(json_list(&client.scopes))
+            .bind(client.apps.as_deref().map(json_list))
+            .bind(client.merchants.as_deref().map(json_list))
+            .bind(now_ms)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("sync a configured client"))?;
+        }
+        let configured_clients: Vec<&str> =
+            clients.iter().map(|client| client.name.as_str()).collect();
+        sqlx::query(
+            "DELETE FROM clients WHERE source = 'config'
+             AND name NOT IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(&configured_clients).unwrap_or_default())
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("remove clients no longer configured"))?;
         for (client_key, client_secret) in apps {
             sqlx::query(
                 "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
@@ -609,6 +663,136 @@ impl Store {
             .await
             .map_err(query_error("commit config sync"))?;
         Ok(())
+    }
+
+    // === API clients ===
+
+    /// Adds a client; returns false when one of that name exists already.
+    pub async fn create_client(
+        &self,
+        client: &ClientRecord,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO clients (name, key_sha256, scopes, apps, merchants, source, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&client.name)
+        .bind(&client.key_sha256)
+        .bind(json_list(&client.scopes))
+        .bind(client.apps.as_deref().map(json_list))
+        .bind(client.merchants.as_deref().map(json_list))
+        .bind(client.source.as_str())
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("store a client"))?
+        .rows_affected();
+        Ok(inserted > 0)
+    }
+
+    pub async fn remove_client(&self, name: &str) -> Result<bool, StoreError> {
+        let removed = sqlx::query("DELETE FROM clients WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("remove a client"))?
+            .rows_affected();
+        Ok(removed > 0)
+    }
+
+    pub async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, key_sha256, scopes, apps, merchants, source FROM clients ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list clients"))?;
+        rows.iter()
+            .map(|row| {
+                let apps: Option<String> = row.get(3);
+                let merchants: Option<String> = row.get(4);
+                Ok(ClientRecord {
+                    name: row.get(0),
+                    key_sha256: row.get(1),
+                    scopes: parse_json_list(row.get(2))?,
+                    apps: apps.as_deref().map(parse_json_list).transpose()?,
+                    merchants: merchants.as_deref().map(parse_json_list).transpose()?,
+                    source: Source::parse(row.get(5))?,
+                })
+            })
+            .collect()
+    }
+
+    // === audit ===
+
+    /// Appends audit lines in one transaction.
+    pub async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin audit append"))?;
+        for record in records {
+            sqlx::query(
+                "INSERT INTO audit (at, client, action, app, reason, token_fingerprint, count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .bind(record.at_ms)
+            .bind(&record.client)
+            .bind(&record.action)
+            .bind(&record.app)
+            .bind(&record.reason)
+            .bind(&record.token_fingerprint)
+            .bind(record.count)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("append to the audit trail"))?;
+        }
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit audit append"))?;
+        Ok(())
+    }
+
+    /// The newest audit lines at or after `since_ms`, newest first.
+    pub async fn list_audit(
+        &self,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, client, action, app, reason, token_fingerprint, count FROM audit
+             WHERE at >= ?1 ORDER BY at DESC, id DESC LIMIT ?2",
+        )
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list the audit trail"))?;
+        Ok(rows
+            .iter()
+            .map(|row| AuditRecord {
+                at_ms: row.get(0),
+                client: row.get(1),
+                action: row.get(2),
+                app: row.get(3),
+                reason: row.get(4),
+                token_fingerprint: row.get(5),
+                count: row.get(6),
+            })
+            .collect())
+    }
+
+    /// Deletes audit lines older than `before_ms`; returns how many.
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM audit WHERE at < ?")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("prune the audit trail"))?
+            .rows_affected())
     }
 
     // === tokens ===
@@ -719,6 +903,15 @@ impl Store {
     }
 }
 
+fn json_list(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn parse_json_list(text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|error| StoreError::Corrupt(format!("a stored list is not JSON: {error}")))
+}
+
 fn parse_client_key(text: &str) -> Result<ClientKey, StoreError> {
     ClientKey::parse(text).map_err(|error| StoreError::Corrupt(error.to_string()))
 }
@@ -809,6 +1002,7 @@ mod tests {
                     (key("cfg-b"), secret.clone()),
                 ],
                 &[(account("1"), key("cfg-a")), (account("2"), key("cfg-b"))],
+                &[],
                 2,
             )
             .await
@@ -817,6 +1011,7 @@ mod tests {
             .sync_config(
                 &[(key("cfg-a"), secret.clone())],
                 &[(account("1"), key("cfg-a"))],
+                &[],
                 3,
             )
             .await

@@ -1,9 +1,12 @@
-//! `tokend.v1.AdminService`: apps, merchants and token state for operators.
-//! Accepts secrets, never returns one.
+//! `tokend.v1.AdminService`: apps, merchants, API clients, token state and the
+//! audit trail, for callers with the `admin` scope. Accepts secrets, never
+//! returns one (a new client's key is shown once, on creation).
 
 use tonic::{Request, Response, Status};
 
-use super::status;
+use super::{caller, status};
+use crate::access::Scope;
+use crate::audit::{AuditAction, AuditLog};
 use crate::clock::SharedClock;
 use crate::domain::{AccountId, ClientKey, ClientSecret};
 use crate::proto::tokend::v1::admin_service_server::AdminService;
@@ -15,6 +18,7 @@ pub struct AdminGrpc {
     pub registry: Registry,
     pub tokens: TokenManager,
     pub clock: SharedClock,
+    pub audit: AuditLog,
 }
 
 fn client_key(value: &str) -> Result<ClientKey, Status> {
@@ -25,12 +29,22 @@ fn account_id(value: &str) -> Result<AccountId, Status> {
     AccountId::parse(value).map_err(|error| status::invalid_argument(&error))
 }
 
+/// The caller's name, once it is known to hold the admin scope.
+fn admin<T>(request: &Request<T>) -> Result<String, Status> {
+    let client = caller(request)?;
+    client
+        .require(Scope::Admin)
+        .map_err(|error| status::access_status(&error))?;
+    Ok(client.name.clone())
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminGrpc {
     async fn put_app(
         &self,
         request: Request<PutAppRequest>,
     ) -> Result<Response<PutAppResponse>, Status> {
+        admin(&request)?;
         let request = request.into_inner();
         let key = client_key(&request.client_key)?;
         let secret = ClientSecret::parse(&request.client_secret)
@@ -47,6 +61,7 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<RemoveAppRequest>,
     ) -> Result<Response<RemoveAppResponse>, Status> {
+        admin(&request)?;
         let key = client_key(&request.into_inner().client_key)?;
         let merchants_removed = self
             .registry
@@ -58,8 +73,9 @@ impl AdminService for AdminGrpc {
 
     async fn list_apps(
         &self,
-        _request: Request<ListAppsRequest>,
+        request: Request<ListAppsRequest>,
     ) -> Result<Response<ListAppsResponse>, Status> {
+        admin(&request)?;
         let apps = self
             .registry
             .list_apps()
@@ -81,6 +97,7 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<PutMerchantRequest>,
     ) -> Result<Response<PutMerchantResponse>, Status> {
+        admin(&request)?;
         let request = request.into_inner();
         let account = account_id(&request.account_id)?;
         let key = client_key(&request.client_key)?;
@@ -96,6 +113,7 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<RemoveMerchantRequest>,
     ) -> Result<Response<RemoveMerchantResponse>, Status> {
+        admin(&request)?;
         let account = account_id(&request.into_inner().account_id)?;
         self.registry
             .remove_merchant(&account)
@@ -108,6 +126,7 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<ListMerchantsRequest>,
     ) -> Result<Response<ListMerchantsResponse>, Status> {
+        admin(&request)?;
         let only_app = request.into_inner().client_key;
         let merchants = self
             .registry
@@ -129,8 +148,9 @@ impl AdminService for AdminGrpc {
 
     async fn list_token_status(
         &self,
-        _request: Request<ListTokenStatusRequest>,
+        request: Request<ListTokenStatusRequest>,
     ) -> Result<Response<ListTokenStatusResponse>, Status> {
+        admin(&request)?;
         let now_ms = self.clock.now_unix_ms();
         let tokens = self
             .tokens
@@ -158,15 +178,114 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<RefreshTokenRequest>,
     ) -> Result<Response<RefreshTokenResponse>, Status> {
+        let operator = admin(&request)?;
         let key = client_key(&request.into_inner().client_key)?;
-        let lease = self
-            .tokens
-            .force_refresh(&key)
-            .await
-            .map_err(|error| status::token_status(&error))?;
+        let refreshed = self.tokens.force_refresh(&key).await;
+        let outcome = if refreshed.is_ok() {
+            "refreshed"
+        } else {
+            "failed"
+        };
+        self.audit.record(
+            &operator,
+            AuditAction::ForcedRefresh,
+            &key,
+            outcome,
+            refreshed.as_ref().ok().map(|lease| &lease.access_token),
+        );
+        let lease = refreshed.map_err(|error| status::token_status(&error))?;
         Ok(Response::new(RefreshTokenResponse {
             generation: lease.generation,
             expires_at_unix_ms: lease.expires_at_ms,
+        }))
+    }
+
+    async fn create_client(
+        &self,
+        request: Request<CreateClientRequest>,
+    ) -> Result<Response<CreateClientResponse>, Status> {
+        admin(&request)?;
+        let request = request.into_inner();
+        let api_key = self
+            .registry
+            .create_client(
+                &request.name,
+                &request.scopes,
+                &request.apps,
+                &request.merchants,
+            )
+            .await
+            .map_err(|error| status::registry_status(&error))?;
+        Ok(Response::new(CreateClientResponse { api_key }))
+    }
+
+    async fn remove_client(
+        &self,
+        request: Request<RemoveClientRequest>,
+    ) -> Result<Response<RemoveClientResponse>, Status> {
+        admin(&request)?;
+        self.registry
+            .remove_client(&request.into_inner().name)
+            .await
+            .map_err(|error| status::registry_status(&error))?;
+        Ok(Response::new(RemoveClientResponse {}))
+    }
+
+    async fn list_clients(
+        &self,
+        request: Request<ListClientsRequest>,
+    ) -> Result<Response<ListClientsResponse>, Status> {
+        admin(&request)?;
+        let clients = self
+            .registry
+            .list_clients()
+            .await
+            .map_err(|error| status::registry_status(&error))?;
+        Ok(Response::new(ListClientsResponse {
+            clients: clients
+                .into_iter()
+                .map(|client| ClientInfo {
+                    name: client.name,
+                    scopes: client.scopes,
+                    apps: client.apps.unwrap_or_default(),
+                    merchants: client.merchants.unwrap_or_default(),
+                    source: client.source.as_str().to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        admin(&request)?;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => 100,
+            limit => i64::from(limit.clamp(1, 10_000)),
+        };
+        let records = self
+            .audit
+            .list(request.since_unix_ms, limit)
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "cannot read the audit trail");
+                Status::internal("the daemon's database failed; see its log")
+            })?;
+        Ok(Response::new(ListAuditResponse {
+            entries: records
+                .into_iter()
+                .map(|record| AuditEntry {
+                    at_unix_ms: record.at_ms,
+                    client: record.client,
+                    action: record.action,
+                    app: record.app,
+                    reason: record.reason,
+                    token_fingerprint: record.token_fingerprint,
+                    count: record.count,
+                })
+                .collect(),
         }))
     }
 }

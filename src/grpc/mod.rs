@@ -17,6 +17,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use std::sync::Arc;
+
+use crate::access::{ApiClient, Authenticator};
+use crate::audit::AuditLog;
 use crate::clock::SharedClock;
 use crate::lookup::LookupService;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -33,6 +37,34 @@ pub struct GrpcDependencies {
     pub registry: Registry,
     pub tokens: TokenManager,
     pub clock: SharedClock,
+    pub audit: AuditLog,
+}
+
+/// The authenticated caller, put in each request's extensions by the interceptor.
+fn caller<T>(request: &tonic::Request<T>) -> Result<Arc<ApiClient>, tonic::Status> {
+    request
+        .extensions()
+        .get::<Arc<ApiClient>>()
+        .cloned()
+        .ok_or_else(|| tonic::Status::unauthenticated("the request was not authenticated"))
+}
+
+/// Authenticates every call of a service by its bearer key; the scope and
+/// app/merchant checks happen in each handler, which knows what is asked.
+fn authenticate_with(
+    authenticator: Authenticator,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |mut request: tonic::Request<()>| {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
+        let client = authenticator
+            .authenticate(authorization)
+            .map_err(|error| status::access_status(&error))?;
+        request.extensions_mut().insert(client);
+        Ok(request)
+    }
 }
 
 /// The service names health is reported for, besides the overall "".
@@ -73,23 +105,36 @@ pub async fn serve(
                 .await;
         }
     };
+    let authenticate = authenticate_with(dependencies.registry.authenticator().clone());
     // Small request/response messages: Nagle's algorithm would add ~40 ms to each.
     Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AfterSaleServiceServer::new(after_sale::AfterSaleGrpc {
-            lookup: dependencies.lookup.clone(),
-        }))
-        .add_service(TokenServiceServer::new(token::TokenGrpc {
-            registry: dependencies.registry.clone(),
-            tokens: dependencies.tokens.clone(),
-            clock: dependencies.clock.clone(),
-        }))
-        .add_service(AdminServiceServer::new(admin::AdminGrpc {
-            registry: dependencies.registry,
-            tokens: dependencies.tokens,
-            clock: dependencies.clock,
-        }))
+        .add_service(AfterSaleServiceServer::with_interceptor(
+            after_sale::AfterSaleGrpc {
+                lookup: dependencies.lookup.clone(),
+                registry: dependencies.registry.clone(),
+            },
+            authenticate.clone(),
+        ))
+        .add_service(TokenServiceServer::with_interceptor(
+            token::TokenGrpc {
+                registry: dependencies.registry.clone(),
+                tokens: dependencies.tokens.clone(),
+                clock: dependencies.clock.clone(),
+                audit: dependencies.audit.clone(),
+            },
+            authenticate.clone(),
+        ))
+        .add_service(AdminServiceServer::with_interceptor(
+            admin::AdminGrpc {
+                registry: dependencies.registry,
+                tokens: dependencies.tokens,
+                clock: dependencies.clock,
+                audit: dependencies.audit,
+            },
+            authenticate,
+        ))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,

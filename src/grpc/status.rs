@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::access::AccessDenied;
 use crate::domain::InvalidId;
 use crate::douyin::after_sale::LookupFailure;
 use crate::douyin::{CodeClass, DouyinError, TransportError, codes};
@@ -81,8 +82,49 @@ pub fn lookup_status(error: &LookupError) -> Status {
     }
 }
 
+pub fn access_status(error: &AccessDenied) -> Status {
+    let (code, reason) = match error {
+        AccessDenied::MissingKey => (Code::Unauthenticated, "API_KEY_MISSING"),
+        AccessDenied::UnknownKey => (Code::Unauthenticated, "API_KEY_UNKNOWN"),
+        AccessDenied::MissingScope { .. } => (Code::PermissionDenied, "SCOPE_MISSING"),
+        AccessDenied::OutOfBounds { .. } => (Code::PermissionDenied, "OUT_OF_BOUNDS"),
+    };
+    status(
+        code,
+        error.to_string(),
+        reason,
+        TOKEND_DOMAIN,
+        HashMap::new(),
+        None,
+    )
+}
+
 pub fn registry_status(error: &RegistryError) -> Status {
     match error {
+        RegistryError::ClientExists { .. } => status(
+            Code::AlreadyExists,
+            error.to_string(),
+            "CLIENT_EXISTS",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+        RegistryError::UnknownClient { .. } => status(
+            Code::NotFound,
+            error.to_string(),
+            "CLIENT_NOT_FOUND",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+        RegistryError::InvalidClient(_) => status(
+            Code::InvalidArgument,
+            error.to_string(),
+            "INVALID_ARGUMENT",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
         RegistryError::UnknownMerchant { .. } => status(
             Code::NotFound,
             error.to_string(),

@@ -5,7 +5,6 @@
 
 pub mod budget;
 pub mod policy;
-pub mod scheduler;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,6 +13,9 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt};
 use tokio::sync::{Semaphore, watch};
 
+use subtle::ConstantTimeEq;
+
+use crate::audit::{AuditAction, AuditLog, DAEMON};
 use crate::clock::{SharedClock, duration_ms};
 use crate::config::RefreshConfig;
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
@@ -94,6 +96,27 @@ impl RefreshReason {
     }
 }
 
+/// What a ReportInvalidToken did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// The reported token was current: it was dropped and a new one fetched.
+    Refreshed,
+    /// The reported token was already replaced; nothing changed.
+    NotCurrent,
+    /// The token was current, but a report refreshed this app moments ago.
+    Spaced,
+}
+
+impl ReportOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refreshed => "refreshed",
+            Self::NotCurrent => "not current: already replaced",
+            Self::Spaced => "spaced: refreshed moments ago",
+        }
+    }
+}
+
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -151,6 +174,8 @@ struct AppState {
     invalidated: bool,
     inflight: Option<SharedFetch>,
     removed: bool,
+    /// When a ReportInvalidToken last caused a refresh (they are spaced).
+    last_report_refresh_ms: Option<i64>,
 }
 
 struct AppSlot {
@@ -169,6 +194,8 @@ struct Inner {
     max_concurrent_fetches: usize,
     apps: RwLock<HashMap<ClientKey, Arc<AppSlot>>>,
     sweeps_completed: watch::Sender<u64>,
+    audit: AuditLog,
+    report_min_interval_ms: i64,
 }
 
 /// Owns every app's token. Cheap to clone; clones share the same state.
@@ -200,6 +227,7 @@ impl TokenManager {
         douyin: DouyinClient,
         clock: SharedClock,
         config: &RefreshConfig,
+        audit: AuditLog,
     ) -> Result<Self, StoreError> {
         let policy = RefreshPolicy::from(config);
         let secrets: HashMap<ClientKey, ClientSecret> = store
@@ -264,6 +292,7 @@ impl TokenManager {
                 failure,
                 inflight: None,
                 removed: false,
+                last_report_refresh_ms: None,
             };
             apps.insert(
                 client_key.clone(),
@@ -292,6 +321,8 @@ impl TokenManager {
                 max_concurrent_fetches: config.max_concurrent_fetches,
                 apps: RwLock::new(apps),
                 sweeps_completed: watch::channel(0).0,
+                audit,
+                report_min_interval_ms: duration_ms(config.report_min_interval),
             }),
         })
     }
@@ -500,6 +531,14 @@ impl TokenManager {
                 state.failure = None;
                 state.invalidated = false;
                 state.inflight = None;
+                drop(state);
+                self.inner.audit.record(
+                    DAEMON,
+                    AuditAction::TokenFetch,
+                    client_key,
+                    reason.as_str(),
+                    Some(&lease.access_token),
+                );
                 Ok(lease)
             }
             Err(cause) => {
@@ -551,6 +590,13 @@ impl TokenManager {
                 if let Err(store_error) = recorded {
                     tracing::error!(app = %client_key, error = %store_error, "cannot record the fetch failure");
                 }
+                self.inner.audit.record(
+                    DAEMON,
+                    AuditAction::TokenFetch,
+                    client_key,
+                    &format!("{} (failed: {})", reason.as_str(), failure.message),
+                    None,
+                );
                 Err(error)
             }
         }
@@ -589,6 +635,53 @@ impl TokenManager {
             tracing::error!(app = %client_key, %error, "cannot record the invalidation");
         }
         true
+    }
+
+    /// The passive-refresh hook: another service says Douyin rejected
+    /// `reported_token`. Only if it is still the current token, and no report
+    /// refreshed this app within `report_min_interval`, is it dropped and a new
+    /// one fetched. Answers the token to use now and what the report did.
+    pub async fn report_invalid(
+        &self,
+        client_key: &ClientKey,
+        reported_token: &str,
+    ) -> Result<(TokenLease, ReportOutcome), TokenError> {
+        let slot = self.registered_slot(client_key)?;
+        let now_ms = self.now_ms();
+        let (outcome, generation) = {
+            let mut state = lock(&slot.state);
+            let current_generation = state
+                .current
+                .as_ref()
+                .filter(|held| {
+                    bool::from(
+                        held.access_token
+                            .expose()
+                            .as_bytes()
+                            .ct_eq(reported_token.as_bytes()),
+                    )
+                })
+                .map(|held| held.generation);
+            match current_generation {
+                None => (ReportOutcome::NotCurrent, None),
+                Some(_)
+                    if state
+                        .last_report_refresh_ms
+                        .is_some_and(|last| now_ms - last < self.inner.report_min_interval_ms) =>
+                {
+                    (ReportOutcome::Spaced, None)
+                }
+                Some(generation) => {
+                    state.last_report_refresh_ms = Some(now_ms);
+                    (ReportOutcome::Refreshed, Some(generation))
+                }
+            }
+        };
+        if let Some(generation) = generation {
+            self.invalidate_if_current(client_key, generation).await;
+        }
+        let lease = self.acquire_and_wait(&slot, RefreshReason::Demand).await?;
+        Ok((lease, outcome))
     }
 
     /// Why the app needs a fetch now, if it does.
@@ -717,6 +810,7 @@ impl TokenManager {
                     invalidated: false,
                     inflight: None,
                     removed: false,
+                    last_report_refresh_ms: None,
                 };
                 apps.insert(
                     client_key.clone(),

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use douyin_tokend::access::{KeyHash, Scope};
 use douyin_tokend::app::App;
+use douyin_tokend::cli::{AuthenticatedChannel, BearerAuth};
 use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
-use douyin_tokend::config::Config;
+use douyin_tokend::config::{ClientEntry, Config};
 use douyin_tokend::lookup::LookupCounters;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use douyin_tokend::proto::douyin::goodlife::v1::{
@@ -27,6 +29,8 @@ use tonic::transport::Channel;
 pub const CLIENT_KEY: &str = "awtestkey00000001";
 pub const CLIENT_SECRET: &str = "test-secret-0001";
 pub const ACCOUNT_ID: &str = "7100000000000000001";
+/// The key of the test's admin client (every scope), configured by hash only.
+pub const ADMIN_API_KEY: &str = "dtk_test_admin_key_00000000000000000000000000000000";
 pub const START_UNIX_MS: i64 = 1_767_225_600_000;
 
 /// A plain lookup request: no certificate, no raw JSON.
@@ -89,6 +93,16 @@ impl TestApp {
             ..Config::default()
         };
         config.refresh.sweep = "off".to_owned();
+        config.clients.push(ClientEntry {
+            name: "test-admin".to_owned(),
+            key_sha256: KeyHash::of_key(ADMIN_API_KEY).to_hex(),
+            scopes: Scope::ALL
+                .iter()
+                .map(|scope| scope.as_str().to_owned())
+                .collect(),
+            apps: None,
+            merchants: None,
+        });
         // The sandbox clock is manual; pacing in real time would only slow the
         // tests down. The rate-limit tests set their own pace.
         config.lookup.rate_per_second = 10_000;
@@ -186,16 +200,46 @@ impl TestApp {
         self.sandbox.stop().await;
     }
 
-    pub fn after_sale_client(&self) -> AfterSaleServiceClient<Channel> {
-        AfterSaleServiceClient::new(self.channel.clone())
+    /// Clients authenticated as the test's admin (every scope).
+    pub fn after_sale_client(&self) -> AfterSaleServiceClient<AuthenticatedChannel> {
+        self.after_sale_client_with(ADMIN_API_KEY)
     }
 
-    pub fn token_client(&self) -> TokenServiceClient<Channel> {
-        TokenServiceClient::new(self.channel.clone())
+    pub fn token_client(&self) -> TokenServiceClient<AuthenticatedChannel> {
+        self.token_client_with(ADMIN_API_KEY)
     }
 
-    pub fn admin_client(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::new(self.channel.clone())
+    pub fn admin_client(&self) -> AdminServiceClient<AuthenticatedChannel> {
+        self.admin_client_with(ADMIN_API_KEY)
+    }
+
+    pub fn after_sale_client_with(
+        &self,
+        api_key: &str,
+    ) -> AfterSaleServiceClient<AuthenticatedChannel> {
+        AfterSaleServiceClient::with_interceptor(
+            self.channel.clone(),
+            BearerAuth::new(api_key).unwrap(),
+        )
+    }
+
+    pub fn token_client_with(&self, api_key: &str) -> TokenServiceClient<AuthenticatedChannel> {
+        TokenServiceClient::with_interceptor(
+            self.channel.clone(),
+            BearerAuth::new(api_key).unwrap(),
+        )
+    }
+
+    pub fn admin_client_with(&self, api_key: &str) -> AdminServiceClient<AuthenticatedChannel> {
+        AdminServiceClient::with_interceptor(
+            self.channel.clone(),
+            BearerAuth::new(api_key).unwrap(),
+        )
+    }
+
+    /// The channel without any key, for tests of refused calls.
+    pub fn bare_channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// Registers an app and one merchant of it in the daemon over AdminService.

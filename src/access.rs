@@ -1,0 +1,309 @@
+//! Who may call the daemon: API clients with bearer keys (only their SHA-256
+//! is kept), scopes, and optional app/merchant restrictions. Authentication
+//! compares hashes in constant time; authorisation is one call per RPC.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::domain::{AccountId, ClientKey};
+
+/// What a client may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// GetAfterSaleOrderDetail.
+    AfterSaleRead,
+    /// GetAccessToken.
+    TokenRead,
+    /// ReportInvalidToken.
+    TokenReport,
+    /// AdminService.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [
+        Self::AfterSaleRead,
+        Self::TokenRead,
+        Self::TokenReport,
+        Self::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AfterSaleRead => "aftersale.read",
+            Self::TokenRead => "token.read",
+            Self::TokenReport => "token.report",
+            Self::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == text)
+            .ok_or_else(|| format!("unknown scope {text:?}; scopes are aftersale.read, token.read, token.report, admin"))
+    }
+}
+
+/// The SHA-256 of an API key, as stored. Never the key itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash([u8; 32]);
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "KeyHash({}…)", &self.to_hex()[..8])
+    }
+}
+
+impl KeyHash {
+    pub fn of_key(api_key: &str) -> Self {
+        Self(Sha256::digest(api_key.as_bytes()).into())
+    }
+
+    pub fn parse_hex(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err("a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned());
+        }
+        let mut bytes = [0u8; 32];
+        for (index, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).map_err(|_| {
+                "a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned()
+            })?;
+        }
+        Ok(Self(bytes))
+    }
+
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+}
+
+/// Makes a new API key: `dtk_` and 64 hex digits of randomness.
+pub fn generate_api_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("dtk_{hex}")
+}
+
+/// A service allowed to call the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiClient {
+    pub name: String,
+    pub key_hash: KeyHash,
+    pub scopes: BTreeSet<Scope>,
+    /// None: every app.
+    pub apps: Option<BTreeSet<ClientKey>>,
+    /// None: every merchant.
+    pub merchants: Option<BTreeSet<AccountId>>,
+}
+
+/// Why a call is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessDenied {
+    #[error(
+        "no API key: send \"authorization: Bearer <key>\" (create one with `douyin-tokend client create`)"
+    )]
+    MissingKey,
+    #[error("the API key is not known to this daemon")]
+    UnknownKey,
+    #[error("client {client:?} lacks the scope {scope:?} this call needs")]
+    MissingScope { client: String, scope: &'static str },
+    #[error("client {client:?} may not use {what}")]
+    OutOfBounds { client: String, what: String },
+}
+
+impl ApiClient {
+    pub fn require(&self, scope: Scope) -> Result<(), AccessDenied> {
+        if self.scopes.contains(&scope) {
+            Ok(())
+        } else {
+            Err(AccessDenied::MissingScope {
+                client: self.name.clone(),
+                scope: scope.as_str(),
+            })
+        }
+    }
+
+    /// Whether the client may act for this merchant, served by this app.
+    pub fn require_merchant(
+        &self,
+        account_id: &AccountId,
+        client_key: &ClientKey,
+    ) -> Result<(), AccessDenied> {
+        if self
+            .merchants
+            .as_ref()
+            .is_some_and(|merchants| !merchants.contains(account_id))
+        {
+            return Err(AccessDenied::OutOfBounds {
+                client: self.name.clone(),
+                what: format!("merchant {account_id}"),
+            });
+        }
+        self.require_app(client_key)
+    }
+
+    /// Whether the client may name this app directly. A client bounded to some
+    /// merchants reaches apps only through them, unless its apps are listed too.
+    pub fn require_app_by_key(&self, client_key: &ClientKey) -> Result<(), AccessDenied> {
+        if self.merchants.is_some() && self.apps.is_none() {
+            return Err(AccessDenied::OutOfBounds {
+                client: self.name.clone(),
+                what: "apps by client_key (it is bound to merchants: ask by account_id)".to_owned(),
+            });
+        }
+        self.require_app(client_key)
+    }
+
+    pub fn require_app(&self, client_key: &ClientKey) -> Result<(), AccessDenied> {
+        if self
+            .apps
+            .as_ref()
+            .is_some_and(|apps| !apps.contains(client_key))
+        {
+            return Err(AccessDenied::OutOfBounds {
+                client: self.name.clone(),
+                what: client_key.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The clients in force, swapped whole when the set changes.
+#[derive(Clone, Default)]
+pub struct Authenticator {
+    clients: Arc<RwLock<Arc<Vec<Arc<ApiClient>>>>>,
+}
+
+impl Authenticator {
+    pub fn new(clients: Vec<ApiClient>) -> Self {
+        let authenticator = Self::default();
+        authenticator.replace(clients);
+        authenticator
+    }
+
+    pub fn replace(&self, clients: Vec<ApiClient>) {
+        let clients = Arc::new(clients.into_iter().map(Arc::new).collect());
+        *self
+            .clients
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = clients;
+    }
+
+    /// Finds the client holding `authorization`'s bearer key. Every stored hash
+    /// is compared, in constant time, whether or not one already matched.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<Arc<ApiClient>, AccessDenied> {
+        let presented = authorization
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .ok_or(AccessDenied::MissingKey)?;
+        let presented = KeyHash::of_key(presented);
+        let clients = Arc::clone(
+            &self
+                .clients
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut found = None;
+        for client in clients.iter() {
+            if bool::from(client.key_hash.0.ct_eq(&presented.0)) {
+                found = Some(Arc::clone(client));
+            }
+        }
+        found.ok_or(AccessDenied::UnknownKey)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(name: &str, key: &str, scopes: &[Scope]) -> ApiClient {
+        ApiClient {
+            name: name.to_owned(),
+            key_hash: KeyHash::of_key(key),
+            scopes: scopes.iter().copied().collect(),
+            apps: None,
+            merchants: None,
+        }
+    }
+
+    #[test]
+    fn bearer_keys_find_their_client_and_nothing_else() {
+        let authenticator = Authenticator::new(vec![
+            client("a", "key-a", &[Scope::TokenRead]),
+            client("b", "key-b", &[Scope::Admin]),
+        ]);
+        assert_eq!(
+            authenticator
+                .authenticate(Some("Bearer key-b"))
+                .unwrap()
+                .name,
+            "b"
+        );
+        assert_eq!(
+            authenticator
+                .authenticate(Some("Bearer key-c"))
+                .unwrap_err(),
+            AccessDenied::UnknownKey
+        );
+        assert_eq!(
+            authenticator.authenticate(Some("key-a")).unwrap_err(),
+            AccessDenied::MissingKey
+        );
+        assert_eq!(
+            authenticator.authenticate(None).unwrap_err(),
+            AccessDenied::MissingKey
+        );
+        let a = authenticator.authenticate(Some("Bearer key-a")).unwrap();
+        assert!(a.require(Scope::TokenRead).is_ok());
+        assert!(matches!(
+            a.require(Scope::Admin),
+            Err(AccessDenied::MissingScope { scope: "admin", .. })
+        ));
+    }
+
+    #[test]
+    fn restrictions_bound_apps_and_merchants() {
+        let app = ClientKey::parse("app-1").unwrap();
+        let other_app = ClientKey::parse("app-2").unwrap();
+        let merchant = AccountId::parse("100").unwrap();
+        let other_merchant = AccountId::parse("200").unwrap();
+        let mut limited = client("limited", "k", &[Scope::AfterSaleRead]);
+        limited.merchants = Some([merchant.clone()].into());
+        assert!(limited.require_merchant(&merchant, &app).is_ok());
+        assert!(limited.require_merchant(&other_merchant, &app).is_err());
+        limited.apps = Some([app.clone()].into());
+        assert!(limited.require_merchant(&merchant, &other_app).is_err());
+        assert!(limited.require_app(&app).is_ok());
+    }
+
+    #[test]
+    fn keys_are_random_hashes_round_trip_and_debug_shows_no_key() {
+        let key = generate_api_key();
+        assert!(key.starts_with("dtk_") && key.len() == 68);
+        assert_ne!(key, generate_api_key());
+        let hash = KeyHash::of_key(&key);
+        assert_eq!(KeyHash::parse_hex(&hash.to_hex()).unwrap(), hash);
+        assert!(KeyHash::parse_hex("xyz").is_err());
+        let printed = format!("{:?}", client("a", &key, &[]));
+        assert!(!printed.contains(&key[4..]));
+        assert!(!printed.contains(&hash.to_hex()));
+    }
+}

@@ -1,0 +1,186 @@
+//! The audit trail: every token fetch, forced refresh, hand-out and invalid
+//! report, written to SQLite by one background writer in batches (identical
+//! hand-outs close together become one line with a count), listable, and
+//! pruned after the retention period. Apps and tokens appear only as fingerprints.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::clock::SharedClock;
+use crate::domain::{AccessToken, ClientKey};
+use crate::store::{AuditRecord, Store, StoreError};
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditAction {
+    TokenFetch,
+    ForcedRefresh,
+    TokenHandout,
+    InvalidReport,
+}
+
+impl AuditAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TokenFetch => "token_fetch",
+            Self::ForcedRefresh => "forced_refresh",
+            Self::TokenHandout => "token_handout",
+            Self::InvalidReport => "invalid_report",
+        }
+    }
+}
+
+/// The client name used for the daemon's own actions.
+pub const DAEMON: &str = "daemon";
+
+/// How long the writer gathers lines before writing them.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+const MAX_BATCH: usize = 1000;
+
+enum Command {
+    Record(AuditRecord),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Where audit lines go. Cheap to clone; recording never waits for the disk.
+#[derive(Clone)]
+pub struct AuditLog {
+    sender: mpsc::UnboundedSender<Command>,
+    clock: SharedClock,
+    store: Store,
+}
+
+impl AuditLog {
+    /// Starts the writer; it ends once every `AuditLog` is dropped, after
+    /// writing what it holds.
+    pub fn start(store: Store, clock: SharedClock) -> (Self, JoinHandle<()>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_batches(store.clone(), receiver));
+        (
+            Self {
+                sender,
+                clock,
+                store,
+            },
+            writer,
+        )
+    }
+
+    pub fn record(
+        &self,
+        client: &str,
+        action: AuditAction,
+        app: &ClientKey,
+        reason: &str,
+        token: Option<&AccessToken>,
+    ) {
+        let record = AuditRecord {
+            at_ms: self.clock.now_unix_ms(),
+            client: client.to_owned(),
+            action: action.as_str().to_owned(),
+            app: app.to_string(),
+            reason: reason.to_owned(),
+            token_fingerprint: token.map(AccessToken::fingerprint).unwrap_or_default(),
+            count: 1,
+        };
+        // The writer outlives every sender; a send can fail only during shutdown.
+        let _ = self.sender.send(Command::Record(record));
+    }
+
+    /// Waits until everything recorded so far is on disk.
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.sender.send(Command::Flush(done)).is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    pub async fn list(&self, since_ms: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        self.flush().await;
+        self.store.list_audit(since_ms, limit).await
+    }
+
+    /// Deletes lines older than `retention`. The scheduler triggers this; tests call it.
+    pub async fn prune(&self, retention: Duration) -> Result<u64, StoreError> {
+        self.flush().await;
+        let cutoff = self.clock.now_unix_ms() - crate::clock::duration_ms(retention);
+        let pruned = self.store.prune_audit(cutoff).await?;
+        if pruned > 0 {
+            tracing::info!(pruned, "audit lines past retention removed");
+        }
+        Ok(pruned)
+    }
+}
+
+enum WriterEvent {
+    Command(Command),
+    TimeToWrite,
+    Closed,
+}
+
+async fn write_batches(store: Store, mut receiver: mpsc::UnboundedReceiver<Command>) {
+    let mut pending: Vec<AuditRecord> = Vec::new();
+    // Index of the pending hand-out line each identical hand-out adds to.
+    let mut handouts: HashMap<(String, String, String), usize> = HashMap::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        let event = if pending.is_empty() {
+            receiver
+                .recv()
+                .await
+                .map_or(WriterEvent::Closed, WriterEvent::Command)
+        } else {
+            match tokio::time::timeout(FLUSH_INTERVAL, receiver.recv()).await {
+                Ok(command) => command.map_or(WriterEvent::Closed, WriterEvent::Command),
+                Err(_elapsed) => WriterEvent::TimeToWrite,
+            }
+        };
+        let (closed, time_to_write) = match event {
+            WriterEvent::Command(Command::Record(record))
+                if record.action == AuditAction::TokenHandout.as_str() =>
+            {
+                let key = (
+                    record.client.clone(),
+                    record.app.clone(),
+                    record.token_fingerprint.clone(),
+                );
+                match handouts.get(&key) {
+                    Some(index) => pending[*index].count += 1,
+                    None => {
+                        handouts.insert(key, pending.len());
+                        pending.push(record);
+                    }
+                }
+                (false, false)
+            }
+            WriterEvent::Command(Command::Record(record)) => {
+                pending.push(record);
+                (false, false)
+            }
+            WriterEvent::Command(Command::Flush(done)) => {
+                waiting.push(done);
+                (false, true)
+            }
+            WriterEvent::TimeToWrite => (false, true),
+            WriterEvent::Closed => (true, true),
+        };
+        if time_to_write || pending.len() >= MAX_BATCH {
+            if !pending.is_empty() {
+                if let Err(error) = store.append_audit(&pending).await {
+                    tracing::error!(%error, lines = pending.len(), "cannot write the audit trail; these lines are lost");
+                }
+                pending.clear();
+                handouts.clear();
+            }
+            for done in waiting.drain(..) {
+                let _ = done.send(());
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
@@ -21,6 +20,7 @@ use crate::registry::Registry;
 use crate::schedule::{ScheduledJob, Schedules};
 use crate::store::{MasterKeyOutcome, Store};
 use crate::token::TokenManager;
+use crate::transport::{Listener, server_tls};
 
 /// The daemon's parts, built and connected. Cheap to clone.
 #[derive(Clone)]
@@ -84,9 +84,11 @@ impl App {
     /// calls get `shutdown_grace` to finish, and the schedule stops.
     pub async fn serve(
         &self,
-        listener: TcpListener,
+        listener: impl Into<Listener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
+        let listener = listener.into();
+        let tls = self.config.tls.as_ref().map(server_tls).transpose()?;
         let mut jobs = Vec::new();
         if self.config.refresh.sweep != "off" {
             let tokens = self.tokens.clone();
@@ -128,10 +130,10 @@ impl App {
             clock: self.clock.clone(),
             audit: self.audit.clone(),
         };
-        tracing::info!(address = %listener.local_addr()?, "serving gRPC");
+        tracing::info!(address = %listener.describe(), tls = tls.is_some(), "serving gRPC");
         let grace = self.config.shutdown_grace;
         let served = tokio::select! {
-            served = grpc::serve(dependencies, listener, health, health_service, server_shutdown) => served.context("the gRPC server failed"),
+            served = grpc::serve(dependencies, listener, tls, health, health_service, server_shutdown) => served.context("the gRPC server failed"),
             () = async { shutdown_begun.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(grace_s = grace.as_secs(), "in-flight calls did not finish within the grace period; dropping them");
                 Ok(())

@@ -26,6 +26,17 @@ pub struct Cli {
     /// A file holding the API key for admin commands (or set DOUYIN_TOKEND_API_KEY).
     #[arg(long, global = true, env = "DOUYIN_TOKEND_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Speak TLS to the daemon, trusting this CA (PEM).
+    #[arg(long, global = true, env = "DOUYIN_TOKEND_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for a daemon that requires mutual TLS.
+    #[arg(long, global = true, requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long, global = true, requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The name in the daemon's certificate, when it differs from the address's host.
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -239,22 +250,28 @@ pub fn api_key(file: Option<&PathBuf>) -> anyhow::Result<String> {
     }
 }
 
+/// How the CLI reaches the daemon, from its TLS flags.
+pub fn client_transport(cli: &Cli) -> anyhow::Result<crate::transport::ClientTransport> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    Ok(crate::transport::ClientTransport {
+        ca_pem: cli.tls_ca_file.as_ref().map(read).transpose()?,
+        identity_pem: match (&cli.tls_cert_file, &cli.tls_key_file) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        },
+        domain: cli.tls_domain.clone(),
+    })
+}
+
 /// Connects to the daemon's AdminService with an API key.
 pub async fn admin_client(
     address: &str,
+    transport: &crate::transport::ClientTransport,
     api_key: &str,
 ) -> anyhow::Result<AdminServiceClient<AuthenticatedChannel>> {
-    let endpoint = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    let channel = Channel::from_shared(endpoint.clone())?
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the daemon at {endpoint}; is `douyin-tokend serve` running?")
-        })?;
+    let channel = crate::transport::connect(address, transport).await?;
     Ok(AdminServiceClient::with_interceptor(
         channel,
         BearerAuth::new(api_key)?,

@@ -37,8 +37,12 @@ impl ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The gRPC listen address.
-    pub listen: SocketAddr,
+    /// The gRPC listen address: `127.0.0.1:50051`, or `unix:/path/to/socket`.
+    pub listen: ListenAddress,
+    /// Permissions of the Unix socket, octal (only with `listen = "unix:…"`).
+    pub unix_socket_mode: String,
+    /// TLS for the gRPC listener; absent means plaintext (fine on loopback or a Unix socket).
+    pub tls: Option<TlsConfig>,
     /// The SQLite database file.
     pub database: PathBuf,
     /// The master key that seals secrets and tokens in the database (64 hex
@@ -170,6 +174,55 @@ pub struct AppEntry {
     pub client_secret_env: Option<String>,
 }
 
+/// Where the gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix("unix:") {
+            Some(path) if Path::new(path).is_absolute() => Ok(Self::Unix(PathBuf::from(path))),
+            Some(_) => Err(format!("{text:?}: a Unix socket path must be absolute, like unix:/run/douyin-tokend/grpc.sock")),
+            None => text
+                .parse()
+                .map(Self::Tcp)
+                .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:50051 or unix:/run/douyin-tokend/grpc.sock")),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(address) => write!(formatter, "{address}"),
+            Self::Unix(path) => write!(formatter, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Certificate and key (PEM) of the gRPC listener; with `client_ca_file`,
+/// clients must present a certificate signed by that CA (mutual TLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
 /// How long the audit trail is kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -228,7 +281,9 @@ pub struct ResolvedMerchant {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            listen: ListenAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 50051))),
+            unix_socket_mode: "0660".to_owned(),
+            tls: None,
             database: default_database_path(std::env::var_os("STATE_DIRECTORY").as_deref()),
             master_key_file: None,
             shutdown_grace: Duration::from_secs(10),
@@ -333,12 +388,9 @@ impl Config {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
         if let Some(listen) = lookup("DOUYIN_TOKEND_LISTEN") {
-            self.listen = listen.parse().map_err(|_| {
-                ConfigError::invalid(
-                    "DOUYIN_TOKEND_LISTEN",
-                    format!("{listen:?} is not an address like 127.0.0.1:50051"),
-                )
-            })?;
+            self.listen = listen
+                .parse()
+                .map_err(|message| ConfigError::invalid("DOUYIN_TOKEND_LISTEN", message))?;
         }
         if let Some(database) = lookup("DOUYIN_TOKEND_DATABASE") {
             self.database = PathBuf::from(database);
@@ -389,6 +441,28 @@ impl Config {
                 "refresh.max_concurrent_fetches",
                 "must be at least 1",
             ));
+        }
+        if u32::from_str_radix(&self.unix_socket_mode, 8).map_or(true, |mode| mode > 0o777) {
+            return Err(ConfigError::invalid(
+                "unix_socket_mode",
+                "must be octal permissions like \"0660\"",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            for (key, file) in [
+                ("tls.cert_file", Some(&tls.cert_file)),
+                ("tls.key_file", Some(&tls.key_file)),
+                ("tls.client_ca_file", tls.client_ca_file.as_ref()),
+            ] {
+                if let Some(file) = file
+                    && !file.is_file()
+                {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("{} is not a readable file", file.display()),
+                    ));
+                }
+            }
         }
         if refresh.budget == 0 || refresh.budget_reserve >= refresh.budget {
             return Err(ConfigError::invalid(
@@ -657,6 +731,12 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let config = Config::from_toml_str("").unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        let unix = Config::from_toml_str("listen = \"unix:/run/x.sock\"").unwrap();
+        assert_eq!(
+            unix.listen,
+            ListenAddress::Unix(PathBuf::from("/run/x.sock"))
+        );
+        assert!(Config::from_toml_str("listen = \"unix:relative.sock\"").is_err());
         assert_eq!(config.douyin.base_url, "https://open.douyin.com");
         assert_eq!(config.refresh.window_start, Duration::from_secs(1500));
         assert_eq!(config.refresh.window_end, Duration::from_secs(900));
@@ -721,7 +801,7 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        assert_eq!(config.listen.port(), 6000);
+        assert_eq!(config.listen.to_string(), "127.0.0.1:6000");
         assert_eq!(config.douyin.base_url, "http://127.0.0.1:7000");
         let error = config
             .apply_environment(|name| {

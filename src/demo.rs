@@ -107,7 +107,7 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         config.database.display()
     )?;
 
-    let mut admin = admin_client(&daemon.address, &api_key).await?;
+    let mut admin = admin_client(&daemon.address, &Default::default(), &api_key).await?;
     admin
         .put_app(PutAppRequest {
             client_key: DEMO_CLIENT_KEY.to_owned(),

@@ -31,3 +31,4 @@ pub mod schedule;
 pub mod sealing;
 pub mod store;
 pub mod token;
+pub mod transport;

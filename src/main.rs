@@ -127,7 +127,12 @@ async fn connect_admin(
     >,
 > {
     let api_key = cli::api_key(cli.api_key_file.as_ref())?;
-    cli::admin_client(&daemon_address(cli, daemon)?, &api_key).await
+    cli::admin_client(
+        &daemon_address(cli, daemon)?,
+        &cli::client_transport(cli)?,
+        &api_key,
+    )
+    .await
 }
 
 fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<String> {
@@ -139,11 +144,10 @@ fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<Stri
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock);
-    let listen = config.listen;
+    let listen = config.listen.clone();
     let app = App::start(config, clock).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        douyin_tokend::transport::Listener::bind(&listen, &app.config.unix_socket_mode).await?;
     app.serve(listener, shutdown_signal()).await?;
     app.close().await;
     tracing::info!("stopped");

@@ -10,10 +10,9 @@ mod token;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -29,6 +28,7 @@ use crate::proto::tokend::v1::admin_service_server::AdminServiceServer;
 use crate::proto::tokend::v1::token_service_server::TokenServiceServer;
 use crate::registry::Registry;
 use crate::token::TokenManager;
+use crate::transport::Listener;
 
 /// What the gRPC services need from the rest of the daemon.
 #[derive(Clone)]
@@ -78,7 +78,8 @@ pub const SERVICE_NAMES: [&str; 3] = [
 /// calls finish. Health answers SERVING until shutdown begins.
 pub async fn serve(
     dependencies: GrpcDependencies,
-    listener: TcpListener,
+    listener: Listener,
+    tls: Option<ServerTlsConfig>,
     health: HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -106,8 +107,11 @@ pub async fn serve(
         }
     };
     let authenticate = authenticate_with(dependencies.registry.authenticator().clone());
-    // Small request/response messages: Nagle's algorithm would add ~40 ms to each.
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AfterSaleServiceServer::with_interceptor(
@@ -134,12 +138,28 @@ pub async fn serve(
                 audit: dependencies.audit,
             },
             authenticate,
-        ))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
+        ));
+    match listener {
+        // Small request/response messages: Nagle's algorithm would add ~40 ms to each.
+        Listener::Tcp(listener) => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await
+        }
+        Listener::Unix(listener, path) => {
+            let served = router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    shutdown,
+                )
+                .await;
+            let _ = std::fs::remove_file(&path);
+            served
+        }
+    }
 }
 
 /// The caller's deadline, from the `grpc-timeout` header.

@@ -52,6 +52,8 @@ pub struct TestApp {
     pub app: App,
     pub config: Config,
     channel: Channel,
+    /// Where the daemon listens (plain TCP on loopback).
+    pub address: std::net::SocketAddr,
     stop: CancellationToken,
     server: JoinHandle<anyhow::Result<()>>,
     _directory: Arc<tempfile::TempDir>,
@@ -152,6 +154,7 @@ impl TestApp {
             app,
             config,
             channel,
+            address,
             stop,
             server,
             _directory: directory,

@@ -12,3 +12,4 @@ mod failures;
 mod sealing;
 mod token_lifecycle;
 mod traffic;
+mod transport;

@@ -1,0 +1,149 @@
+//! How gRPC bytes travel: the listener (TCP, or a Unix socket with chosen
+//! permissions), the server's TLS (optionally mutual), and the client side of
+//! both for the CLI and tests.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+
+use crate::config::{ListenAddress, TlsConfig};
+
+/// A bound listener, ready to serve.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The socket and its path, removed again when the server stops.
+    Unix(UnixListener, PathBuf),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Self {
+        Self::Tcp(listener)
+    }
+}
+
+impl Listener {
+    /// Binds `address`. A Unix socket gets `mode` (octal text like "0660");
+    /// a stale socket file left by a crashed run is replaced.
+    pub async fn bind(address: &ListenAddress, mode: &str) -> anyhow::Result<Self> {
+        match address {
+            ListenAddress::Tcp(address) => {
+                let listener = TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address}"))?;
+                Ok(Self::Tcp(listener))
+            }
+            ListenAddress::Unix(path) => {
+                remove_stale_socket(path)?;
+                let listener = UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                let mode = u32::from_str_radix(mode, 8).context("unix_socket_mode is not octal")?;
+                set_mode(path, mode)?;
+                Ok(Self::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| "a TCP socket".to_owned(), |address| address.to_string()),
+            Self::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("{} is in use by a running process", path.display());
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))
+        }
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the permissions of {}", path.display()))
+}
+
+/// The server side of `[tls]`.
+pub fn server_tls(config: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let read = |path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(&config.cert_file)?,
+        read(&config.key_file)?,
+    ));
+    if let Some(client_ca) = &config.client_ca_file {
+        tls = tls.client_ca_root(Certificate::from_pem(read(client_ca)?));
+    }
+    Ok(tls)
+}
+
+/// How a client reaches the daemon.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTransport {
+    /// Trust this CA (PEM) and speak TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Present this certificate and key (PEM), for mutual TLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must carry (default: the address's host).
+    pub domain: Option<String>,
+}
+
+/// Connects to `address` (`host:port`, `http(s)://host:port` or `unix:/path`).
+pub async fn connect(address: &str, transport: &ClientTransport) -> anyhow::Result<Channel> {
+    if let Some(path) = address.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        // The URI is required by the API but unused: the connector dials the socket.
+        let endpoint = Endpoint::try_from("http://localhost")?;
+        return endpoint
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            }))
+            .await
+            .with_context(|| format!("cannot reach the daemon at {address}; is `douyin-tokend serve` running?"));
+    }
+    let scheme = if transport.ca_pem.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("{scheme}://{address}")
+    };
+    let mut endpoint = Endpoint::from_shared(uri.clone())?;
+    if let Some(ca) = &transport.ca_pem {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(domain) = &transport.domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        if let Some((cert, key)) = &transport.identity_pem {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    endpoint.connect().await.with_context(|| {
+        format!("cannot reach the daemon at {uri}; is `douyin-tokend serve` running?")
+    })
+}

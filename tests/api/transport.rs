@@ -1,0 +1,187 @@
+//! Transport security: TLS, mutual TLS that refuses a client without a
+//! certificate, and the Unix socket listener with its permissions.
+
+use douyin_tokend::app::App;
+use douyin_tokend::clock::{ManualClock, SharedClock};
+use douyin_tokend::config::{ListenAddress, TlsConfig};
+use douyin_tokend::proto::tokend::v1::ListAppsRequest;
+use douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient;
+use douyin_tokend::transport::{ClientTransport, Listener, connect};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::helpers::{ADMIN_API_KEY, START_UNIX_MS, TestApp};
+
+/// A throwaway CA with a server certificate for "localhost" and a client certificate.
+struct TestPki {
+    directory: tempfile::TempDir,
+    ca_pem: Vec<u8>,
+    client_pem: (Vec<u8>, Vec<u8>),
+}
+
+impl TestPki {
+    fn new() -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "douyin-tokend test CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let issue = |name: &str, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+        };
+        let server = issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+        let client = issue("order-service", ExtendedKeyUsagePurpose::ClientAuth);
+        let directory = tempfile::tempdir().unwrap();
+        std::fs::write(directory.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(directory.path().join("server.pem"), &server.0).unwrap();
+        std::fs::write(directory.path().join("server.key"), &server.1).unwrap();
+        Self {
+            directory,
+            ca_pem: ca_cert.pem().into_bytes(),
+            client_pem: client,
+        }
+    }
+
+    fn server_tls(&self, mutual: bool) -> TlsConfig {
+        TlsConfig {
+            cert_file: self.directory.path().join("server.pem"),
+            key_file: self.directory.path().join("server.key"),
+            client_ca_file: mutual.then(|| self.directory.path().join("ca.pem")),
+        }
+    }
+
+    fn client(&self, with_certificate: bool) -> ClientTransport {
+        ClientTransport {
+            ca_pem: Some(self.ca_pem.clone()),
+            identity_pem: with_certificate.then(|| self.client_pem.clone()),
+            domain: Some("localhost".to_owned()),
+        }
+    }
+}
+
+async fn list_apps_over(channel: tonic::transport::Channel) -> Result<usize, tonic::Status> {
+    let mut admin = AdminServiceClient::with_interceptor(
+        channel,
+        douyin_tokend::cli::BearerAuth::new(ADMIN_API_KEY).unwrap(),
+    );
+    Ok(admin
+        .list_apps(ListAppsRequest {})
+        .await?
+        .into_inner()
+        .apps
+        .len())
+}
+
+#[tokio::test]
+async fn tls_connections_work_and_plaintext_ones_do_not() {
+    let pki = TestPki::new();
+    let tls = pki.server_tls(false);
+    let app = TestApp::spawn_with(|config, _| config.tls = Some(tls)).await;
+
+    let channel = connect(&app.address.to_string(), &pki.client(false))
+        .await
+        .unwrap();
+    assert_eq!(list_apps_over(channel).await.unwrap(), 0);
+
+    let plaintext = async {
+        list_apps_over(connect(&app.address.to_string(), &ClientTransport::default()).await?)
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    assert!(plaintext.await.is_err(), "a plaintext client is not served");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_serves_clients_with_a_certificate_and_refuses_those_without() {
+    let pki = TestPki::new();
+    let tls = pki.server_tls(true);
+    let app = TestApp::spawn_with(|config, _| config.tls = Some(tls)).await;
+
+    let with_certificate = connect(&app.address.to_string(), &pki.client(true))
+        .await
+        .unwrap();
+    assert_eq!(list_apps_over(with_certificate).await.unwrap(), 0);
+
+    let without_certificate = async {
+        let channel = connect(&app.address.to_string(), &pki.client(false)).await?;
+        let mut health = HealthClient::new(channel);
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    assert!(
+        without_certificate.await.is_err(),
+        "mutual TLS refuses a client without a certificate"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_unix_socket_listener_serves_with_its_permissions_and_cleans_up() {
+    let directory = tempfile::tempdir().unwrap();
+    let socket = directory.path().join("grpc.sock");
+    let mut config = douyin_tokend::config::Config {
+        database: directory.path().join("tokend.db"),
+        listen: ListenAddress::Unix(socket.clone()),
+        ..douyin_tokend::config::Config::default()
+    };
+    config.refresh.sweep = "off".to_owned();
+    config.clients.push(douyin_tokend::config::ClientEntry {
+        name: "admin".to_owned(),
+        key_sha256: douyin_tokend::access::KeyHash::of_key(ADMIN_API_KEY).to_hex(),
+        scopes: vec!["admin".to_owned()],
+        apps: None,
+        merchants: None,
+    });
+    let clock: SharedClock = ManualClock::starting_at(START_UNIX_MS);
+    let app = App::start(config.clone(), clock).await.unwrap();
+    let listener = Listener::bind(&config.listen, &config.unix_socket_mode)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let serving = app.clone();
+    let stopped = stop.clone().cancelled_owned();
+    let server = tokio::spawn(async move { serving.serve(listener, stopped).await });
+
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    let channel = connect(
+        &format!("unix:{}", socket.display()),
+        &ClientTransport::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(list_apps_over(channel).await.unwrap(), 0);
+
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    app.close().await;
+    assert!(
+        !socket.exists(),
+        "the socket is removed when the server stops"
+    );
+}

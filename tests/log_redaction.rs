@@ -98,6 +98,61 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
     };
     visible.push_str(&format!("{put:?}"));
     let lease_final = app.access_token_for(ACCOUNT_ID).await.unwrap();
+    // API clients: creation, a wrong key, a report, the audit trail.
+    let created = app
+        .admin_client()
+        .create_client(CreateClientRequest {
+            name: "reporter".to_owned(),
+            scopes: vec!["token.report".to_owned()],
+            apps: vec![],
+            merchants: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    visible.push_str(&format!("{created:?}"));
+    let wrong_key = app
+        .token_client_with("dtk_wrong_key_never_issued")
+        .get_access_token(GetAccessTokenRequest {
+            selector: Some(get_access_token_request::Selector::AccountId(
+                ACCOUNT_ID.to_owned(),
+            )),
+        })
+        .await
+        .unwrap_err();
+    visible.push_str(&format!("{wrong_key:?} {}", wrong_key.message()));
+    // Past the backoff of the failed forced refresh above.
+    app.advance(std::time::Duration::from_secs(10));
+    let reported = app
+        .token_client_with(&created.api_key)
+        .report_invalid_token(ReportInvalidTokenRequest {
+            selector: Some(report_invalid_token_request::Selector::AccountId(
+                ACCOUNT_ID.to_owned(),
+            )),
+            access_token: lease_final.access_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    visible.push_str(&format!("{reported:?}"));
+    let audit = app
+        .admin_client()
+        .list_audit(ListAuditRequest {
+            since_unix_ms: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    visible.push_str(&format!(
+        "{audit:?} {:?}",
+        audit
+            .entries
+            .iter()
+            .map(|entry| (&entry.app, &entry.reason))
+            .collect::<Vec<_>>()
+    ));
+    let master_key = std::fs::read_to_string(app.config.master_key_path(None)).unwrap();
     app.stop().await;
 
     let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
@@ -116,6 +171,11 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
         CLIENT_KEY,
         &lease.access_token,
         &lease_final.access_token,
+        &reported.access_token,
+        &created.api_key,
+        helpers::ADMIN_API_KEY,
+        "dtk_wrong_key_never_issued",
+        master_key.trim(),
     ] {
         assert!(
             !everything.contains(secret),

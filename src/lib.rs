@@ -26,4 +26,5 @@ pub mod proto;
 pub mod registry;
 pub mod sandbox;
 pub mod store;
+pub mod systemd_notify;
 pub mod token;

@@ -4,22 +4,44 @@
 //! module that knows all the others.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
+use futures::FutureExt;
+use futures::stream::{BoxStream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, ResolvedApp, ResolvedMerchant};
 use crate::douyin::DouyinClient;
+use crate::grpc::health::{self, HealthPublisher};
 use crate::grpc::{self, GrpcDependencies};
+use crate::lifecycle::Components;
 use crate::lookup::LookupService;
-use crate::registry::Registry;
+use crate::metrics;
+use crate::registry::{Registry, ReloadReport};
 use crate::store::Store;
+use crate::systemd_notify::{self, SystemdNotifier, WatchdogFeed};
 use crate::token::scheduler::SweepSchedule;
 use crate::token::{RefreshPolicy, TokenManager};
+
+/// How long the components get to stop after the gRPC server drained.
+const COMPONENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What [`App::serve_with`] runs besides gRPC; the default runs nothing more.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// Serves Prometheus metrics; the caller binds it from `metrics_listen`.
+    pub metrics_listener: Option<TcpListener>,
+    /// systemd's notify socket: READY, RELOADING, STOPPING and the watchdog.
+    pub notifier: SystemdNotifier,
+    /// Each item asks to re-read apps and merchants from `config_path` (SIGHUP).
+    pub reload_requests: Option<BoxStream<'static, ()>>,
+    pub config_path: Option<PathBuf>,
+}
 
 /// The daemon's parts, built and connected. Cheap to clone.
 #[derive(Clone)]
@@ -36,12 +58,7 @@ impl App {
     /// Opens the database, syncs the config's apps and merchants into it and
     /// loads every stored token. Fetches nothing.
     pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
-        let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        let apps = config.resolve_apps(
-            |name| std::env::var(name).ok(),
-            credentials_directory.as_deref(),
-        )?;
-        let merchants = config.resolve_merchants()?;
+        let (apps, merchants) = resolve_config_entries(&config)?;
         let store = Store::open(&config.database).await?;
         Registry::sync_config(&store, &apps, &merchants, clock.now_unix_ms())
             .await
@@ -75,6 +92,34 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
+        self.serve_with(listener, ServeOptions::default(), shutdown)
+            .await
+    }
+
+    /// [`App::serve`] with the service extras: the metrics listener, systemd
+    /// notifications and watchdog, and configuration reloads. The order:
+    ///
+    /// 1. start the refresh schedule (and a first sweep), publish health, start
+    ///    the components, then tell systemd READY (the listeners are bound by
+    ///    the caller, so calls already queue);
+    /// 2. run until `shutdown` completes or a component ends (a failure);
+    /// 3. STOPPING: health NOT_SERVING, stop accepting, give in-flight calls
+    ///    `shutdown_grace`, stop the components and the schedule.
+    ///
+    /// Returns an error when a component failed, so the process exits non-zero.
+    pub async fn serve_with(
+        &self,
+        listener: TcpListener,
+        options: ServeOptions,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let ServeOptions {
+            metrics_listener,
+            notifier,
+            reload_requests,
+            config_path,
+        } = options;
+        let grpc_address = listener.local_addr()?;
         let schedule = if self.config.refresh.sweep == "off" {
             None
         } else {
@@ -86,13 +131,77 @@ impl App {
             tokio::spawn(async move { tokens.sweep().await });
             Some(schedule)
         };
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let shutdown_begun = CancellationToken::new();
-        let signal_shutdown = shutdown_begun.clone();
-        let server_shutdown = async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new calls accepted");
-            signal_shutdown.cancel();
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = HealthPublisher::new(reporter);
+        health
+            .publish_token_availability(self.tokens.any_token_servable())
+            .await;
+        let stopping = CancellationToken::new();
+        let mut components = Components::new();
+        components.spawn(
+            "health publisher",
+            health::keep_token_availability_published(
+                health.clone(),
+                self.tokens.clone(),
+                stopping.clone(),
+            )
+            .map(Ok),
+        );
+        let mut status = format!("serving gRPC on {grpc_address}");
+        if let Some(metrics_listener) = metrics_listener {
+            let metrics_address = metrics_listener.local_addr()?;
+            status.push_str(&format!(", metrics on http://{metrics_address}/metrics"));
+            let tokens = self.tokens.clone();
+            let clock = self.clock.clone();
+            let renderer: metrics::Renderer =
+                Arc::new(move || metrics::render(&tokens.status(), clock.now_unix_ms()));
+            components.spawn(
+                "metrics listener",
+                metrics::serve(
+                    metrics_listener,
+                    renderer,
+                    stopping.clone().cancelled_owned(),
+                )
+                .map(|served| served.context("cannot serve metrics")),
+            );
+        }
+        if let Some(timeout) = notifier.watchdog_timeout() {
+            let feed = if schedule.is_some() {
+                WatchdogFeed::SweepHeartbeat(self.tokens.sweep_heartbeat())
+            } else {
+                tracing::warn!(
+                    "the refresh sweep is off: the systemd watchdog only sees that the process runs"
+                );
+                WatchdogFeed::RuntimeOnly
+            };
+            components.spawn(
+                "watchdog pinger",
+                systemd_notify::run_watchdog(notifier.clone(), timeout, feed, stopping.clone())
+                    .map(Ok),
+            );
+        }
+        if let Some(reload_requests) = reload_requests {
+            components.spawn(
+                "reload handler",
+                self.clone().handle_reloads(
+                    reload_requests,
+                    config_path,
+                    notifier.clone(),
+                    status.clone(),
+                    stopping.clone(),
+                ),
+            );
+        }
+
+        let grpc_shutdown = {
+            let stopping = stopping.clone();
+            let health = health.clone();
+            async move {
+                stopping.cancelled().await;
+                // Tell load balancers first, then stop accepting.
+                health.publish_stopping().await;
+            }
         };
         let dependencies = GrpcDependencies {
             lookup: self.lookup.clone(),
@@ -100,23 +209,121 @@ impl App {
             tokens: self.tokens.clone(),
             clock: self.clock.clone(),
         };
-        tracing::info!(address = %listener.local_addr()?, "serving gRPC");
-        let grace = self.config.shutdown_grace;
-        let served = tokio::select! {
-            served = grpc::serve(dependencies, listener, health, health_service, server_shutdown) => served.context("the gRPC server failed"),
-            () = async { shutdown_begun.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_s = grace.as_secs(), "in-flight calls did not finish within the grace period; dropping them");
-                Ok(())
+        let mut grpc = std::pin::pin!(grpc::serve(
+            dependencies,
+            listener,
+            health_service,
+            grpc_shutdown
+        ));
+        tracing::info!(address = %grpc_address, "serving gRPC");
+        notifier.ready(&status);
+
+        let mut grpc_ended = false;
+        let mut failure = tokio::select! {
+            () = shutdown => None,
+            served = &mut grpc => {
+                grpc_ended = true;
+                Some(match served {
+                    Ok(()) => anyhow!("the gRPC server stopped unexpectedly"),
+                    Err(error) => anyhow::Error::new(error).context("the gRPC server failed"),
+                })
             }
+            failure = components.first_failure() => Some(failure),
         };
+        match &failure {
+            None => tracing::info!("shutting down: health NOT_SERVING, no new calls accepted"),
+            Some(error) => {
+                tracing::error!(error = %format!("{error:#}"), "a component failed; shutting down")
+            }
+        }
+        notifier.stopping("stopping: finishing in-flight calls");
+        stopping.cancel();
+        if !grpc_ended {
+            let grace = self.config.shutdown_grace;
+            match tokio::time::timeout(grace, &mut grpc).await {
+                Ok(Ok(())) => tracing::info!("in-flight calls finished"),
+                Ok(Err(error)) => {
+                    failure.get_or_insert(
+                        anyhow::Error::new(error).context("the gRPC server failed while stopping"),
+                    );
+                }
+                Err(_) => tracing::warn!(
+                    grace_s = grace.as_secs(),
+                    "in-flight calls did not finish within the grace period; dropping them"
+                ),
+            }
+        }
+        components.wait_for_all(COMPONENT_STOP_TIMEOUT).await;
         if let Some(schedule) = schedule {
             schedule.stop().await;
         }
-        served
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Re-reads the config file and applies its apps and merchants (SIGHUP).
+    /// Other settings take effect at the next restart.
+    pub async fn reload_config(&self, config_path: Option<&Path>) -> anyhow::Result<ReloadReport> {
+        let config = Config::load(config_path)?;
+        let (apps, merchants) = resolve_config_entries(&config)?;
+        self.registry
+            .reload_config(&apps, &merchants)
+            .await
+            .context("cannot apply the config's apps and merchants")
+    }
+
+    async fn handle_reloads(
+        self,
+        mut reload_requests: BoxStream<'static, ()>,
+        config_path: Option<PathBuf>,
+        notifier: SystemdNotifier,
+        ready_status: String,
+        stopping: CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                () = stopping.cancelled() => return Ok(()),
+                request = reload_requests.next() => {
+                    if request.is_none() {
+                        return Err(anyhow!("reload requests can no longer arrive"));
+                    }
+                }
+            }
+            notifier.reloading();
+            match self.reload_config(config_path.as_deref()).await {
+                Ok(report) => tracing::info!(
+                    apps_added = report.apps_added,
+                    apps_removed = report.apps_removed,
+                    merchants_added = report.merchants_added,
+                    merchants_removed = report.merchants_removed,
+                    "configuration reloaded: apps and merchants applied; other settings apply at the next restart"
+                ),
+                Err(error) => tracing::error!(
+                    error = %format!("{error:#}"),
+                    "configuration not reloaded; the previous apps and merchants stay in force"
+                ),
+            }
+            notifier.ready(&ready_status);
+        }
     }
 
     /// Closes the database pool; call after `serve` returned.
     pub async fn close(&self) {
         self.store.close().await;
     }
+}
+
+/// The config's apps with their secrets read (from `$CREDENTIALS_DIRECTORY`
+/// under systemd), and its merchants.
+fn resolve_config_entries(
+    config: &Config,
+) -> Result<(Vec<ResolvedApp>, Vec<ResolvedMerchant>), ConfigError> {
+    let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let apps = config.resolve_apps(
+        |name| std::env::var(name).ok(),
+        credentials_directory.as_deref(),
+    )?;
+    Ok((apps, config.resolve_merchants()?))
 }

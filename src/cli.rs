@@ -43,8 +43,21 @@ pub enum Command {
     Demo,
     /// Run the sandbox Douyin upstream on its own (for manual testing).
     Sandbox(SandboxArgs),
-    /// Validate the config file and exit (64 when it is invalid).
+    /// Validate the config file and exit (64 when it is invalid, with a
+    /// message naming the offending key).
     CheckConfig,
+    /// Ask a running daemon's grpc.health.v1 service; exit 0 only when it
+    /// answers SERVING.
+    Healthcheck {
+        /// The service to ask about; the overall status by default.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
     /// Manage the apps (client_key) of a running daemon.
     App {
         #[command(subcommand)]
@@ -138,16 +151,59 @@ pub enum TokenCommand {
 
 /// Connects to the daemon's AdminService.
 pub async fn admin_client(address: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
-    let endpoint = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
+    let endpoint = daemon_endpoint(address);
     AdminServiceClient::connect(endpoint.clone())
         .await
         .with_context(|| {
             format!("cannot reach the daemon at {endpoint}; is `douyin-tokend serve` running?")
         })
+}
+
+fn daemon_endpoint(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+/// Asks the daemon's health service about `service` ("" for overall); Ok only
+/// when it answers SERVING within `timeout`.
+pub async fn healthcheck(
+    address: &str,
+    service: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let endpoint = daemon_endpoint(address);
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .with_context(|| format!("{endpoint} is not a daemon address"))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the daemon at {endpoint}"))?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let status = ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown);
+    let what = if service.is_empty() {
+        "douyin-tokend"
+    } else {
+        service
+    };
+    if status == ServingStatus::Serving {
+        Ok(format!("{what}: SERVING\n"))
+    } else {
+        bail!("{what}: {}", status.as_str_name())
+    }
 }
 
 fn read_secret(file: Option<&PathBuf>, variable: Option<&String>) -> anyhow::Result<String> {

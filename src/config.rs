@@ -48,6 +48,8 @@ pub struct Config {
     pub refresh: RefreshConfig,
     pub apps: Vec<AppEntry>,
     pub merchants: Vec<MerchantEntry>,
+    /// Where Prometheus scrapes `/metrics`; absent (the default) turns metrics off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +150,7 @@ impl Default for Config {
             refresh: RefreshConfig::default(),
             apps: Vec::new(),
             merchants: Vec::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -251,6 +254,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "douyin.request_timeout",
                 "must be above zero",
+            ));
+        }
+        if self.metrics_listen == Some(self.listen) {
+            return Err(ConfigError::invalid(
+                "metrics_listen",
+                "must differ from listen (metrics are served over plain HTTP on a port of their own)",
             ));
         }
         let refresh = &self.refresh;

@@ -47,6 +47,7 @@ impl LookupService {
         deadline: Option<Instant>,
     ) -> Result<AfterSaleAnswer, LookupError> {
         let client_key = self.registry.app_for_merchant(&query.account_id)?;
+        crate::telemetry::record_app(&client_key);
         let lease = self.tokens.token_for_app(&client_key).await?;
         match self
             .douyin

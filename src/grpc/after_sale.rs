@@ -1,15 +1,20 @@
-//! `douyin.goodlife.v1.AfterSaleService`: validates the request at the edge and
-//! hands it to the lookup use case.
+//! `douyin.goodlife.v1.AfterSaleService`: validates the request at the edge,
+//! hands it to the lookup use case, and records its latency and Douyin's logid.
 
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, status};
+use tokio::time::Instant;
+
+use super::{code_label, deadline_of, status};
 use crate::domain::AfterSaleQuery;
-use crate::lookup::LookupService;
+use crate::douyin::TransportError;
+use crate::douyin::after_sale::LookupFailure;
+use crate::lookup::{LookupError, LookupService};
 use crate::proto::douyin::goodlife::v1::after_sale_service_server::AfterSaleService;
 use crate::proto::douyin::goodlife::v1::{
     GetAfterSaleOrderDetailRequest, GetAfterSaleOrderDetailResponse,
 };
+use crate::{metrics, telemetry};
 
 pub struct AfterSaleGrpc {
     pub lookup: LookupService,
@@ -21,6 +26,22 @@ impl AfterSaleService for AfterSaleGrpc {
         &self,
         request: Request<GetAfterSaleOrderDetailRequest>,
     ) -> Result<Response<GetAfterSaleOrderDetailResponse>, Status> {
+        let _queued = metrics::LookupInFlight::enter();
+        let started = Instant::now();
+        let answer = self.answer(request).await;
+        let code = answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        metrics::record_lookup(code_label(code), started.elapsed());
+        answer
+    }
+}
+
+impl AfterSaleGrpc {
+    async fn answer(
+        &self,
+        request: Request<GetAfterSaleOrderDetailRequest>,
+    ) -> Result<Response<GetAfterSaleOrderDetailResponse>, Status> {
         let deadline = deadline_of(&request);
         let request = request.into_inner();
         let query = AfterSaleQuery::parse(
@@ -29,15 +50,31 @@ impl AfterSaleService for AfterSaleGrpc {
             request.certificate_id.as_deref(),
         )
         .map_err(|error| status::invalid_argument(&error))?;
+        telemetry::record_merchant(&query.account_id);
         let answer = self
             .lookup
             .after_sale_order_detail(&query, deadline)
             .await
+            .inspect_err(|error| telemetry::record_logid(logid_of(error)))
             .map_err(|error| status::lookup_status(&error))?;
         let mut response = answer.response;
+        if let Some(extra) = &response.extra {
+            telemetry::record_logid(&extra.logid);
+        }
         if request.include_raw_json {
             response.raw_json = answer.raw_body;
         }
         Ok(Response::new(response))
+    }
+}
+
+/// Douyin's logid of a failed upstream answer, or "" when there was none.
+fn logid_of(error: &LookupError) -> &str {
+    match error {
+        LookupError::Upstream(LookupFailure::Douyin(error)) => &error.logid,
+        LookupError::Upstream(LookupFailure::Transport(
+            TransportError::HttpStatus { logid, .. } | TransportError::MalformedBody { logid, .. },
+        )) => logid,
+        _ => "",
     }
 }

@@ -28,6 +28,7 @@ impl TokenService for TokenGrpc {
             Some(Selector::AccountId(account_id)) => {
                 let account_id = AccountId::parse(&account_id)
                     .map_err(|error| status::invalid_argument(&error))?;
+                crate::telemetry::record_merchant(&account_id);
                 self.registry
                     .app_for_merchant(&account_id)
                     .map_err(|error| status::registry_status(&error))?
@@ -41,6 +42,7 @@ impl TokenService for TokenGrpc {
                 ));
             }
         };
+        crate::telemetry::record_app(&client_key);
         let lease = self
             .tokens
             .token_for_app(&client_key)

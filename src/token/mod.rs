@@ -335,6 +335,7 @@ impl TokenManager {
             return Acquire::Ready(lease_of(&slot.client_key, held));
         }
         if let Some(fetch) = &state.inflight {
+            crate::metrics::record_coalesced(&slot.client_key);
             return Acquire::Wait(fetch.clone());
         }
         if reason != RefreshReason::Forced
@@ -397,11 +398,21 @@ impl TokenManager {
     ) -> Result<TokenLease, TokenError> {
         let client_key = &slot.client_key;
         tracing::info!(app = %client_key, reason = reason.as_str(), generation, "fetching client_token");
+        let fetch_started = tokio::time::Instant::now();
         let fetched = self
             .inner
             .douyin
             .fetch_client_token(client_key, &secret)
             .await;
+        let before_first_sweep = *self.inner.sweeps_completed.borrow() == 0;
+        crate::metrics::record_token_fetch(
+            client_key,
+            reason,
+            before_first_sweep,
+            started_at_ms,
+            fetched.as_ref().map(|_| ()),
+            fetch_started.elapsed(),
+        );
         let now_ms = self.now_ms();
         match fetched {
             Ok(fetched) => {

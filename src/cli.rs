@@ -45,7 +45,12 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Validate the config file and exit (64 when it is invalid, with a
     /// message naming the offending key).
-    CheckConfig,
+    CheckConfig {
+        /// Where relative `client_secret_file`s live (systemd's
+        /// `$CREDENTIALS_DIRECTORY`); every app's secret is read to check it.
+        #[arg(long, env = "CREDENTIALS_DIRECTORY")]
+        credentials_directory: Option<PathBuf>,
+    },
     /// Ask a running daemon's grpc.health.v1 service; exit 0 only when it
     /// answers SERVING.
     Healthcheck {

@@ -53,9 +53,20 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve => serve(Config::load(cli.config.as_deref())?, cli.config.clone()).await,
-        Command::CheckConfig => {
-            Config::load(cli.config.as_deref())?;
-            println!("config is valid");
+        Command::CheckConfig {
+            credentials_directory,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let apps = config.resolve_apps(
+                |name| std::env::var(name).ok(),
+                credentials_directory.as_deref(),
+            )?;
+            let merchants = config.resolve_merchants()?;
+            println!(
+                "config is valid: {} app(s) with readable secrets, {} merchant(s)",
+                apps.len(),
+                merchants.len()
+            );
             Ok(())
         }
         Command::Healthcheck {

@@ -167,7 +167,9 @@ pub async fn run_watchdog(
     feed: WatchdogFeed,
     stop: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(timeout / 2);
+    // The first ping after half a timeout, like every later one: READY=1
+    // comes first, and systemd wants a ping within the timeout.
+    let mut ticks = tokio::time::interval_at(Instant::now() + timeout / 2, timeout / 2);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (requires_beats, mut heartbeat) = match feed {
         WatchdogFeed::SweepHeartbeat(heartbeat) => (true, Some(heartbeat)),

@@ -3,6 +3,8 @@
 //! id, the merchant, the app (as its fingerprint) and Douyin's logid once they
 //! are known, so every line logged while serving a call can be traced to it.
 
+use std::io::IsTerminal;
+
 use tracing::Span;
 use tracing::field::{Empty, display};
 use tracing_subscriber::EnvFilter;
@@ -18,8 +20,11 @@ pub const MAX_REQUEST_ID_LENGTH: usize = 64;
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colours only for a terminal: journald and log files would keep the
+    // escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

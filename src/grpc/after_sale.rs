@@ -32,7 +32,20 @@ impl AfterSaleService for AfterSaleGrpc {
         let code = answer
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
-        metrics::record_lookup(code_label(code), started.elapsed());
+        let elapsed = started.elapsed();
+        metrics::record_lookup(code_label(code), elapsed);
+        let elapsed_ms = elapsed.as_millis();
+        match &answer {
+            Ok(_) => tracing::debug!(elapsed_ms, "after-sale lookup answered"),
+            Err(status) => {
+                tracing::info!(
+                    code = code_label(code),
+                    elapsed_ms,
+                    reason = status.message(),
+                    "after-sale lookup failed"
+                )
+            }
+        }
         answer
     }
 }

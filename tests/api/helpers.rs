@@ -118,6 +118,11 @@ impl TestApp {
         self.sandbox.stop().await;
     }
 
+    /// The connection to the daemon every client helper shares.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     pub fn after_sale_client(&self) -> AfterSaleServiceClient<Channel> {
         AfterSaleServiceClient::new(self.channel.clone())
     }

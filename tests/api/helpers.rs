@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use douyin_tokend::app::App;
+use douyin_tokend::app::{App, ServeOptions};
 use douyin_tokend::clock::{ManualClock, SharedClock};
 use douyin_tokend::config::Config;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
@@ -32,6 +32,8 @@ pub struct TestApp {
     pub sandbox: Sandbox,
     pub app: App,
     pub config: Config,
+    /// Where `/metrics` is served, when the config asked for `metrics_listen`.
+    pub metrics_address: Option<std::net::SocketAddr>,
     channel: Channel,
     stop: CancellationToken,
     server: JoinHandle<anyhow::Result<()>>,
@@ -77,7 +79,20 @@ impl TestApp {
         let stop = CancellationToken::new();
         let serving = app.clone();
         let stopped = stop.clone().cancelled_owned();
-        let server = tokio::spawn(async move { serving.serve(listener, stopped).await });
+        // The configured metrics address only says "on"; tests take a free port.
+        let metrics_listener = match config.metrics_listen {
+            Some(_) => Some(TcpListener::bind(("127.0.0.1", 0)).await.unwrap()),
+            None => None,
+        };
+        let metrics_address = metrics_listener
+            .as_ref()
+            .map(|listener| listener.local_addr().unwrap());
+        let options = ServeOptions {
+            metrics_listener,
+            ..ServeOptions::default()
+        };
+        let server =
+            tokio::spawn(async move { serving.serve_with(listener, options, stopped).await });
         let channel = Channel::from_shared(format!("http://{address}"))
             .unwrap()
             .connect_lazy();
@@ -86,6 +101,7 @@ impl TestApp {
             sandbox,
             app,
             config,
+            metrics_address,
             channel,
             stop,
             server,

@@ -269,7 +269,8 @@ impl Config {
                 "must be above zero",
             ));
         }
-        if self.metrics_listen == Some(self.listen) {
+        // Port 0 (any free port) on both is fine: they cannot end up the same.
+        if self.metrics_listen == Some(self.listen) && self.listen.port() != 0 {
             return Err(ConfigError::invalid(
                 "metrics_listen",
                 "must differ from listen (metrics are served over plain HTTP on a port of their own)",

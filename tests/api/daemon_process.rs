@@ -135,7 +135,13 @@ impl DaemonProcess {
             log_path,
             _directory: directory,
         };
-        let ready = process.next_notification().await;
+        let ready = tokio::select! {
+            ready = receive(&process.notify_socket, PATIENCE) => ready
+                .unwrap_or_else(|| panic!("no READY within {PATIENCE:?}\n{}", process.logs())),
+            exited = process.child.wait() => {
+                panic!("the daemon exited before READY ({exited:?})\n{}", process.logs())
+            }
+        };
         assert!(
             ready.starts_with("READY=1\n"),
             "the first notification is READY=1, got {ready:?}\n{}",
@@ -160,12 +166,7 @@ impl DaemonProcess {
 
     /// The next datagram, or None when none arrives within `within`.
     pub async fn notification_within(&self, within: Duration) -> Option<String> {
-        let mut buffer = vec![0u8; 4096];
-        let length = tokio::time::timeout(within, self.notify_socket.recv(&mut buffer))
-            .await
-            .ok()?
-            .unwrap();
-        Some(String::from_utf8(buffer[..length].to_vec()).unwrap())
+        receive(&self.notify_socket, within).await
     }
 
     /// Skips datagrams until one starting with `prefix` arrives.
@@ -222,6 +223,15 @@ impl DaemonProcess {
         )
         .unwrap();
     }
+}
+
+async fn receive(socket: &UnixDatagram, within: Duration) -> Option<String> {
+    let mut buffer = vec![0u8; 4096];
+    let length = tokio::time::timeout(within, socket.recv(&mut buffer))
+        .await
+        .ok()?
+        .unwrap();
+    Some(String::from_utf8(buffer[..length].to_vec()).unwrap())
 }
 
 fn address_after(status: &str, marker: &str) -> Option<SocketAddr> {

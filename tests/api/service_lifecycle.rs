@@ -363,3 +363,51 @@ async fn json_logs_carry_the_request_id_merchant_app_and_douyin_logid_of_a_call(
     assert!(logs.lines().all(|line| line.starts_with('{')), "{logs}");
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_are_served_on_a_listener_of_their_own_and_are_off_by_default() {
+    assert_eq!(
+        crate::helpers::TestApp::spawn().await.metrics_address,
+        None,
+        "no metrics_listen, no metrics listener"
+    );
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut daemon = DaemonProcess::start(
+        "metrics_listen = \"127.0.0.1:0\"",
+        DaemonSettings::new(sandbox.base_url()),
+    )
+    .await;
+    let metrics_address = daemon
+        .metrics_address
+        .expect("READY's status names the metrics address");
+    assert_ne!(metrics_address, daemon.grpc_address);
+    lookup(daemon.channel(), ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap();
+
+    let mut stream = tokio::net::TcpStream::connect(metrics_address)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut page = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut page)
+        .await
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("douyin_tokend_lookup_duration_seconds_count{code=\"OK\"} 1\n"),
+        "{page}"
+    );
+    assert!(
+        page.contains("douyin_tokend_token_generation{app=\""),
+        "{page}"
+    );
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    sandbox.stop().await;
+}

@@ -3,7 +3,9 @@
 //! detail lookup.
 //!
 //! Crate map (dependencies point down; see ARCHITECTURE.md):
-//! - [`app`]: composition root, start and stop order.
+//! - [`app`]: composition root, start and stop order, reloads.
+//! - [`lifecycle`], [`systemd_notify`]: component supervision; READY, STOPPING, watchdog.
+//! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and the RPC span.
 //! - [`grpc`]: tonic services and the one failure → `Status` mapping.
 //! - [`lookup`]: the after-sale use case (token, upstream, refresh-and-retry once).
 //! - [`registry`]: apps and merchants, in SQLite and in memory.

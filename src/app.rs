@@ -197,10 +197,13 @@ impl App {
         let grpc_shutdown = {
             let stopping = stopping.clone();
             let health = health.clone();
+            let notifier = notifier.clone();
             async move {
                 stopping.cancelled().await;
-                // Tell load balancers first, then stop accepting.
+                // Tell load balancers first, then stop accepting (tonic closes
+                // the listener as soon as this future completes).
                 health.publish_stopping().await;
+                notifier.stopping("stopping: finishing in-flight calls");
             }
         };
         let dependencies = GrpcDependencies {
@@ -236,9 +239,10 @@ impl App {
                 tracing::error!(error = %format!("{error:#}"), "a component failed; shutting down")
             }
         }
-        notifier.stopping("stopping: finishing in-flight calls");
         stopping.cancel();
-        if !grpc_ended {
+        if grpc_ended {
+            notifier.stopping("stopping after a failure");
+        } else {
             let grace = self.config.shutdown_grace;
             match tokio::time::timeout(grace, &mut grpc).await {
                 Ok(Ok(())) => tracing::info!("in-flight calls finished"),

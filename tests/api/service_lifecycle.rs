@@ -47,12 +47,19 @@ async fn sigterm_during_a_slow_lookup_lets_it_finish_and_exits_zero_within_the_g
     daemon.send_signal("TERM");
     let stopping = daemon.wait_for_notification("STOPPING=1").await;
     assert!(stopping.contains("STATUS="), "{stopping}");
-    // Health turned NOT_SERVING and the listener closed: nobody new gets in.
+    // STOPPING comes once health is NOT_SERVING, as the listener closes: a
+    // newcomer is refused, reset, or at most told NOT_SERVING.
+    let newcomer = HealthClient::new(daemon.channel())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
     assert!(
-        tokio::net::TcpStream::connect(daemon.grpc_address)
-            .await
-            .is_err(),
-        "the listener still accepts after STOPPING"
+        newcomer
+            .as_ref()
+            .map_or(true, |answer| answer.get_ref().status
+                == ServingStatus::NotServing as i32),
+        "a new caller was served after STOPPING: {newcomer:?}"
     );
     upstream.release_lookups();
 

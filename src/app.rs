@@ -4,23 +4,46 @@
 //! module that knows all the others.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
+use futures::FutureExt;
+use futures::stream::{BoxStream, StreamExt};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, ResolvedApp, ResolvedMerchant};
 use crate::douyin::DouyinClient;
+use crate::grpc::health::{self, HealthPublisher};
 use crate::grpc::{self, GrpcDependencies};
+use crate::lifecycle::Components;
 use crate::lookup::LookupService;
-use crate::registry::Registry;
+use crate::metrics;
+use crate::registry::{Registry, ReloadReport};
 use crate::schedule::{ScheduledJob, Schedules};
-use crate::store::{MasterKeyOutcome, Store};
+use crate::store::{ClientRecord, MasterKeyOutcome, Store};
+use crate::systemd_notify::{self, SystemdNotifier, WatchdogFeed};
 use crate::token::TokenManager;
 use crate::transport::{Listener, server_tls};
+
+/// How long the components get to stop after the gRPC server drained.
+const COMPONENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What [`App::serve_with`] runs besides gRPC; the default runs nothing more.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// Serves Prometheus metrics; the caller binds it from `metrics_listen`.
+    pub metrics_listener: Option<TcpListener>,
+    /// systemd's notify socket: READY, RELOADING, STOPPING and the watchdog.
+    pub notifier: SystemdNotifier,
+    /// Each item asks to re-read apps and merchants from `config_path` (SIGHUP).
+    pub reload_requests: Option<BoxStream<'static, ()>>,
+    pub config_path: Option<PathBuf>,
+}
 
 /// The daemon's parts, built and connected. Cheap to clone.
 #[derive(Clone)]
@@ -38,12 +61,8 @@ impl App {
     /// Opens the database, syncs the config's apps and merchants into it and
     /// loads every stored token. Fetches nothing.
     pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+        let (apps, merchants, clients) = resolve_config_entries(&config)?;
         let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        let apps = config.resolve_apps(
-            |name| std::env::var(name).ok(),
-            credentials_directory.as_deref(),
-        )?;
-        let merchants = config.resolve_merchants()?;
         let master_key_path = config.master_key_path(credentials_directory.as_deref());
         let (store, key_outcome) = Store::open(&config.database, &master_key_path).await?;
         if let MasterKeyOutcome::Created(path) = key_outcome {
@@ -52,10 +71,9 @@ impl App {
                 "created a new master key (mode 0600) for a new database; back it up: without it the stored secrets cannot be read"
             );
         }
-        let clients = config.resolve_clients()?;
         Registry::sync_config(&store, &apps, &merchants, &clients, clock.now_unix_ms())
             .await
-            .context("cannot sync the config's apps and merchants into the database")?;
+            .context("cannot sync the config's apps, merchants and clients into the database")?;
         let douyin = DouyinClient::new(&config.douyin).context("cannot build the HTTP client")?;
         let (audit, _audit_writer) = AuditLog::start(store.clone(), clock.clone());
         let tokens = TokenManager::load(
@@ -87,8 +105,199 @@ impl App {
         listener: impl Into<Listener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
+        self.serve_with(listener, ServeOptions::default(), shutdown)
+            .await
+    }
+
+    /// [`App::serve`] with the service extras: the metrics listener, systemd
+    /// notifications and watchdog, and configuration reloads. The order:
+    ///
+    /// 1. start the refresh schedule (and a first sweep), publish health, start
+    ///    the components, then tell systemd READY (the listeners are bound by
+    ///    the caller, so calls already queue);
+    /// 2. run until `shutdown` completes or a component ends (a failure);
+    /// 3. STOPPING: health NOT_SERVING, stop accepting, give in-flight calls
+    ///    `shutdown_grace`, stop the components and the schedule.
+    ///
+    /// Returns an error when a component failed, so the process exits non-zero.
+    pub async fn serve_with(
+        &self,
+        listener: impl Into<Listener>,
+        options: ServeOptions,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let ServeOptions {
+            metrics_listener,
+            notifier,
+            reload_requests,
+            config_path,
+        } = options;
         let listener = listener.into();
         let tls = self.config.tls.as_ref().map(server_tls).transpose()?;
+        let grpc_address = listener.describe();
+        let sweeping = self.config.refresh.sweep != "off";
+        let schedule = Schedules::start(self.scheduled_jobs())
+            .await
+            .context("cannot start the scheduled jobs")?;
+        if sweeping {
+            // Apps without a valid token get one now rather than at the first tick.
+            let tokens = self.tokens.clone();
+            tokio::spawn(async move { tokens.sweep().await });
+        }
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = HealthPublisher::new(reporter);
+        health
+            .publish_token_availability(self.tokens.any_token_servable())
+            .await;
+        let stopping = CancellationToken::new();
+        let mut components = Components::new();
+        components.spawn(
+            "health publisher",
+            health::keep_token_availability_published(
+                health.clone(),
+                self.tokens.clone(),
+                stopping.clone(),
+            )
+            .map(Ok),
+        );
+        let mut status = format!(
+            "serving gRPC on {grpc_address}{}",
+            if tls.is_some() { " (TLS)" } else { "" }
+        );
+        if let Some(metrics_listener) = metrics_listener {
+            let metrics_address = metrics_listener.local_addr()?;
+            status.push_str(&format!(", metrics on http://{metrics_address}/metrics"));
+            let tokens = self.tokens.clone();
+            let clock = self.clock.clone();
+            let lookup = self.lookup.clone();
+            let renderer: metrics::Renderer = Arc::new(move || {
+                let counters = lookup.counters();
+                let read = |counter: &std::sync::atomic::AtomicU64| {
+                    counter.load(std::sync::atomic::Ordering::Relaxed)
+                };
+                let readings = metrics::DaemonReadings {
+                    token_budget_remaining: tokens.budget_remaining(),
+                    lookups_coalesced: read(&counters.coalesced),
+                    lookup_retries: read(&counters.retries),
+                    lookups_not_admitted: read(&counters.not_admitted),
+                    lookup_cache_hits: read(&counters.cache_hits),
+                };
+                metrics::render(&tokens.status(), clock.now_unix_ms(), &readings)
+            });
+            components.spawn(
+                "metrics listener",
+                metrics::serve(
+                    metrics_listener,
+                    renderer,
+                    stopping.clone().cancelled_owned(),
+                )
+                .map(|served| served.context("cannot serve metrics")),
+            );
+        }
+        if let Some(timeout) = notifier.watchdog_timeout() {
+            let feed = if sweeping {
+                WatchdogFeed::SweepHeartbeat(self.tokens.sweep_heartbeat())
+            } else {
+                tracing::warn!(
+                    "the refresh sweep is off: the systemd watchdog only sees that the process runs"
+                );
+                WatchdogFeed::RuntimeOnly
+            };
+            components.spawn(
+                "watchdog pinger",
+                systemd_notify::run_watchdog(notifier.clone(), timeout, feed, stopping.clone())
+                    .map(Ok),
+            );
+        }
+        if let Some(reload_requests) = reload_requests {
+            components.spawn(
+                "reload handler",
+                self.clone().handle_reloads(
+                    reload_requests,
+                    config_path,
+                    notifier.clone(),
+                    status.clone(),
+                    stopping.clone(),
+                ),
+            );
+        }
+
+        let grpc_shutdown = {
+            let stopping = stopping.clone();
+            let health = health.clone();
+            let notifier = notifier.clone();
+            async move {
+                stopping.cancelled().await;
+                // Tell load balancers first, then stop accepting (tonic closes
+                // the listener as soon as this future completes).
+                health.publish_stopping().await;
+                notifier.stopping("stopping: finishing in-flight calls");
+            }
+        };
+        let dependencies = GrpcDependencies {
+            lookup: self.lookup.clone(),
+            registry: self.registry.clone(),
+            tokens: self.tokens.clone(),
+            clock: self.clock.clone(),
+            audit: self.audit.clone(),
+        };
+        let mut grpc = std::pin::pin!(grpc::serve(
+            dependencies,
+            listener,
+            tls,
+            health_service,
+            grpc_shutdown
+        ));
+        tracing::info!(address = %grpc_address, "serving gRPC");
+        notifier.ready(&status);
+
+        let mut grpc_ended = false;
+        let mut failure = tokio::select! {
+            () = shutdown => None,
+            served = &mut grpc => {
+                grpc_ended = true;
+                Some(match served {
+                    Ok(()) => anyhow!("the gRPC server stopped unexpectedly"),
+                    Err(error) => anyhow::Error::new(error).context("the gRPC server failed"),
+                })
+            }
+            failure = components.first_failure() => Some(failure),
+        };
+        match &failure {
+            None => tracing::info!("shutting down: health NOT_SERVING, no new calls accepted"),
+            Some(error) => {
+                tracing::error!(error = %format!("{error:#}"), "a component failed; shutting down")
+            }
+        }
+        stopping.cancel();
+        if grpc_ended {
+            notifier.stopping("stopping after a failure");
+        } else {
+            let grace = self.config.shutdown_grace;
+            match tokio::time::timeout(grace, &mut grpc).await {
+                Ok(Ok(())) => tracing::info!("in-flight calls finished"),
+                Ok(Err(error)) => {
+                    failure.get_or_insert(
+                        anyhow::Error::new(error).context("the gRPC server failed while stopping"),
+                    );
+                }
+                Err(_) => tracing::warn!(
+                    grace_s = grace.as_secs(),
+                    "in-flight calls did not finish within the grace period; dropping them"
+                ),
+            }
+        }
+        components.wait_for_all(COMPONENT_STOP_TIMEOUT).await;
+        schedule.stop().await;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// The periodic jobs: the refresh sweep (unless "off") and audit pruning.
+    fn scheduled_jobs(&self) -> Vec<ScheduledJob> {
         let mut jobs = Vec::new();
         if self.config.refresh.sweep != "off" {
             let tokens = self.tokens.clone();
@@ -98,9 +307,6 @@ impl App {
                     tokens.sweep().await;
                 }
             }));
-            // Apps without a valid token get one now rather than at the first tick.
-            let tokens = self.tokens.clone();
-            tokio::spawn(async move { tokens.sweep().await });
         }
         let audit = self.audit.clone();
         let retention = self.config.audit.retention;
@@ -112,42 +318,73 @@ impl App {
                 }
             }
         }));
-        let schedule = Schedules::start(jobs)
-            .await
-            .context("cannot start the scheduled jobs")?;
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let shutdown_begun = CancellationToken::new();
-        let signal_shutdown = shutdown_begun.clone();
-        let server_shutdown = async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new calls accepted");
-            signal_shutdown.cancel();
-        };
-        let dependencies = GrpcDependencies {
-            lookup: self.lookup.clone(),
-            registry: self.registry.clone(),
-            tokens: self.tokens.clone(),
-            clock: self.clock.clone(),
-            audit: self.audit.clone(),
-        };
-        tracing::info!(address = %listener.describe(), tls = tls.is_some(), "serving gRPC");
-        let grace = self.config.shutdown_grace;
-        let served = tokio::select! {
-            served = grpc::serve(dependencies, listener, tls, health, health_service, server_shutdown) => served.context("the gRPC server failed"),
-            () = async { shutdown_begun.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_s = grace.as_secs(), "in-flight calls did not finish within the grace period; dropping them");
-                Ok(())
-            }
-        };
-        schedule.stop().await;
-        served
+        jobs
     }
 
-    /// Closes the database pool; call after `serve` returned.
+    /// Re-reads the config file and applies its apps, merchants and clients
+    /// (SIGHUP). Other settings take effect at the next restart.
+    pub async fn reload_config(&self, config_path: Option<&Path>) -> anyhow::Result<ReloadReport> {
+        let config = Config::load(config_path)?;
+        let (apps, merchants, clients) = resolve_config_entries(&config)?;
+        self.registry
+            .reload_config(&apps, &merchants, &clients)
+            .await
+            .context("cannot apply the config's apps, merchants and clients")
+    }
+
+    async fn handle_reloads(
+        self,
+        mut reload_requests: BoxStream<'static, ()>,
+        config_path: Option<PathBuf>,
+        notifier: SystemdNotifier,
+        ready_status: String,
+        stopping: CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                () = stopping.cancelled() => return Ok(()),
+                request = reload_requests.next() => {
+                    if request.is_none() {
+                        return Err(anyhow!("reload requests can no longer arrive"));
+                    }
+                }
+            }
+            notifier.reloading();
+            match self.reload_config(config_path.as_deref()).await {
+                Ok(report) => tracing::info!(
+                    apps_added = report.apps_added,
+                    apps_removed = report.apps_removed,
+                    merchants_added = report.merchants_added,
+                    merchants_removed = report.merchants_removed,
+                    "configuration reloaded: apps and merchants applied; other settings apply at the next restart"
+                ),
+                Err(error) => tracing::error!(
+                    error = %format!("{error:#}"),
+                    "configuration not reloaded; the previous apps and merchants stay in force"
+                ),
+            }
+            notifier.ready(&ready_status);
+        }
+    }
+
+    /// Writes the last audit lines and closes the database; call after `serve` returned.
     pub async fn close(&self) {
         self.audit.flush().await;
         self.store.close().await;
     }
+}
+
+type ConfigEntries = (Vec<ResolvedApp>, Vec<ResolvedMerchant>, Vec<ClientRecord>);
+
+/// The config's apps with their secrets read (from `$CREDENTIALS_DIRECTORY`
+/// under systemd), its merchants and its API clients.
+fn resolve_config_entries(config: &Config) -> Result<ConfigEntries, ConfigError> {
+    let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let apps = config.resolve_apps(
+        |name| std::env::var(name).ok(),
+        credentials_directory.as_deref(),
+    )?;
+    Ok((apps, config.resolve_merchants()?, config.resolve_clients()?))
 }
 
 /// What a master key rotation did.

@@ -59,11 +59,29 @@ pub enum Command {
     Demo,
     /// Run the sandbox Douyin upstream on its own (for manual testing).
     Sandbox(SandboxArgs),
-    /// Validate the config file and exit (64 when it is invalid).
-    CheckConfig,
     /// Re-seal the database's secrets and tokens under a new master key and
     /// replace the key file. Stop the daemon first.
     RotateMasterKey,
+    /// Validate the config file and exit (64 when it is invalid, with a
+    /// message naming the offending key).
+    CheckConfig {
+        /// Where relative `client_secret_file`s live (systemd's
+        /// `$CREDENTIALS_DIRECTORY`); every app's secret is read to check it.
+        #[arg(long, env = "CREDENTIALS_DIRECTORY")]
+        credentials_directory: Option<PathBuf>,
+    },
+    /// Ask a running daemon's grpc.health.v1 service; exit 0 only when it
+    /// answers SERVING.
+    Healthcheck {
+        /// The service to ask about; the overall status by default.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
     /// Manage the apps (client_key) of a running daemon.
     App {
         #[command(subcommand)]
@@ -276,6 +294,43 @@ pub async fn admin_client(
         channel,
         BearerAuth::new(api_key)?,
     ))
+}
+
+/// Asks the daemon's health service about `service` ("" for overall); Ok only
+/// when it answers SERVING within `timeout`.
+pub async fn healthcheck(
+    address: &str,
+    transport: &crate::transport::ClientTransport,
+    service: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let channel = tokio::time::timeout(timeout, crate::transport::connect(address, transport))
+        .await
+        .with_context(|| format!("the daemon at {address} did not answer within {timeout:?}"))??;
+    let mut health = HealthClient::new(channel);
+    let check = health.check(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    let answer = tokio::time::timeout(timeout, check)
+        .await
+        .with_context(|| format!("the daemon at {address} did not answer within {timeout:?}"))?
+        .map_err(status_error)?
+        .into_inner();
+    let status = ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown);
+    let what = if service.is_empty() {
+        "douyin-tokend"
+    } else {
+        service
+    };
+    if status == ServingStatus::Serving {
+        Ok(format!("{what}: SERVING\n"))
+    } else {
+        bail!("{what}: {}", status.as_str_name())
+    }
 }
 
 fn read_secret(file: Option<&PathBuf>, variable: Option<&String>) -> anyhow::Result<String> {

@@ -62,6 +62,8 @@ pub struct Config {
     pub merchants: Vec<MerchantEntry>,
     /// Services allowed to call the daemon; more can be added over AdminService.
     pub clients: Vec<ClientEntry>,
+    /// Where Prometheus scrapes `/metrics`; absent (the default) turns metrics off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +296,7 @@ impl Default for Config {
             apps: Vec::new(),
             merchants: Vec::new(),
             clients: Vec::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -377,8 +380,15 @@ impl Config {
         })
     }
 
+    /// Parses a config document. Every error starts with the dotted key it is
+    /// about (`refresh.window_end: …`), then says where it is.
     pub fn from_toml_str(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|error| error.to_string().trim_end().to_owned())
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|error| describe_toml_error(text, None, &error))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let key = error.path().to_string();
+            describe_toml_error(text, Some(key), error.inner())
+        })
     }
 
     /// `DOUYIN_TOKEND_LISTEN`, `DOUYIN_TOKEND_DATABASE` and
@@ -411,10 +421,26 @@ impl Config {
                 "must start with https:// (or http:// for a local sandbox)",
             ));
         }
+        if self.douyin.connect_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "douyin.connect_timeout",
+                "must be above zero",
+            ));
+        }
         if self.douyin.request_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "douyin.request_timeout",
                 "must be above zero",
+            ));
+        }
+        // Port 0 (any free port) on both is fine: they cannot end up the same.
+        if let (Some(metrics), ListenAddress::Tcp(listen)) = (self.metrics_listen, &self.listen)
+            && metrics == *listen
+            && listen.port() != 0
+        {
+            return Err(ConfigError::invalid(
+                "metrics_listen",
+                "must differ from listen (metrics are served over plain HTTP on a port of their own)",
             ));
         }
         let refresh = &self.refresh;
@@ -704,6 +730,76 @@ impl Config {
                 })
             })
             .collect()
+    }
+}
+
+/// `key: message (line L, column C)`. The key is serde's path to the value
+/// when there is one; for a syntax error, the key written on the offending
+/// line inside its table.
+fn describe_toml_error(text: &str, path: Option<String>, error: &toml::de::Error) -> String {
+    let position = error.span().map(|span| span.start.min(text.len()));
+    let key = path
+        .filter(|path| !path.is_empty() && path != ".")
+        .or_else(|| position.and_then(|position| key_written_at(text, position)))
+        .unwrap_or_else(|| "config".to_owned());
+    let message = error.message().trim_end();
+    // A missing field's path is its table; name the field itself.
+    let key = match message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        Some(field) if key == "config" => field.to_owned(),
+        Some(field) => format!("{key}.{field}"),
+        None => key,
+    };
+    match position {
+        Some(position) => {
+            let line = text[..position].matches('\n').count() + 1;
+            let column = position
+                - text[..position]
+                    .rfind('\n')
+                    .map_or(0, |newline| newline + 1)
+                + 1;
+            format!("{key}: {message} (line {line}, column {column})")
+        }
+        None => format!("{key}: {message}"),
+    }
+}
+
+/// The dotted key written on the line holding `position`, prefixed with the
+/// table it is in (`[refresh]`, or `apps[2]` for the third `[[apps]]`).
+fn key_written_at(text: &str, position: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut array_counts: std::collections::HashMap<String, usize> = Default::default();
+    let line_start = text[..position]
+        .rfind('\n')
+        .map_or(0, |newline| newline + 1);
+    for line in text[..line_start].lines() {
+        let line = line.trim();
+        if let Some(name) = line
+            .strip_prefix("[[")
+            .and_then(|rest| rest.split("]]").next())
+        {
+            let name = name.trim().to_owned();
+            let count = array_counts.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{count}]");
+            *count += 1;
+        } else if let Some(name) = line
+            .strip_prefix('[')
+            .and_then(|rest| rest.split(']').next())
+        {
+            table = name.trim().to_owned();
+        }
+    }
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let key = line.split('=').next().map(str::trim).filter(|key| {
+        line.contains('=') && !key.is_empty() && !key.starts_with('[') && !key.starts_with('#')
+    });
+    match (key, table.is_empty()) {
+        (Some(key), true) => Some(key.to_owned()),
+        (Some(key), false) => Some(format!("{table}.{key}")),
+        (None, false) => Some(table),
+        (None, true) => None,
     }
 }
 

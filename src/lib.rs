@@ -3,7 +3,9 @@
 //! detail lookup.
 //!
 //! Crate map (dependencies point down; see ARCHITECTURE.md):
-//! - [`app`]: composition root, start and stop order.
+//! - [`app`]: composition root, start and stop order, reloads.
+//! - [`lifecycle`], [`systemd_notify`]: component supervision; READY, STOPPING, watchdog.
+//! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and the RPC span.
 //! - [`grpc`]: tonic services and the one failure → `Status` mapping.
 //! - [`lookup`]: the after-sale use case (token, upstream, refresh-and-retry once).
 //! - [`registry`]: apps and merchants, in SQLite and in memory.
@@ -23,12 +25,16 @@ pub mod demo;
 pub mod domain;
 pub mod douyin;
 pub mod grpc;
+pub mod lifecycle;
 pub mod lookup;
+pub mod metrics;
 pub mod proto;
 pub mod registry;
 pub mod sandbox;
 pub mod schedule;
 pub mod sealing;
 pub mod store;
+pub mod systemd_notify;
+pub mod telemetry;
 pub mod token;
 pub mod transport;

@@ -1,18 +1,21 @@
 //! The `douyin-tokend` process: parses the command line, loads the config,
-//! sets up logging, runs the chosen command and turns its outcome into an
-//! exit code (64 for a bad config).
+//! sets up logging, binds the listeners, turns signals into shutdown (SIGTERM,
+//! SIGINT) and reloads (SIGHUP), runs the chosen command and turns its outcome
+//! into an exit code (64 for a bad config, 1 for any other failure).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use douyin_tokend::app::App;
-use douyin_tokend::cli::{self, Cli, Command, LogFormat};
+use douyin_tokend::app::{App, ServeOptions};
+use douyin_tokend::cli::{self, Cli, Command};
 use douyin_tokend::clock::{SharedClock, SystemClock};
 use douyin_tokend::config::{Config, ConfigError};
 use douyin_tokend::sandbox::{Sandbox, SandboxConfig};
-use tracing_subscriber::EnvFilter;
+use douyin_tokend::systemd_notify::SystemdNotifier;
+use douyin_tokend::telemetry;
+use futures::stream::StreamExt;
 
 /// sysexits' EX_USAGE / EX_CONFIG family: the operator must fix the config.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -23,7 +26,7 @@ fn main() -> ExitCode {
         Command::Serve | Command::Sandbox(_) => "info,tokio_cron_scheduler=warn,sqlx=warn",
         _ => "warn",
     };
-    init_logging(cli.log_format, default_filter);
+    telemetry::init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,24 +50,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Serve => serve(Config::load(cli.config.as_deref())?).await,
-        Command::CheckConfig => {
-            Config::load(cli.config.as_deref())?;
-            println!("config is valid");
+        Command::Serve => serve(Config::load(cli.config.as_deref())?, cli.config.clone()).await,
+        Command::CheckConfig {
+            credentials_directory,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let apps = config.resolve_apps(
+                |name| std::env::var(name).ok(),
+                credentials_directory.as_deref(),
+            )?;
+            let merchants = config.resolve_merchants()?;
+            let clients = config.resolve_clients()?;
+            println!(
+                "config is valid: {} app(s) with readable secrets, {} merchant(s), {} API client(s)",
+                apps.len(),
+                merchants.len(),
+                clients.len()
+            );
+            Ok(())
+        }
+        Command::Healthcheck {
+            service,
+            timeout,
+            daemon,
+        } => {
+            let address = daemon_address(&cli, daemon)?;
+            print!(
+                "{}",
+                cli::healthcheck(&address, &cli::client_transport(&cli)?, service, *timeout)
+                    .await?
+            );
             Ok(())
         }
         Command::RotateMasterKey => {
@@ -142,40 +159,65 @@ fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<Stri
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let notifier = SystemdNotifier::from_environment();
+    // Handlers first: a signal during start-up is then handled, not fatal.
+    let shutdown = shutdown_signal()?;
+    let reload_requests = reload_signal()?;
     let clock: SharedClock = Arc::new(SystemClock);
     let listen = config.listen.clone();
+    let metrics_listen = config.metrics_listen;
     let app = App::start(config, clock).await?;
-    let listener =
-        douyin_tokend::transport::Listener::bind(&listen, &app.config.unix_socket_mode).await?;
-    app.serve(listener, shutdown_signal()).await?;
+    let served = async {
+        let listener =
+            douyin_tokend::transport::Listener::bind(&listen, &app.config.unix_socket_mode).await?;
+        let metrics_listener = match metrics_listen {
+            Some(address) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {address}"))?,
+            ),
+            None => None,
+        };
+        let options = ServeOptions {
+            metrics_listener,
+            notifier,
+            reload_requests: Some(reload_requests),
+            config_path,
+        };
+        app.serve_with(listener, options, shutdown).await
+    }
+    .await;
     app.close().await;
-    tracing::info!("stopped");
-    Ok(())
+    match &served {
+        Ok(()) => tracing::info!("stopped"),
+        Err(error) => tracing::error!(error = %format!("{error:#}"), "stopped after a failure"),
+    }
+    served
 }
 
 /// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(terminate) => terminate,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the daemon");
-                let _ = interrupt.await;
-                return;
-            }
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
         };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+        tracing::info!(signal = name, "shutdown requested");
+    })
+}
+
+/// One item per SIGHUP.
+fn reload_signal() -> anyhow::Result<futures::stream::BoxStream<'static, ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    Ok(futures::stream::unfold(hangup, |mut hangup| async move {
+        hangup.recv().await.map(|()| ((), hangup))
+    })
+    .boxed())
 }
 
 async fn run_sandbox(arguments: &cli::SandboxArgs) -> anyhow::Result<()> {
@@ -200,7 +242,7 @@ async fn run_sandbox(arguments: &cli::SandboxArgs) -> anyhow::Result<()> {
         sandbox.state().authorize_merchant(account, key);
     }
     tracing::info!(url = %sandbox.base_url(), "sandbox Douyin listening");
-    shutdown_signal().await;
+    shutdown_signal()?.await;
     sandbox.stop().await;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! keeps the merchant → app map and the client list in memory for the request
 //! path, and tells the token manager about apps that come, change or go.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use crate::access::{ApiClient, Authenticator, KeyHash, Scope};
@@ -30,6 +30,15 @@ pub enum RegistryError {
     Store(#[from] StoreError),
 }
 
+/// What a configuration reload changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub apps_added: usize,
+    pub apps_removed: usize,
+    pub merchants_added: usize,
+    pub merchants_removed: usize,
+}
+
 #[derive(Clone)]
 pub struct Registry {
     store: Store,
@@ -37,6 +46,9 @@ pub struct Registry {
     clock: SharedClock,
     merchants: Arc<RwLock<HashMap<AccountId, ClientKey>>>,
     authenticator: Authenticator,
+    /// Serializes writes, so that a reload's rebuild of the in-memory map
+    /// cannot interleave with an AdminService write and lose it.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Registry {
@@ -77,6 +89,7 @@ impl Registry {
             clock,
             merchants: Arc::new(RwLock::new(merchants)),
             authenticator: Authenticator::default(),
+            writes: Arc::new(tokio::sync::Mutex::new(())),
         };
         registry.reload_clients().await?;
         Ok(registry)
@@ -112,6 +125,7 @@ impl Registry {
         apps: &[String],
         merchants: &[String],
     ) -> Result<String, RegistryError> {
+        let _serialized = self.writes.lock().await;
         let api_key = crate::access::generate_api_key();
         let record = ClientRecord {
             name: name.trim().to_owned(),
@@ -146,6 +160,7 @@ impl Registry {
     }
 
     pub async fn remove_client(&self, name: &str) -> Result<(), RegistryError> {
+        let _serialized = self.writes.lock().await;
         if !self.store.remove_client(name).await? {
             return Err(RegistryError::UnknownClient {
                 name: name.to_owned(),
@@ -158,6 +173,74 @@ impl Registry {
 
     pub async fn list_clients(&self) -> Result<Vec<ClientRecord>, RegistryError> {
         Ok(self.store.list_clients().await?)
+    }
+
+    /// Applies a re-read config file (SIGHUP) to the running daemon: syncs the
+    /// database as at start-up, tells the token manager about apps that came,
+    /// went or changed secret (tokens of the others stay as they are), and
+    /// rebuilds the merchant map from the database.
+    pub async fn reload_config(
+        &self,
+        apps: &[ResolvedApp],
+        merchants: &[ResolvedMerchant],
+        clients: &[ClientRecord],
+    ) -> Result<ReloadReport, StoreError> {
+        let _serialized = self.writes.lock().await;
+        Self::sync_config(
+            &self.store,
+            apps,
+            merchants,
+            clients,
+            self.clock.now_unix_ms(),
+        )
+        .await?;
+        self.reload_clients().await?;
+        let stored_apps = self.store.list_apps().await?;
+        let stored_merchants: HashMap<AccountId, ClientKey> = self
+            .store
+            .list_merchants()
+            .await?
+            .into_iter()
+            .map(|merchant| (merchant.account_id, merchant.client_key))
+            .collect();
+        let held_apps: HashSet<ClientKey> = self
+            .tokens
+            .status()
+            .into_iter()
+            .map(|view| view.client_key)
+            .collect();
+        let stored_keys: HashSet<&ClientKey> =
+            stored_apps.iter().map(|app| &app.client_key).collect();
+        let mut report = ReloadReport::default();
+        for app in &stored_apps {
+            if !held_apps.contains(&app.client_key) {
+                report.apps_added += 1;
+            }
+            // Unchanged secrets leave the app's token and state untouched.
+            self.tokens
+                .app_put(&app.client_key, app.client_secret.clone());
+        }
+        for client_key in &held_apps {
+            if !stored_keys.contains(client_key) {
+                report.apps_removed += 1;
+                self.tokens.app_removed(client_key);
+            }
+        }
+        let mut merchants_in_memory = self
+            .merchants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        report.merchants_added = stored_merchants
+            .keys()
+            .filter(|account_id| !merchants_in_memory.contains_key(*account_id))
+            .count();
+        report.merchants_removed = merchants_in_memory
+            .keys()
+            .filter(|account_id| !stored_merchants.contains_key(*account_id))
+            .count();
+        *merchants_in_memory = stored_merchants;
+        drop(merchants_in_memory);
+        Ok(report)
     }
 
     /// The app serving a merchant, from memory.
@@ -180,6 +263,7 @@ impl Registry {
         client_key: &ClientKey,
         client_secret: &ClientSecret,
     ) -> Result<bool, RegistryError> {
+        let _serialized = self.writes.lock().await;
         let created = self
             .store
             .put_app(
@@ -196,6 +280,7 @@ impl Registry {
 
     /// Removes an app, its merchants and its token. Returns the number of merchants removed.
     pub async fn remove_app(&self, client_key: &ClientKey) -> Result<i64, RegistryError> {
+        let _serialized = self.writes.lock().await;
         let removed =
             self.store
                 .remove_app(client_key)
@@ -222,6 +307,7 @@ impl Registry {
         account_id: &AccountId,
         client_key: &ClientKey,
     ) -> Result<bool, RegistryError> {
+        let _serialized = self.writes.lock().await;
         let created = self
             .store
             .put_merchant(
@@ -243,6 +329,7 @@ impl Registry {
     }
 
     pub async fn remove_merchant(&self, account_id: &AccountId) -> Result<(), RegistryError> {
+        let _serialized = self.writes.lock().await;
         if !self.store.remove_merchant(account_id).await? {
             return Err(RegistryError::UnknownMerchant {
                 account_id: account_id.clone(),

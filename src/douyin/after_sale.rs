@@ -37,6 +37,19 @@ impl DouyinClient {
         query: &AfterSaleQuery,
         deadline: Option<Duration>,
     ) -> Result<AfterSaleAnswer, LookupFailure> {
+        let answer = self
+            .request_after_sale_order_detail(access_token, query, deadline)
+            .await;
+        crate::metrics::record_after_sale_call(&answer);
+        answer
+    }
+
+    async fn request_after_sale_order_detail(
+        &self,
+        access_token: &AccessToken,
+        query: &AfterSaleQuery,
+        deadline: Option<Duration>,
+    ) -> Result<AfterSaleAnswer, LookupFailure> {
         let timeout = self.timeout_within(deadline);
         let mut parameters = vec![
             ("account_id", query.account_id.as_str()),

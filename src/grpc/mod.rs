@@ -1,9 +1,10 @@
 //! The gRPC front: builds the tonic server with the daemon's services, health
-//! and reflection, and serves it on a listener the caller bound. The only
-//! module that knows tonic.
+//! and reflection, and serves it on a listener the caller bound, each call in
+//! a span of its own (see `telemetry`). The only module that knows tonic.
 
 mod admin;
 mod after_sale;
+pub mod health;
 pub mod status;
 mod token;
 
@@ -13,8 +14,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use std::sync::Arc;
 
@@ -75,12 +74,12 @@ pub const SERVICE_NAMES: [&str; 3] = [
 ];
 
 /// Serves until `shutdown` completes, then stops accepting and lets in-flight
-/// calls finish. Health answers SERVING until shutdown begins.
+/// calls finish. Health statuses are the caller's (see [`health`]): it turns
+/// them NOT_SERVING before `shutdown` completes.
 pub async fn serve(
     dependencies: GrpcDependencies,
     listener: Listener,
     tls: Option<ServerTlsConfig>,
-    health: HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -91,23 +90,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid");
-    for name in ["", SERVICE_NAMES[0], SERVICE_NAMES[1], SERVICE_NAMES[2]] {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
-    let shutdown_health = health.clone();
-    let shutdown = async move {
-        shutdown.await;
-        // Tell load balancers first, then stop accepting.
-        for name in ["", SERVICE_NAMES[0], SERVICE_NAMES[1], SERVICE_NAMES[2]] {
-            shutdown_health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
-        }
-    };
     let authenticate = authenticate_with(dependencies.registry.authenticator().clone());
-    let mut builder = Server::builder();
+    let mut builder = Server::builder().trace_fn(rpc_span);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -159,6 +143,39 @@ pub async fn serve(
             let _ = std::fs::remove_file(&path);
             served
         }
+    }
+}
+
+/// The span each call runs in, keyed by the caller's `x-request-id` if it sent one.
+fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let caller_request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok());
+    crate::telemetry::rpc_span(request.uri().path(), caller_request_id)
+}
+
+/// A gRPC code as a metric label.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

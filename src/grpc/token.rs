@@ -42,6 +42,7 @@ impl TokenGrpc {
             Some(AppSelector::Merchant(account_id)) => {
                 let account_id = AccountId::parse(&account_id)
                     .map_err(|error| status::invalid_argument(&error))?;
+                crate::telemetry::record_merchant(&account_id);
                 let app = self
                     .registry
                     .app_for_merchant(&account_id)
@@ -99,6 +100,7 @@ impl TokenService for TokenGrpc {
                 }
             });
         let app = self.app_for(&client, selector)?;
+        crate::telemetry::record_app(&app);
         let lease = self
             .tokens
             .token_for_app(&app)
@@ -132,6 +134,7 @@ impl TokenService for TokenGrpc {
             }
         });
         let app = self.app_for(&client, selector)?;
+        crate::telemetry::record_app(&app);
         if request.access_token.is_empty() {
             return Err(Status::invalid_argument(
                 "access_token is empty: send the token Douyin rejected",

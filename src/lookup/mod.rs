@@ -120,6 +120,7 @@ impl LookupService {
             .registry
             .app_for_merchant(&query.account_id)
             .map_err(|error| Arc::new(LookupError::from(error)))?;
+        crate::telemetry::record_app(&client_key);
         let deadline =
             deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
         let key = (client_key, query.clone());

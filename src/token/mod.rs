@@ -387,6 +387,7 @@ impl TokenManager {
             return Acquire::Ready(lease_of(&slot.client_key, held));
         }
         if let Some(fetch) = &state.inflight {
+            crate::metrics::record_coalesced(&slot.client_key);
             return Acquire::Wait(fetch.clone());
         }
         if reason != RefreshReason::Forced
@@ -465,6 +466,7 @@ impl TokenManager {
     ) -> Result<TokenLease, TokenError> {
         let client_key = &slot.client_key;
         tracing::info!(app = %client_key, reason = reason.as_str(), generation, "fetching client_token");
+        let fetch_started = tokio::time::Instant::now();
         let fetched = {
             // The semaphore is never closed, so acquiring cannot fail.
             let _slot = self.inner.fetch_slots.acquire().await;
@@ -473,6 +475,15 @@ impl TokenManager {
                 .fetch_client_token(client_key, &secret)
                 .await
         };
+        let before_first_sweep = *self.inner.sweeps_completed.borrow() == 0;
+        crate::metrics::record_token_fetch(
+            client_key,
+            reason,
+            before_first_sweep,
+            started_at_ms,
+            fetched.as_ref().map(|_| ()),
+            fetch_started.elapsed(),
+        );
         let now_ms = self.now_ms();
         if let Err(error) = &fetched
             && error.is_rate_limited()

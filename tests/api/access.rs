@@ -115,7 +115,7 @@ async fn a_missing_or_unknown_key_is_unauthenticated_and_health_needs_none() {
     let app = TestApp::spawn().await;
     app.register_default().await;
 
-    let mut anonymous = AfterSaleServiceClient::new(app.bare_channel());
+    let mut anonymous = AfterSaleServiceClient::new(app.channel());
     let status = anonymous
         .get_after_sale_order_detail(after_sale_request(ACCOUNT_ID, "o"))
         .await
@@ -138,7 +138,7 @@ async fn a_missing_or_unknown_key_is_unauthenticated_and_health_needs_none() {
         status.message()
     );
 
-    let mut health = tonic_health::pb::health_client::HealthClient::new(app.bare_channel());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel());
     let answer = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

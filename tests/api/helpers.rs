@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use douyin_tokend::access::{KeyHash, Scope};
-use douyin_tokend::app::App;
+use douyin_tokend::app::{App, ServeOptions};
 use douyin_tokend::cli::{AuthenticatedChannel, BearerAuth};
 use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
 use douyin_tokend::config::{ClientEntry, Config};
@@ -51,6 +51,8 @@ pub struct TestApp {
     pub sandbox: Sandbox,
     pub app: App,
     pub config: Config,
+    /// Where `/metrics` is served, when the config asked for `metrics_listen`.
+    pub metrics_address: Option<std::net::SocketAddr>,
     channel: Channel,
     /// Where the daemon listens (plain TCP on loopback).
     pub address: std::net::SocketAddr,
@@ -143,7 +145,20 @@ impl TestApp {
         let stop = CancellationToken::new();
         let serving = app.clone();
         let stopped = stop.clone().cancelled_owned();
-        let server = tokio::spawn(async move { serving.serve(listener, stopped).await });
+        // The configured metrics address only says "on"; tests take a free port.
+        let metrics_listener = match config.metrics_listen {
+            Some(_) => Some(TcpListener::bind(("127.0.0.1", 0)).await.unwrap()),
+            None => None,
+        };
+        let metrics_address = metrics_listener
+            .as_ref()
+            .map(|listener| listener.local_addr().unwrap());
+        let options = ServeOptions {
+            metrics_listener,
+            ..ServeOptions::default()
+        };
+        let server =
+            tokio::spawn(async move { serving.serve_with(listener, options, stopped).await });
         let channel = Channel::from_shared(format!("http://{address}"))
             .unwrap()
             .connect_lazy();
@@ -153,6 +168,7 @@ impl TestApp {
             sandbox,
             app,
             config,
+            metrics_address,
             channel,
             address,
             stop,
@@ -203,6 +219,11 @@ impl TestApp {
         self.sandbox.stop().await;
     }
 
+    /// The connection to the daemon every client helper shares (no API key).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// Clients authenticated as the test's admin (every scope).
     pub fn after_sale_client(&self) -> AfterSaleServiceClient<AuthenticatedChannel> {
         self.after_sale_client_with(ADMIN_API_KEY)
@@ -238,11 +259,6 @@ impl TestApp {
             self.channel.clone(),
             BearerAuth::new(api_key).unwrap(),
         )
-    }
-
-    /// The channel without any key, for tests of refused calls.
-    pub fn bare_channel(&self) -> Channel {
-        self.channel.clone()
     }
 
     /// Registers an app and one merchant of it in the daemon over AdminService.

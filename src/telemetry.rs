@@ -1,0 +1,98 @@
+//! Logs: the tracing subscriber (human lines by default, JSON with
+//! `--log-format json`) and the span every RPC runs in, which carries a request
+//! id, the merchant, the app (as its fingerprint) and Douyin's logid once they
+//! are known, so every line logged while serving a call can be traced to it.
+
+use std::io::IsTerminal;
+
+use tracing::Span;
+use tracing::field::{Empty, display};
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::LogFormat;
+use crate::domain::{AccountId, ClientKey};
+
+/// Longest caller-supplied request id kept; longer ones are replaced.
+pub const MAX_REQUEST_ID_LENGTH: usize = 64;
+
+/// Installs the process-wide subscriber writing to stderr (journald under
+/// systemd). `RUST_LOG` overrides `default_filter`.
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colours only for a terminal: journald and log files would keep the
+    // escape codes.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// The span of one RPC. `request_id` is the caller's `x-request-id` when it
+/// sent a usable one, else a fresh one.
+pub fn rpc_span(method: &str, caller_request_id: Option<&str>) -> Span {
+    let request_id = caller_request_id
+        .filter(|id| is_usable_request_id(id))
+        .map_or_else(new_request_id, str::to_owned);
+    tracing::info_span!(
+        "rpc",
+        method,
+        request_id = %request_id,
+        merchant = Empty,
+        app = Empty,
+        logid = Empty,
+    )
+}
+
+/// Notes the merchant a call is about on the current RPC span.
+pub fn record_merchant(account_id: &AccountId) {
+    Span::current().record("merchant", display(account_id));
+}
+
+/// Notes the app (its fingerprint, never the key) on the current RPC span.
+pub fn record_app(client_key: &ClientKey) {
+    Span::current().record("app", display(client_key));
+}
+
+/// Notes Douyin's logid of the call's upstream answer on the current RPC span.
+pub fn record_logid(logid: &str) {
+    if !logid.is_empty() {
+        Span::current().record("logid", logid);
+    }
+}
+
+/// Printable ASCII without spaces, bounded: safe to log and to index.
+fn is_usable_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LENGTH
+        && id.bytes().all(|byte| byte.is_ascii_graphic())
+}
+
+fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_request_ids_are_kept_only_when_printable_and_short() {
+        assert!(is_usable_request_id("req-42"));
+        assert!(!is_usable_request_id(""));
+        assert!(!is_usable_request_id("has space"));
+        assert!(!is_usable_request_id("line\nbreak"));
+        assert!(!is_usable_request_id(
+            &"x".repeat(MAX_REQUEST_ID_LENGTH + 1)
+        ));
+        assert_eq!(new_request_id().len(), 16);
+    }
+}

@@ -1,0 +1,182 @@
+//! `douyin-tokend check-config` on broken configs: each exits 64 with a
+//! message that names the offending key; good configs exit 0.
+
+use crate::daemon_process::BINARY;
+
+struct Checked {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn check_config(text: &str, environment: &[(&str, &str)]) -> Checked {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(directory.path().join("readable-secret"), "s3cret\n").unwrap();
+    let output = tokio::process::Command::new(BINARY)
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .env("CREDENTIALS_DIRECTORY", directory.path())
+        .env_remove("DOUYIN_TOKEND_LISTEN")
+        .env_remove("DOUYIN_TOKEND_DATABASE")
+        .env_remove("DOUYIN_TOKEND_DOUYIN_BASE_URL")
+        .env_remove("UNSET_SECRET_VARIABLE")
+        .envs(environment.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    Checked {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+const APP: &str =
+    "[[apps]]\nclient_key = \"awcheckkey0001\"\nclient_secret_file = \"readable-secret\"\n";
+
+#[tokio::test]
+async fn every_broken_config_exits_64_naming_its_key() {
+    let cases: Vec<(String, &str)> = vec![
+        ("listn = \"127.0.0.1:1\"".into(), "listn"),
+        ("listen = \"nowhere\"".into(), "listen"),
+        ("listen = ".into(), "listen"),
+        ("shutdown_grace = \"soon\"".into(), "shutdown_grace"),
+        (
+            "metrics_listen = \"127.0.0.1:50051\"".into(),
+            "metrics_listen",
+        ),
+        ("metrics_listen = 9090".into(), "metrics_listen"),
+        (
+            "[douyin]\nbase_url = \"ftp://example\"".into(),
+            "douyin.base_url",
+        ),
+        (
+            "[douyin]\ntoken_endpoint = \"oauth\"".into(),
+            "douyin.token_endpoint",
+        ),
+        (
+            "[douyin]\nconnect_timeout = \"0s\"".into(),
+            "douyin.connect_timeout",
+        ),
+        (
+            "[douyin]\nrequest_timeout = \"0s\"".into(),
+            "douyin.request_timeout",
+        ),
+        (
+            "[refresh]\nwindow_end = \"soon\"".into(),
+            "refresh.window_end",
+        ),
+        ("[refresh]\nwindow_end = ".into(), "refresh.window_end"),
+        (
+            "[refresh]\nwindow_start = \"10m\"\nwindow_end = \"15m\"".into(),
+            "refresh.window_start",
+        ),
+        ("[refresh]\nsweep = \"*/5 * * * *\"".into(), "refresh.sweep"),
+        (
+            "[refresh]\nmax_concurrent_fetches = 0".into(),
+            "refresh.max_concurrent_fetches",
+        ),
+        (
+            "[refresh]\nmax_concurrent_fetches = \"8\"".into(),
+            "refresh.max_concurrent_fetches",
+        ),
+        (
+            "[refresh]\nbackoff_max = \"0s\"".into(),
+            "refresh.backoff_max",
+        ),
+        (
+            "[refresh]\nwindow_begin = \"1m\"".into(),
+            "refresh.window_begin",
+        ),
+        (
+            format!("{APP}[[apps]]\nclient_key = \"b\"\nclient_secret_env = \"B\"\ncolour = 1"),
+            "apps[1].colour",
+        ),
+        (
+            "[[apps]]\nclient_secret_file = \"readable-secret\"".into(),
+            "apps[0].client_key",
+        ),
+        (
+            "[[apps]]\nclient_key = \"has space\"\nclient_secret_file = \"readable-secret\"".into(),
+            "apps[0].client_key",
+        ),
+        (format!("{APP}{APP}"), "apps[1].client_key"),
+        (
+            "[[apps]]\nclient_key = \"a\"".into(),
+            "apps[0].client_secret_file",
+        ),
+        (
+            "[[apps]]\nclient_key = \"a\"\nclient_secret_file = \"missing-secret\"".into(),
+            "apps[0].client_secret_file",
+        ),
+        (
+            "[[apps]]\nclient_key = \"a\"\nclient_secret_env = \"UNSET_SECRET_VARIABLE\"".into(),
+            "apps[0].client_secret_env",
+        ),
+        (
+            format!("{APP}[[merchants]]\naccount_id = \"1\"\nclient_key = \"unknown\""),
+            "merchants[0].client_key",
+        ),
+        (
+            format!("{APP}[[merchants]]\naccount_id = \"\"\nclient_key = \"awcheckkey0001\""),
+            "merchants[0].account_id",
+        ),
+        (
+            format!(
+                "{APP}[[merchants]]\naccount_id = \"1\"\nclient_key = \"awcheckkey0001\"\n[[merchants]]\naccount_id = \"1\"\nclient_key = \"awcheckkey0001\""
+            ),
+            "merchants[1].account_id",
+        ),
+    ];
+    let checks = cases.iter().map(|(text, _)| check_config(text, &[]));
+    let results = futures::future::join_all(checks).await;
+    for ((text, key), checked) in cases.iter().zip(results) {
+        assert_eq!(checked.code, Some(64), "{text:?}: {}", checked.stderr);
+        assert!(
+            checked.stderr.contains(&format!(" {key}: ")),
+            "{text:?} should name {key}: {}",
+            checked.stderr
+        );
+        assert_eq!(checked.stderr.lines().count(), 1, "{}", checked.stderr);
+    }
+}
+
+#[tokio::test]
+async fn good_configs_exit_zero_and_say_what_they_declare() {
+    let example = check_config(include_str!("../../config.example.toml"), &[]).await;
+    assert_eq!(
+        example.code,
+        Some(64),
+        "the example's secret file is not there"
+    );
+    assert!(
+        example
+            .stderr
+            .contains("apps[0].client_secret_file: cannot read")
+    );
+
+    let with_secret =
+        include_str!("../../config.example.toml").replace("douyin-app-secret", "readable-secret");
+    let checked = check_config(&with_secret, &[]).await;
+    assert_eq!(checked.code, Some(0), "{}", checked.stderr);
+    assert_eq!(
+        checked.stdout,
+        "config is valid: 1 app(s) with readable secrets, 1 merchant(s), 2 API client(s)\n"
+    );
+    let empty = check_config("", &[]).await;
+    assert_eq!(empty.code, Some(0), "{}", empty.stderr);
+    let from_environment = check_config(
+        "[[apps]]\nclient_key = \"a\"\nclient_secret_env = \"CHECK_SECRET\"",
+        &[("CHECK_SECRET", "s3cret")],
+    )
+    .await;
+    assert_eq!(
+        from_environment.code,
+        Some(0),
+        "{}",
+        from_environment.stderr
+    );
+}

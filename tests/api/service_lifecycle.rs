@@ -1,0 +1,421 @@
+//! The real binary under a fake systemd: READY only once it can serve,
+//! STOPPING and a clean exit on SIGTERM with in-flight calls finishing, the
+//! watchdog fed only while the sweep runs, SIGHUP reloads that drop neither
+//! tokens nor connections, health and the `healthcheck` command, JSON logs.
+
+use std::time::{Duration, Instant};
+
+use douyin_tokend::proto::tokend::v1::ListTokenStatusRequest;
+use douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient;
+use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::daemon_process::{
+    BINARY, DaemonProcess, DaemonSettings, GatedUpstream, PATIENCE, app_and_merchants, lookup,
+    real_time_sandbox,
+};
+use crate::helpers::{ACCOUNT_ID, CLIENT_KEY};
+
+const SECOND_ACCOUNT_ID: &str = "7100000000000000002";
+
+async fn healthcheck_command(process: &DaemonProcess, service: &str) -> std::process::Output {
+    tokio::process::Command::new(BINARY)
+        .args(["healthcheck", "--daemon"])
+        .arg(process.grpc_address.to_string())
+        .args(["--service", service])
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_lookup_lets_it_finish_and_exits_zero_within_the_grace_period() {
+    let mut upstream = GatedUpstream::start().await;
+    let grace = Duration::from_secs(10);
+    let mut daemon = DaemonProcess::start(
+        "shutdown_grace = \"10s\"",
+        DaemonSettings::new(upstream.base_url.clone()),
+    )
+    .await;
+    let channel = daemon.channel();
+    let in_flight = tokio::spawn(lookup(channel, ACCOUNT_ID, DOCUMENTED_ORDER_ID));
+    upstream.lookup_arrived().await;
+
+    let signalled = Instant::now();
+    daemon.send_signal("TERM");
+    let stopping = daemon.wait_for_notification("STOPPING=1").await;
+    assert!(stopping.contains("STATUS="), "{stopping}");
+    // STOPPING comes once health is NOT_SERVING, as the listener closes: a
+    // newcomer is refused, reset, or at most told NOT_SERVING.
+    let newcomer = HealthClient::new(daemon.channel())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(
+        newcomer
+            .as_ref()
+            .map_or(true, |answer| answer.get_ref().status
+                == ServingStatus::NotServing as i32),
+        "a new caller was served after STOPPING: {newcomer:?}"
+    );
+    upstream.release_lookups();
+
+    let answer = tokio::time::timeout(PATIENCE, in_flight)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the in-flight lookup completes");
+    assert_eq!(
+        answer.data.unwrap().after_sale_order_list.len(),
+        1,
+        "the documented example arrived"
+    );
+    let status = daemon.exit_within(grace).await;
+    let stopped_after = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+    assert!(stopped_after < grace, "stopped after {stopped_after:?}");
+    eprintln!("SIGTERM to exit with one in-flight lookup: {stopped_after:?}");
+    let logs = daemon.logs();
+    assert!(logs.contains("in-flight calls finished"), "{logs}");
+    assert!(logs.contains("stopped"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_call_still_running_when_the_grace_period_ends_is_dropped_and_the_exit_is_still_zero() {
+    let mut upstream = GatedUpstream::start().await;
+    let mut daemon = DaemonProcess::start(
+        "shutdown_grace = \"1s\"",
+        DaemonSettings::new(upstream.base_url.clone()),
+    )
+    .await;
+    let in_flight = tokio::spawn(lookup(daemon.channel(), ACCOUNT_ID, DOCUMENTED_ORDER_ID));
+    upstream.lookup_arrived().await;
+
+    let signalled = Instant::now();
+    daemon.send_signal("TERM");
+    let status = daemon.exit_within(PATIENCE).await;
+    let stopped_after = signalled.elapsed();
+
+    assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+    assert!(
+        stopped_after >= Duration::from_secs(1),
+        "the call got its grace: {stopped_after:?}"
+    );
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the held call ends with an error once the process is gone"
+    );
+    assert!(
+        daemon
+            .logs()
+            .contains("did not finish within the grace period")
+    );
+    eprintln!("SIGTERM to exit with a call outliving a 1 s grace: {stopped_after:?}");
+}
+
+#[tokio::test]
+async fn ready_comes_once_the_listener_is_bound_and_health_answers_serving() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut daemon = DaemonProcess::start("", DaemonSettings::new(sandbox.base_url())).await;
+
+    // READY=1 was the first notification (checked by start) and named the
+    // bound address: a call made right away is answered.
+    let mut health = HealthClient::new(daemon.channel());
+    let admin = health
+        .check(HealthCheckRequest {
+            service: "tokend.v1.AdminService".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(admin.status, ServingStatus::Serving as i32);
+    // Once the start-up sweep fetched a token, everything serves.
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "douyin.goodlife.v1.AfterSaleService".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while watch.message().await.unwrap().unwrap().status != ServingStatus::Serving as i32 {}
+    let checked = healthcheck_command(&daemon, "").await;
+    assert!(checked.status.success(), "{checked:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&checked.stdout),
+        "douyin-tokend: SERVING\n"
+    );
+
+    daemon.send_signal("INT");
+    daemon.wait_for_notification("STOPPING=1").await;
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    let unreachable = healthcheck_command(&daemon, "").await;
+    assert!(!unreachable.status.success());
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_healthcheck_say_not_serving_while_no_app_can_get_a_token() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut settings = DaemonSettings::new(sandbox.base_url());
+    settings.app_secret = "a-refused-secret".to_owned();
+    let mut daemon = DaemonProcess::start("", settings).await;
+
+    let overall = healthcheck_command(&daemon, "").await;
+    assert_eq!(overall.status.code(), Some(1), "{overall:?}");
+    assert!(
+        String::from_utf8_lossy(&overall.stderr).contains("NOT_SERVING"),
+        "{overall:?}"
+    );
+    let token_service = healthcheck_command(&daemon, "tokend.v1.TokenService").await;
+    assert_eq!(token_service.status.code(), Some(1));
+    // The operator can still reach AdminService to fix the secret.
+    let admin = healthcheck_command(&daemon, "tokend.v1.AdminService").await;
+    assert!(admin.status.success(), "{admin:?}");
+
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn watchdog_pings_go_on_while_the_sweep_runs_and_stop_when_it_stops() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let watchdog = Duration::from_secs(2);
+    let mut sweeping_settings = DaemonSettings::new(sandbox.base_url());
+    sweeping_settings.watchdog = Some(watchdog);
+    let mut stalled_settings = DaemonSettings::new(sandbox.base_url());
+    stalled_settings.watchdog = Some(watchdog);
+    // One sweep at start-up, then the next only on New Year's Day: the
+    // scheduler has, in effect, stopped firing.
+    let (mut sweeping, mut stalled) = tokio::join!(
+        DaemonProcess::start("[refresh]\nsweep = \"* * * * * *\"", sweeping_settings),
+        DaemonProcess::start("[refresh]\nsweep = \"0 0 0 1 1 *\"", stalled_settings),
+    );
+    let observed_from = Instant::now();
+
+    // Sweeping every second: a ping every second, for as long as we look.
+    let pings_while_sweeping = async {
+        for _ in 0..5 {
+            assert_eq!(sweeping.next_notification().await, "WATCHDOG=1");
+        }
+    };
+    // Stalled: pings while the start-up sweep is recent, then silence.
+    let pings_while_stalled = async {
+        let mut pings = 0;
+        while let Some(message) = stalled.notification_within(watchdog * 2).await {
+            assert_eq!(message, "WATCHDOG=1");
+            pings += 1;
+        }
+        pings
+    };
+    let ((), stalled_pings) = tokio::join!(pings_while_sweeping, pings_while_stalled);
+    assert!(
+        (1..=3).contains(&stalled_pings),
+        "{stalled_pings} pings without a sweep"
+    );
+    assert!(
+        stalled
+            .logs()
+            .contains("no refresh sweep completed within the watchdog timeout"),
+        "{}",
+        stalled.logs()
+    );
+    eprintln!(
+        "watchdog: {stalled_pings} ping(s) after the last sweep, silence noticed after {:?}",
+        observed_from.elapsed()
+    );
+    for daemon in [&mut sweeping, &mut stalled] {
+        daemon.send_signal("TERM");
+        assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    }
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_adds_a_merchant_without_dropping_a_token_or_a_connection() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID, SECOND_ACCOUNT_ID]).await;
+    let mut daemon = DaemonProcess::start("", DaemonSettings::new(sandbox.base_url())).await;
+    let channel = daemon.channel();
+    // A stream opened before the reload: it must still be there after it.
+    let mut health_watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while health_watch.message().await.unwrap().unwrap().status != ServingStatus::Serving as i32 {}
+    lookup(channel.clone(), ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap();
+    let unknown = lookup(channel.clone(), SECOND_ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert_eq!(sandbox.state().stats().tokens_issued_for(CLIENT_KEY), 1);
+
+    daemon.write_config("", &app_and_merchants(&[ACCOUNT_ID, SECOND_ACCOUNT_ID]));
+    daemon.send_signal("HUP");
+    daemon.wait_for_notification("RELOADING=1").await;
+    daemon.wait_for_notification("READY=1").await;
+
+    lookup(channel.clone(), SECOND_ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .expect("the merchant added by the reload is served");
+    lookup(channel.clone(), ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap();
+    assert_eq!(
+        sandbox.state().stats().tokens_issued_for(CLIENT_KEY),
+        1,
+        "the token survived the reload"
+    );
+    let tokens =
+        AdminServiceClient::with_interceptor(channel.clone(), crate::daemon_process::admin_key())
+            .list_token_status(ListTokenStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .tokens;
+    assert_eq!(
+        (tokens[0].state.as_str(), tokens[0].generation),
+        ("valid", 1)
+    );
+    assert!(
+        daemon.logs().contains("merchants_added=1"),
+        "{}",
+        daemon.logs()
+    );
+
+    // The pre-reload stream still delivers: the connection was never dropped.
+    daemon.send_signal("TERM");
+    let last = health_watch.message().await.unwrap().unwrap();
+    assert_eq!(last.status, ServingStatus::NotServing as i32);
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn a_broken_config_on_sighup_keeps_the_running_apps_and_merchants() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut daemon = DaemonProcess::start("", DaemonSettings::new(sandbox.base_url())).await;
+    let channel = daemon.channel();
+    lookup(channel.clone(), ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap();
+
+    daemon.write_config("[refresh]\nwindow_end = \"soon\"", &app_and_merchants(&[]));
+    daemon.send_signal("HUP");
+    daemon.wait_for_notification("RELOADING=1").await;
+    daemon.wait_for_notification("READY=1").await;
+
+    lookup(channel, ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .expect("the merchant is still served");
+    let logs = daemon.logs();
+    assert!(logs.contains("configuration not reloaded"), "{logs}");
+    assert!(logs.contains("refresh.window_end"), "{logs}");
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_merchant_app_and_douyin_logid_of_a_call() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut settings = DaemonSettings::new(sandbox.base_url());
+    settings.extra_arguments = vec!["--log-format".to_owned(), "json".to_owned()];
+    let mut daemon = DaemonProcess::start("", settings).await;
+    sandbox
+        .state()
+        .push_lookup_faults([Fault::ErrorCode(2119005)]);
+    let mut request = tonic::Request::new(
+        douyin_tokend::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest {
+            account_id: ACCOUNT_ID.to_owned(),
+            order_id: DOCUMENTED_ORDER_ID.to_owned(),
+            certificate_id: None,
+            include_raw_json: false,
+        },
+    );
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-test-0001".parse().unwrap());
+    let refused = douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient::with_interceptor(daemon.channel(), crate::daemon_process::admin_key())
+        .get_after_sale_order_detail(request)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+
+    let logs = daemon.logs();
+    let line: serde_json::Value = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["fields"]["message"] == "after-sale lookup failed")
+        .unwrap_or_else(|| panic!("no JSON line for the call:\n{logs}"));
+    let span = &line["span"];
+    assert_eq!(span["request_id"], "req-test-0001", "{line}");
+    assert_eq!(span["merchant"], ACCOUNT_ID, "{line}");
+    let app = douyin_tokend::domain::ClientKey::parse(CLIENT_KEY).unwrap();
+    assert_eq!(span["app"], app.to_string(), "{line}");
+    assert!(
+        span["logid"].as_str().unwrap().starts_with("SANDBOX"),
+        "{line}"
+    );
+    assert_eq!(line["fields"]["code"], "PERMISSION_DENIED");
+    assert!(!logs.contains(CLIENT_KEY), "the client key leaked:\n{logs}");
+    assert!(logs.lines().all(|line| line.starts_with('{')), "{logs}");
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_served_on_a_listener_of_their_own_and_are_off_by_default() {
+    assert_eq!(
+        crate::helpers::TestApp::spawn().await.metrics_address,
+        None,
+        "no metrics_listen, no metrics listener"
+    );
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut daemon = DaemonProcess::start(
+        "metrics_listen = \"127.0.0.1:0\"",
+        DaemonSettings::new(sandbox.base_url()),
+    )
+    .await;
+    let metrics_address = daemon
+        .metrics_address
+        .expect("READY's status names the metrics address");
+    assert_ne!(metrics_address, daemon.grpc_address);
+    lookup(daemon.channel(), ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap();
+
+    let mut stream = tokio::net::TcpStream::connect(metrics_address)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut page = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut page)
+        .await
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("douyin_tokend_lookup_duration_seconds_count{code=\"OK\"} 1\n"),
+        "{page}"
+    );
+    assert!(
+        page.contains("douyin_tokend_token_generation{app=\""),
+        "{page}"
+    );
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    sandbox.stop().await;
+}

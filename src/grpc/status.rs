@@ -36,6 +36,14 @@ fn status(
     Status::with_error_details(code, message, details)
 }
 
+/// Douyin's code in Douyin's domain when it gave one, else the daemon's own reason.
+fn reason_and_domain(douyin_code: Option<i64>, own_reason: &str) -> (String, &'static str) {
+    match douyin_code {
+        Some(code) => (code.to_string(), DOUYIN_DOMAIN),
+        None => (own_reason.to_owned(), TOKEND_DOMAIN),
+    }
+}
+
 pub fn invalid_argument(error: &InvalidId) -> Status {
     status(
         Code::InvalidArgument,
@@ -171,13 +179,7 @@ pub fn token_status(error: &TokenError) -> Status {
             retry_in_seconds,
             ..
         } => {
-            let reason = douyin_code
-                .map_or_else(|| "CREDENTIALS_REFUSED".to_owned(), |code| code.to_string());
-            let domain = if douyin_code.is_some() {
-                DOUYIN_DOMAIN
-            } else {
-                TOKEND_DOMAIN
-            };
+            let (reason, domain) = reason_and_domain(*douyin_code, "CREDENTIALS_REFUSED");
             let metadata =
                 HashMap::from([("retry_in_seconds".to_owned(), retry_in_seconds.to_string())]);
             status(
@@ -194,13 +196,7 @@ pub fn token_status(error: &TokenError) -> Status {
             retry_in_seconds,
             ..
         } => {
-            let reason = douyin_code
-                .map_or_else(|| "TOKEN_FETCH_FAILING".to_owned(), |code| code.to_string());
-            let domain = if douyin_code.is_some() {
-                DOUYIN_DOMAIN
-            } else {
-                TOKEND_DOMAIN
-            };
+            let (reason, domain) = reason_and_domain(*douyin_code, "TOKEN_FETCH_FAILING");
             let delay = Duration::from_secs(u64::try_from(*retry_in_seconds).unwrap_or(1).max(1));
             status(
                 Code::Unavailable,

@@ -11,9 +11,11 @@
 //! - [`store`]: the only SQL.
 //! - [`douyin`]: the only code that knows Douyin's URLs, JSON and error codes.
 //! - [`sandbox`]: a strict fake Douyin for tests, the demo and benchmarks.
+//! - [`bench`]: the benchmark and soak harness (`douyin-bench`, tests/soak.rs).
 //! - [`config`], [`domain`], [`clock`], [`proto`]: shared foundations.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

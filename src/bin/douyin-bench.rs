@@ -26,7 +26,7 @@ use douyin_tokend::bench::measure::{
     Latencies, LatencySummary, Machine, ProcessSample, Table, format_ms, load_average,
 };
 use douyin_tokend::bench::soak::{self, SoakPlan, SoakReport};
-use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
+use douyin_tokend::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use douyin_tokend::config::Config;
 use douyin_tokend::domain::{AccessToken, ClientKey};
 use douyin_tokend::douyin::after_sale::{PATH as AFTER_SALE_PATH, decode_after_sale_answer};
@@ -427,12 +427,43 @@ struct Setup {
     fleet: Fleet,
     directory: tempfile::TempDir,
     database: PathBuf,
-    populate_seconds: f64,
 }
 
 const ORDERS: usize = 1000;
 
+/// A database holding a fleet, filled once and copied for every start.
+struct FilledDatabase {
+    _directory: tempfile::TempDir,
+    database: PathBuf,
+    seconds: f64,
+}
+
+async fn fill_database(fleet: Fleet) -> anyhow::Result<FilledDatabase> {
+    let directory = tempfile::tempdir()?;
+    let database = directory.path().join("template.db");
+    let store = Store::open(&database).await?;
+    let populated = fleet.store_in(&store, SystemClock.now_unix_ms()).await?;
+    // Closing checkpoints the WAL into the file, so a copy of the file is whole.
+    store.close().await;
+    Ok(FilledDatabase {
+        _directory: directory,
+        database,
+        seconds: populated.seconds,
+    })
+}
+
 async fn set_up(
+    fleet: Fleet,
+    sandbox_config: SandboxConfig,
+    clock: SharedClock,
+    store_tokens: bool,
+) -> anyhow::Result<Setup> {
+    let filled = fill_database(fleet).await?;
+    set_up_from(&filled, fleet, sandbox_config, clock, store_tokens).await
+}
+
+async fn set_up_from(
+    filled: &FilledDatabase,
     fleet: Fleet,
     sandbox_config: SandboxConfig,
     clock: SharedClock,
@@ -443,9 +474,9 @@ async fn set_up(
     teach_orders(sandbox.state(), ORDERS);
     let directory = tempfile::tempdir()?;
     let database = directory.path().join("bench.db");
+    std::fs::copy(&filled.database, &database)?;
     let store = Store::open(&database).await?;
     let now_ms = clock.now_unix_ms();
-    let populated = fleet.store_in(&store, now_ms).await?;
     if store_tokens {
         let lifetime_ms = 7_200_000;
         for app in 0..fleet.apps {
@@ -471,7 +502,6 @@ async fn set_up(
         fleet,
         directory,
         database,
-        populate_seconds: populated.seconds,
     })
 }
 
@@ -1004,20 +1034,20 @@ impl Bench {
         ]);
         let mut ready_times = Vec::new();
         let mut peak_rss_kib = 0;
+        let filled = fill_database(fleet).await?;
+        println!(
+            "database filled through the store in {:.1} s ({} apps, {} merchants, source admin)",
+            filled.seconds, fleet.apps, fleet.merchants
+        );
         for store_tokens in [false, true] {
-            let setup = set_up(
+            let setup = set_up_from(
+                &filled,
                 fleet,
                 SandboxConfig::default(),
                 Arc::new(SystemClock),
                 store_tokens,
             )
             .await?;
-            if !store_tokens {
-                println!(
-                    "database filled through the store in {:.1} s ({} apps, {} merchants, source admin)",
-                    setup.populate_seconds, fleet.apps, fleet.merchants
-                );
-            }
             let issued_before = setup.sandbox.state().stats().tokens_issued_total();
             let (daemon, ready_after) = setup
                 .spawn(&self.daemon_binary, &DaemonSettings::default())
@@ -1056,16 +1086,28 @@ impl Bench {
             "\nToken fetch schedule over {} simulated hours (in-process daemon, manual clock shared with the sandbox, a sweep every simulated 15 s as the default cron does; 2-hour tokens; budget 500 per 5 min with 50 kept for urgent fetches):\n",
             arguments.simulated_hours
         );
-        self.simulated_fetch_schedule(fleet, arguments.simulated_hours)
+        self.simulated_fetch_schedule(&filled, fleet, arguments.simulated_hours)
             .await?;
         footer(started);
         Ok(())
     }
 
-    async fn simulated_fetch_schedule(&self, fleet: Fleet, hours: u64) -> anyhow::Result<()> {
+    async fn simulated_fetch_schedule(
+        &self,
+        filled: &FilledDatabase,
+        fleet: Fleet,
+        hours: u64,
+    ) -> anyhow::Result<()> {
         let clock = ManualClock::starting_at(1_767_225_600_000);
         let shared_clock: SharedClock = clock.clone();
-        let setup = set_up(fleet, SandboxConfig::default(), shared_clock.clone(), false).await?;
+        let setup = set_up_from(
+            filled,
+            fleet,
+            SandboxConfig::default(),
+            shared_clock.clone(),
+            false,
+        )
+        .await?;
         let mut config = Config {
             database: setup.database.clone(),
             ..Config::default()

@@ -1119,6 +1119,7 @@ impl Bench {
         let steps = usize::try_from(hours * 3600 / 15)?;
         let mut fetched_per_step = Vec::with_capacity(steps);
         let mut first_time_all_held = None;
+        let mut lapsed_after_coverage = 0;
         let mut issued_before = 0;
         let real_started = Instant::now();
         for index in 0..steps {
@@ -1126,14 +1127,17 @@ impl Bench {
             let issued = setup.sandbox.state().stats().tokens_issued_total();
             fetched_per_step.push(issued - issued_before);
             issued_before = issued;
-            if first_time_all_held.is_none()
-                && app
-                    .tokens
-                    .status()
-                    .iter()
-                    .all(|status| status.state == "valid")
-            {
+            let without_token = app
+                .tokens
+                .status()
+                .iter()
+                .filter(|status| status.state != "valid")
+                .count();
+            if first_time_all_held.is_none() && without_token == 0 {
                 first_time_all_held = Some(index as f64 * 15.0 / 60.0);
+            } else if first_time_all_held.is_some() {
+                // Once every app held a token, none may lapse for want of budget.
+                lapsed_after_coverage = lapsed_after_coverage.max(without_token);
             }
             clock.advance(step);
         }
@@ -1158,7 +1162,7 @@ impl Bench {
         let mut summary = String::new();
         writeln!(
             summary,
-            "\ntotal fetches {}; busiest sliding 5-minute window {}; busiest 15 s step {} (first step: {}); 10020 answers {}; every app held a valid token after {}; {:.1} s of real time",
+            "\ntotal fetches {}; busiest sliding 5-minute window {}; busiest 15 s step {} (first step: {}); 10020 answers {}; every app held a valid token after {}, and afterwards at most {} apps at once held none; {:.1} s of real time",
             stats.tokens_issued_total(),
             busiest_window,
             busiest_step,
@@ -1168,6 +1172,7 @@ impl Bench {
                 || "never within the run".to_owned(),
                 |minutes| format!("{minutes:.1} simulated minutes")
             ),
+            lapsed_after_coverage,
             real_started.elapsed().as_secs_f64()
         )?;
         // Evenly spread: no 15 s step holds more than twice its even share of the budget.

@@ -1,7 +1,7 @@
 //! The soak in its short form: ten simulated minutes of steady lookups and
-//! token requests with 30 s tokens, 5 % transient faults, token endpoint
-//! failures and tokens invalidated behind the daemon's back, driven on a
-//! manual clock (about a minute of real time at most, no sleeping). It fails
+//! token requests with 30 s tokens, 5 % transient faults, failed scheduled
+//! refreshes and tokens invalidated behind the daemon's back, driven on a
+//! manual clock (well under a minute of real time, no sleeping). It fails
 //! when an endurance property regresses: a token error reaches a caller,
 //! Douyin sees 2119003, or the daemon fetches more than 5 % above the fewest
 //! tokens its refresh window allows. `douyin-bench soak` is the real-time form.
@@ -10,6 +10,7 @@ use douyin_tokend::bench::soak::{SoakPlan, run_simulated};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_simulated_minutes_of_faults_and_invalidations_cost_callers_nothing() {
+    // 8 apps × 5 lookups/s, 30 s tokens: 20 token lifetimes, 7 invalidations.
     let plan = SoakPlan::default();
     let report = run_simulated(&plan).await.unwrap();
     println!("{report:#?}");

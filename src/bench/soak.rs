@@ -47,8 +47,13 @@ pub struct SoakPlan {
     /// Every this often, one app's token is superseded by two tokens fetched
     /// with its key behind the daemon's back.
     pub invalidation_every: Duration,
-    /// Every this often, the token endpoint answers one call with HTTP 500.
-    pub token_fault_every: Duration,
+    /// Every `invalidation_every`, midway between two invalidations, the
+    /// token endpoint answers its next call with HTTP 500. Midway, so that the
+    /// call it hits is a scheduled refresh: a failed refresh must cost callers
+    /// nothing. (A failed *demand* fetch, with callers waiting for an app that
+    /// holds no token, fails those callers with UNAVAILABLE and a RetryInfo by
+    /// design: the negative cache. The soak does not provoke that case.)
+    pub token_faults: bool,
     /// The refresh window, before expiry. Narrow, so that any wasted fetch
     /// shows against the minimum.
     pub refresh_window_start: Duration,
@@ -68,7 +73,7 @@ impl Default for SoakPlan {
             grace: Duration::from_secs(5),
             lookup_fault_fraction: 0.05,
             invalidation_every: Duration::from_secs(75),
-            token_fault_every: Duration::from_secs(45),
+            token_faults: true,
             refresh_window_start: Duration::from_secs(7),
             refresh_window_end: Duration::from_secs(6),
         }
@@ -262,6 +267,10 @@ pub async fn run_simulated(plan: &SoakPlan) -> anyhow::Result<SoakReport> {
     config.douyin.base_url = sandbox.base_url();
     config.refresh.sweep = "off".to_owned();
     config.lookup.rate_per_second = 1_000;
+    // Retry backoff runs in real time: at the default 100 ms a step with one
+    // busy answer would wait ~50 ms for its retry, most of the run's time.
+    config.lookup.retry_backoff_initial = Duration::from_millis(2);
+    config.lookup.retry_backoff_max = Duration::from_millis(10);
     plan.adjust_daemon_config(&mut config);
     let store = Store::open(&config.database).await?;
     fleet.store_in(&store, clock.now_unix_ms()).await?;
@@ -279,7 +288,7 @@ pub async fn run_simulated(plan: &SoakPlan) -> anyhow::Result<SoakReport> {
     let mut report = SoakReport::default();
     let seconds = plan.duration.as_secs();
     let invalidation_every = plan.invalidation_every.as_secs().max(1);
-    let token_fault_every = plan.token_fault_every.as_secs().max(1);
+    let token_fault_offset = invalidation_every / 2;
     let mut invalidated_at: Vec<Vec<f64>> = vec![Vec::new(); plan.apps];
     let mut out_of_band = 0;
     for second in 0..seconds {
@@ -296,7 +305,7 @@ pub async fn run_simulated(plan: &SoakPlan) -> anyhow::Result<SoakReport> {
             invalidated_at[victim].push(second as f64);
             report.invalidations += 1;
         }
-        if second > 0 && second % token_fault_every == 0 {
+        if plan.token_faults && second % invalidation_every == token_fault_offset {
             sandbox.state().push_token_faults([Fault::HttpStatus(500)]);
             report.token_faults_injected += 1;
         }

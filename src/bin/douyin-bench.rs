@@ -400,8 +400,9 @@ impl SpawnedDaemon {
     /// Warning and error lines in the daemon's log.
     fn log_problems(&self) -> (usize, usize) {
         let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let warnings = log.lines().filter(|line| line.contains(" WARN ")).count();
-        let errors = log.lines().filter(|line| line.contains(" ERROR ")).count();
+        // The level may be wrapped in colour codes, so no spaces around it.
+        let warnings = log.lines().filter(|line| line.contains("WARN")).count();
+        let errors = log.lines().filter(|line| line.contains("ERROR")).count();
         (warnings, errors)
     }
 
@@ -1261,7 +1262,7 @@ impl Bench {
         let mut invalidated_at = vec![Vec::new(); plan.apps];
         let mut out_of_band = 0;
         let mut next_invalidation = plan.invalidation_every;
-        let mut next_token_fault = plan.token_fault_every;
+        let mut next_token_fault = plan.invalidation_every / 2;
         let mut cpu_samples = Vec::new();
         for tick_number in 0..ticks {
             ticker.tick().await;
@@ -1314,13 +1315,13 @@ impl Bench {
                 report.invalidations += 1;
                 next_invalidation += plan.invalidation_every;
             }
-            if elapsed >= next_token_fault {
+            if plan.token_faults && elapsed >= next_token_fault {
                 setup
                     .sandbox
                     .state()
                     .push_token_faults([Fault::HttpStatus(500)]);
                 report.token_faults_injected += 1;
-                next_token_fault += plan.token_fault_every;
+                next_token_fault += plan.invalidation_every;
             }
             if tick_number % 1000 == 0 {
                 let sample = daemon.sample();

@@ -28,12 +28,8 @@ async fn ten_simulated_minutes_of_faults_and_invalidations_cost_callers_nothing(
         report.token_rejections >= report.invalidations,
         "every invalidation was noticed through a rejection"
     );
-    assert!(
-        report.token_fetches >= report.minimum_fetches,
-        "fewer fetches than possible: {} < {}",
-        report.token_fetches,
-        report.minimum_fetches
-    );
+    // (A failed refresh retried a second later shifts that app's schedule, so
+    // the count may even end a little below the fault-free minimum.)
     assert!(
         report.excess_fetch_fraction() <= 0.05,
         "{} fetches for a minimum of {} ({:+.1} %)",

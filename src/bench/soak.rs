@@ -55,7 +55,12 @@ pub struct SoakPlan {
     /// design: the negative cache. The soak does not provoke that case.)
     pub token_faults: bool,
     /// The refresh window, before expiry. Narrow, so that any wasted fetch
-    /// shows against the minimum.
+    /// shows against the minimum, and ending 3 s before the token stops being
+    /// servable (5 s before expiry), so that a failed refresh has room for a
+    /// retry (1 s backoff, a sweep every second that may tick half a second
+    /// late). With a window ending 6 s before expiry, a refresh failing at its
+    /// very end left callers facing the 1 s negative cache with no servable
+    /// token: one token error in a 10-minute run.
     pub refresh_window_start: Duration,
     pub refresh_window_end: Duration,
 }
@@ -74,8 +79,8 @@ impl Default for SoakPlan {
             lookup_fault_fraction: 0.05,
             invalidation_every: Duration::from_secs(75),
             token_faults: true,
-            refresh_window_start: Duration::from_secs(7),
-            refresh_window_end: Duration::from_secs(6),
+            refresh_window_start: Duration::from_secs(9),
+            refresh_window_end: Duration::from_secs(8),
         }
     }
 }
@@ -217,7 +222,9 @@ pub fn is_token_error(status: &tonic::Status) -> bool {
 /// successor must be fetched, so a stretch of `d` seconds between
 /// invalidations needs `ceil(d / (lifetime - window_end))` fetches.
 /// `invalidated_at` holds, per app, the seconds into the run at which its
-/// token was invalidated.
+/// token was invalidated. A refresh that fails and succeeds on a retry shifts
+/// the app's later refreshes, so a run with faults may end a fetch or two
+/// below this fault-free minimum; above it is waste.
 pub fn minimum_fetches(
     duration: Duration,
     lifetime: Duration,
@@ -398,7 +405,7 @@ mod tests {
         let minute = Duration::from_secs(60);
         let lifetime = Duration::from_secs(30);
         let window_end = Duration::from_secs(6);
-        // 60 s at most 24 s per token: fetches at 0, 24 and 48.
+        // 60 s, at most 24 s per token: fetches at 0, 24 and 48.
         assert_eq!(minimum_fetches(minute, lifetime, window_end, &[vec![]]), 3);
         // 48 s: fetches at 0 and 24 cover it.
         assert_eq!(

@@ -390,6 +390,10 @@ impl SpawnedDaemon {
             channels.push(
                 Channel::from_shared(self.address.clone())?
                     .tcp_nodelay(true)
+                    // Bounds every call on the bench's side without telling the
+                    // daemon (no grpc-timeout header), so the daemon applies its
+                    // own default deadline as it would for most callers.
+                    .timeout(CALL_BOUND)
                     .connect()
                     .await?,
             );
@@ -431,6 +435,10 @@ struct Setup {
 }
 
 const ORDERS: usize = 1000;
+
+/// No single call of the load generator waits longer than this, so every
+/// scenario ends by itself even if the daemon or the sandbox hangs.
+const CALL_BOUND: Duration = Duration::from_secs(30);
 
 /// A database holding a fleet, filled once and copied for every start.
 struct FilledDatabase {
@@ -623,6 +631,7 @@ impl Bench {
         }
         let tokens = Arc::new(tokens);
         let http = reqwest::Client::builder()
+            .timeout(CALL_BOUND)
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)

@@ -402,12 +402,30 @@ impl SpawnedDaemon {
     }
 
     /// Warning and error lines in the daemon's log.
-    fn log_problems(&self) -> (usize, usize) {
+    /// The daemon's warning and error lines, counted by level and message
+    /// (fields such as the app left out), e.g. `WARN client_token fetch failed…`.
+    fn log_problems(&self) -> BTreeMap<String, usize> {
         let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        // The level may be wrapped in colour codes, so no spaces around it.
-        let warnings = log.lines().filter(|line| line.contains("WARN")).count();
-        let errors = log.lines().filter(|line| line.contains("ERROR")).count();
-        (warnings, errors)
+        let mut problems = BTreeMap::new();
+        for line in log.lines() {
+            let plain = strip_colour_codes(line);
+            let Some(level) = ["WARN", "ERROR"]
+                .into_iter()
+                .find(|level| plain.split_whitespace().nth(1) == Some(*level))
+            else {
+                continue;
+            };
+            // `<time> <LEVEL> <target>: <message> <field>=<value> …`
+            let message: Vec<&str> = plain
+                .split_whitespace()
+                .skip(3)
+                .take_while(|word| !word.contains('='))
+                .collect();
+            *problems
+                .entry(format!("{level} {}", message.join(" ")))
+                .or_default() += 1;
+        }
+        problems
     }
 
     /// Ends the child (by its pid, SIGKILL: the database is thrown away).
@@ -771,6 +789,25 @@ impl Bench {
     }
 }
 
+/// Drops ANSI colour sequences (`ESC [ … m`), which the daemon's log has when
+/// tracing decides to colour it.
+fn strip_colour_codes(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut characters = line.chars();
+    while let Some(character) = characters.next() {
+        if character == '\u{1b}' {
+            for inner in characters.by_ref() {
+                if inner == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(character);
+        }
+    }
+    plain
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
@@ -923,7 +960,7 @@ impl Bench {
         print!("{table}");
         let stats = setup.sandbox.state().stats();
         println!(
-            "\nfailures per level: {}\nsandbox: {} lookups, 2119003 answered {} times; daemon log: {:?} (warnings, errors); daemon RSS {} KiB",
+            "\nfailures per level: {}\nsandbox: {} lookups, 2119003 answered {} times; daemon's warnings and errors: {:?}; daemon RSS {} KiB",
             failures.join(" | "),
             stats.lookups,
             stats.lookups_answered_with(2_119_003),
@@ -1359,12 +1396,11 @@ impl Bench {
         report.duration_seconds = plan.duration.as_secs_f64();
         report.real_seconds = soak_started.elapsed().as_secs_f64();
         print_soak_report(&plan, &report, "the spawned daemon");
-        let (warnings, errors) = daemon.log_problems();
         println!(
-            "daemon CPU {:.1} s over the run ({:.1} % of one core); daemon log: {warnings} warnings, {errors} errors ({})",
+            "daemon CPU {:.1} s over the run ({:.1} % of one core)\ndaemon's warnings and errors: {:#?}",
             final_sample.cpu.as_secs_f64(),
             final_sample.cpu.as_secs_f64() / report.real_seconds * 100.0,
-            daemon.log_path.display()
+            daemon.log_problems()
         );
         footer(started);
         Ok(())
@@ -1485,4 +1521,18 @@ fn print_soak_report(plan: &SoakPlan, report: &SoakReport, measured: &str) {
         "{:.0} simulated/real seconds: {:.1} / {:.1}",
         report.duration_seconds, report.duration_seconds, report.real_seconds
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_codes_are_stripped_from_log_lines() {
+        let line = "\u{1b}[2m2026-11-25T20:26:28.211706Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mdouyin_tokend::token\u{1b}[0m\u{1b}[2m:\u{1b}[0m client_token fetch failed; backing off \u{1b}[3mapp\u{1b}[0m\u{1b}[2m=\u{1b}[0mapp:c6b95411";
+        assert_eq!(
+            strip_colour_codes(line),
+            "2026-11-25T20:26:28.211706Z  WARN douyin_tokend::token: client_token fetch failed; backing off app=app:c6b95411"
+        );
+    }
 }

@@ -222,6 +222,7 @@ fn main() -> anyhow::Result<()> {
             .context("the bench binary has no directory")?
             .join("douyin-tokend"),
     };
+    warn_if_daemon_binary_is_stale(&daemon_binary);
     runtime.block_on(async move {
         let bench = Bench { daemon_binary };
         match cli.scenario {
@@ -243,6 +244,25 @@ fn main() -> anyhow::Result<()> {
 
 struct Bench {
     daemon_binary: PathBuf,
+}
+
+/// `cargo run --bin douyin-bench` rebuilds only the bench: a daemon binary
+/// older than the bench may predate a change to the daemon's code, and the
+/// numbers would then describe the old code.
+fn warn_if_daemon_binary_is_stale(daemon_binary: &Path) {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|metadata| metadata.modified());
+    let (Ok(bench), Ok(daemon)) = (
+        std::env::current_exe().and_then(|path| modified(&path)),
+        modified(daemon_binary),
+    ) else {
+        return;
+    };
+    if daemon < bench {
+        eprintln!(
+            "warning: {} is older than this bench binary; if the daemon's code changed, rebuild both with `cargo build --release --bins`",
+            daemon_binary.display()
+        );
+    }
 }
 
 fn heading(title: &str) {

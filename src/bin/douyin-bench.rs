@@ -1272,7 +1272,7 @@ impl Bench {
             print_soak_report(
                 &plan,
                 &report,
-                "in-process (daemon, sandbox and load together)",
+                "this process (the in-process daemon, the sandbox and the load together)",
             );
             footer(started);
             return Ok(());
@@ -1538,8 +1538,8 @@ fn print_soak_report(plan: &SoakPlan, report: &SoakReport, measured: &str) {
         println!("token errors, first few: {:#?}", report.token_error_samples);
     }
     println!(
-        "{:.0} simulated/real seconds: {:.1} / {:.1}",
-        report.duration_seconds, report.duration_seconds, report.real_seconds
+        "clock seconds simulated / real: {:.1} / {:.1}",
+        report.duration_seconds, report.real_seconds
     );
 }
 

@@ -13,11 +13,13 @@
 //! - [`store`]: the only SQL.
 //! - [`douyin`]: the only code that knows Douyin's URLs, JSON and error codes.
 //! - [`sandbox`]: a strict fake Douyin for tests, the demo and benchmarks.
+//! - [`bench`]: the benchmark and soak harness (`douyin-bench`, tests/soak.rs).
 //! - [`config`], [`domain`], [`clock`], [`proto`]: shared foundations.
 
 pub mod access;
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -92,6 +92,40 @@ pub fn decode_after_sale_answer(
     content_type: &str,
     header_logid: String,
 ) -> Result<AfterSaleAnswer, LookupFailure> {
+    // The common case, a well-formed success, decodes straight into the
+    // messages, skipping the `Value` tree, the null stripping and the
+    // conversion (the documented example: 9.1 µs → 4.1 µs, benches/hot_paths.rs).
+    // Anything else (an error code, a null, a mistyped field, a non-object)
+    // takes the general path below, which decides as before.
+    if status == 200
+        && body.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{')
+        && let Ok(response) = serde_json::from_slice::<GetAfterSaleOrderDetailResponse>(body)
+        && response
+            .extra
+            .as_ref()
+            .is_none_or(|extra| extra.error_code == 0)
+        && response
+            .data
+            .as_ref()
+            .is_none_or(|data| data.error_code == 0)
+    {
+        return Ok(AfterSaleAnswer {
+            response,
+            // The body was valid JSON, hence valid UTF-8.
+            raw_body: String::from_utf8_lossy(body).into_owned(),
+        });
+    }
+    decode_in_general(status, body, content_type, header_logid)
+}
+
+/// Decodes any answer through a `Value`, so nulls, stray types and error
+/// envelopes are judged field by field.
+fn decode_in_general(
+    status: u16,
+    body: &[u8],
+    content_type: &str,
+    header_logid: String,
+) -> Result<AfterSaleAnswer, LookupFailure> {
     let mut document: serde_json::Value = match serde_json::from_slice(body) {
         Ok(document) => document,
         Err(_) if status != 200 => {
@@ -224,6 +258,24 @@ mod tests {
             9147462244456248000
         );
         assert!(answer.raw_body.contains("brand_new_field"));
+    }
+
+    #[test]
+    fn the_fast_path_answers_exactly_as_the_general_one() {
+        let documented = crate::sandbox::DOCUMENTED_EXAMPLE;
+        let fast = decode(200, documented).unwrap();
+        let general = decode_in_general(
+            200,
+            documented.as_bytes(),
+            "application/json",
+            "HDR".to_owned(),
+        )
+        .unwrap();
+        assert_eq!(fast.response, general.response);
+        assert_eq!(fast.raw_body, general.raw_body);
+        // An empty array would fill a struct positionally; it is not an answer.
+        assert!(decode(200, "[]").is_err());
+        assert!(decode(200, "  []").is_err());
     }
 
     #[test]

@@ -123,7 +123,12 @@ impl Admission {
                 .reserve(now, latest)
                 .map_err(|retry_after| NotAdmitted { retry_after })?
         };
-        tokio::time::sleep_until(turn).await;
+        // Only a turn in the future is worth a timer: tokio's timer rounds up to
+        // the next millisecond tick, so even an elapsed deadline would cost
+        // every lookup up to a millisecond of waiting for that tick.
+        if turn > now {
+            tokio::time::sleep_until(turn).await;
+        }
         let permit = tokio::time::timeout_at(latest, Arc::clone(&gate.in_flight).acquire_owned())
             .await
             .map_err(|_| NotAdmitted {

@@ -1,6 +1,7 @@
 //! The token endpoint budget: at most `budget` fetches across all apps per
 //! window (Douyin allows 500 per 5 minutes), with a reserve that only urgent
-//! fetches may use, and a pause of scheduled refreshes after Douyin says 10020.
+//! fetches may use, scheduled fetches spread evenly over the window, and a
+//! pause of scheduled refreshes after Douyin says 10020.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -18,12 +19,20 @@ pub enum FetchPriority {
     Urgent,
 }
 
+/// Scheduled fetches may come this many at once before the even pace applies,
+/// so that a small fleet gets all its tokens in the first sweep.
+const SCHEDULED_BURST: usize = 32;
+
 #[derive(Debug)]
 pub struct TokenBudget {
     limit: usize,
     reserve: usize,
     window_ms: i64,
     pause_ms: i64,
+    /// Even spacing of scheduled fetches, in microseconds: the window over
+    /// their share of it.
+    scheduled_spacing_us: i64,
+    scheduled_burst: usize,
     state: Mutex<BudgetState>,
 }
 
@@ -32,15 +41,25 @@ struct BudgetState {
     /// Start times of the fetches inside the current window, oldest first.
     spent_at_ms: VecDeque<i64>,
     scheduled_paused_until_ms: i64,
+    /// When the next scheduled fetch is due on the even pace (GCRA's
+    /// theoretical arrival time). Without it a large fleet spent the whole
+    /// window's share in the first sweep of every window: 450 fetches in one
+    /// 15 s sweep, then none for five minutes.
+    scheduled_pace_us: i64,
 }
 
 impl TokenBudget {
     pub fn new(config: &RefreshConfig) -> Self {
+        let scheduled_share = config.budget.saturating_sub(config.budget_reserve).max(1);
+        let window_ms = duration_ms(config.budget_window);
         Self {
             limit: config.budget,
             reserve: config.budget_reserve,
-            window_ms: duration_ms(config.budget_window),
+            window_ms,
             pause_ms: duration_ms(config.rate_limited_pause),
+            scheduled_spacing_us: window_ms.saturating_mul(1000)
+                / i64::try_from(scheduled_share).unwrap_or(i64::MAX),
+            scheduled_burst: SCHEDULED_BURST.min(scheduled_share),
             state: Mutex::new(BudgetState::default()),
         }
     }
@@ -80,6 +99,19 @@ impl TokenBudget {
             return Err(Duration::from_millis(
                 (freeing + self.window_ms - now_ms).max(1) as u64,
             ));
+        }
+        if priority == FetchPriority::Scheduled {
+            // GCRA: up to `scheduled_burst` at once, then one per spacing.
+            let now_us = now_ms.saturating_mul(1000);
+            let pace = state.scheduled_pace_us.max(now_us);
+            let tolerance = i64::try_from(self.scheduled_burst - 1)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(self.scheduled_spacing_us);
+            if pace - now_us > tolerance {
+                return Err(Duration::from_micros((pace - tolerance - now_us) as u64)
+                    .max(Duration::from_millis(1)));
+            }
+            state.scheduled_pace_us = pace + self.scheduled_spacing_us;
         }
         state.spent_at_ms.push_back(now_ms);
         Ok(())
@@ -133,6 +165,36 @@ mod tests {
         budget.try_spend(FetchPriority::Scheduled, 300_000).unwrap();
         assert_eq!(budget.remaining(300_000), 0);
         assert_eq!(budget.remaining(400_000), 1);
+    }
+
+    #[test]
+    fn scheduled_fetches_are_spread_evenly_over_the_window_after_a_small_burst() {
+        // Douyin's budget: 450 scheduled fetches per 5 minutes, one per 667 ms.
+        let budget = budget(500, 50);
+        let spent_at = |now_ms: i64| {
+            (0..1000)
+                .take_while(|_| budget.try_spend(FetchPriority::Scheduled, now_ms).is_ok())
+                .count()
+        };
+        assert_eq!(
+            spent_at(0),
+            SCHEDULED_BURST,
+            "a small fleet is served at once"
+        );
+        assert_eq!(spent_at(15_000), 22, "then 15 s of the even pace");
+        assert_eq!(spent_at(30_000), 23);
+        // Urgent fetches are not held to the pace.
+        budget.try_spend(FetchPriority::Urgent, 30_000).unwrap();
+        // Over a whole window the pace and the reserve together keep to the budget.
+        let mut spent = SCHEDULED_BURST + 22 + 23 + 1;
+        for second in 31..300 {
+            spent += spent_at(second * 1000);
+        }
+        assert!(spent <= 500, "{spent}");
+        assert!(
+            spent >= 440,
+            "the pace leaves the scheduled share usable: {spent}"
+        );
     }
 
     #[test]

@@ -1,0 +1,53 @@
+//! The benchmark and soak harness shared by `douyin-bench` (src/bin) and the
+//! soak test (tests/soak.rs): a fleet of apps and merchants taught to the
+//! sandbox and stored in the daemon's database, latency and process
+//! measurements, and the soak driven by a manual clock. Nothing here is on the
+//! daemon's serving path.
+
+pub mod fleet;
+pub mod measure;
+pub mod soak;
+
+use std::path::{Path, PathBuf};
+
+use crate::access::{KeyHash, Scope};
+use crate::cli::BearerAuth;
+use crate::config::ClientEntry;
+
+/// The key the harness calls the daemon with (every scope); only its hash is configured.
+pub const BENCH_API_KEY: &str = "dtk_bench_harness_key_000000000000000000000000000000";
+
+/// The `[[clients]]` entry for [`BENCH_API_KEY`].
+pub fn bench_client() -> ClientEntry {
+    ClientEntry {
+        name: "bench".to_owned(),
+        key_sha256: KeyHash::of_key(BENCH_API_KEY).to_hex(),
+        scopes: Scope::ALL
+            .iter()
+            .map(|scope| scope.as_str().to_owned())
+            .collect(),
+        apps: None,
+        merchants: None,
+    }
+}
+
+/// The same entry as config file text, for a spawned daemon.
+pub fn bench_client_toml() -> String {
+    format!(
+        "[[clients]]\nname = \"bench\"\nkey_sha256 = \"{}\"\nscopes = [\"admin\", \"aftersale.read\", \"token.read\", \"token.report\"]\n",
+        KeyHash::of_key(BENCH_API_KEY).to_hex()
+    )
+}
+
+/// Sends [`BENCH_API_KEY`] with every call.
+pub fn bench_auth() -> BearerAuth {
+    BearerAuth::new(BENCH_API_KEY).expect("the bench key is a valid header")
+}
+
+/// Where the daemon looks for a database's master key by default.
+pub fn master_key_beside(database: &Path) -> PathBuf {
+    database
+        .parent()
+        .map_or_else(PathBuf::new, Path::to_path_buf)
+        .join("master.key")
+}

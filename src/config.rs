@@ -259,6 +259,23 @@ pub struct ClientEntry {
     pub merchants: Option<Vec<String>>,
 }
 
+impl ClientEntry {
+    /// A client with every scope and no bounds, declared by its key's hash
+    /// (the demo's, the tests' and the benchmarks' own caller).
+    pub fn with_every_scope(name: &str, api_key: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            key_sha256: crate::access::KeyHash::of_key(api_key).to_hex(),
+            scopes: crate::access::Scope::ALL
+                .iter()
+                .map(|scope| scope.as_str().to_owned())
+                .collect(),
+            apps: None,
+            merchants: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MerchantEntry {

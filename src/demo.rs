@@ -12,7 +12,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::access::{KeyHash, Scope};
 use crate::app::App;
 use crate::cli::{
     BearerAuth, MerchantCommand, admin_client, format_token_table, run_merchant_command,
@@ -87,16 +86,9 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         ..Config::default()
     };
     config.douyin.base_url = sandbox.base_url();
-    config.clients.push(ClientEntry {
-        name: "demo".to_owned(),
-        key_sha256: KeyHash::of_key(&api_key).to_hex(),
-        scopes: Scope::ALL
-            .iter()
-            .map(|scope| scope.as_str().to_owned())
-            .collect(),
-        apps: None,
-        merchants: None,
-    });
+    config
+        .clients
+        .push(ClientEntry::with_every_scope("demo", &api_key));
     writeln!(out, "sandbox Douyin listening on {}", sandbox.base_url())?;
 
     let daemon = start_daemon(config.clone(), clock.clone()).await?;

@@ -10,7 +10,7 @@ pub mod soak;
 
 use std::path::{Path, PathBuf};
 
-use crate::access::{KeyHash, Scope};
+use crate::access::KeyHash;
 use crate::cli::BearerAuth;
 use crate::config::ClientEntry;
 
@@ -19,16 +19,7 @@ pub const BENCH_API_KEY: &str = "dtk_bench_harness_key_0000000000000000000000000
 
 /// The `[[clients]]` entry for [`BENCH_API_KEY`].
 pub fn bench_client() -> ClientEntry {
-    ClientEntry {
-        name: "bench".to_owned(),
-        key_sha256: KeyHash::of_key(BENCH_API_KEY).to_hex(),
-        scopes: Scope::ALL
-            .iter()
-            .map(|scope| scope.as_str().to_owned())
-            .collect(),
-        apps: None,
-        merchants: None,
-    }
+    ClientEntry::with_every_scope("bench", BENCH_API_KEY)
 }
 
 /// The same entry as config file text, for a spawned daemon.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use douyin_tokend::access::{KeyHash, Scope};
 use douyin_tokend::app::{App, ServeOptions};
 use douyin_tokend::cli::{AuthenticatedChannel, BearerAuth};
 use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
@@ -97,16 +96,9 @@ impl TestApp {
             ..Config::default()
         };
         config.refresh.sweep = "off".to_owned();
-        config.clients.push(ClientEntry {
-            name: "test-admin".to_owned(),
-            key_sha256: KeyHash::of_key(ADMIN_API_KEY).to_hex(),
-            scopes: Scope::ALL
-                .iter()
-                .map(|scope| scope.as_str().to_owned())
-                .collect(),
-            apps: None,
-            merchants: None,
-        });
+        config
+            .clients
+            .push(ClientEntry::with_every_scope("test-admin", ADMIN_API_KEY));
         // The sandbox clock is manual; pacing in real time would only slow the
         // tests down. The rate-limit tests set their own pace.
         config.lookup.rate_per_second = 10_000;

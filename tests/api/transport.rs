@@ -147,13 +147,12 @@ async fn the_unix_socket_listener_serves_with_its_permissions_and_cleans_up() {
         ..douyin_tokend::config::Config::default()
     };
     config.refresh.sweep = "off".to_owned();
-    config.clients.push(douyin_tokend::config::ClientEntry {
-        name: "admin".to_owned(),
-        key_sha256: douyin_tokend::access::KeyHash::of_key(ADMIN_API_KEY).to_hex(),
-        scopes: vec!["admin".to_owned()],
-        apps: None,
-        merchants: None,
-    });
+    config
+        .clients
+        .push(douyin_tokend::config::ClientEntry::with_every_scope(
+            "admin",
+            ADMIN_API_KEY,
+        ));
     let clock: SharedClock = ManualClock::starting_at(START_UNIX_MS);
     let app = App::start(config.clone(), clock).await.unwrap();
     let listener = Listener::bind(&config.listen, &config.unix_socket_mode)

@@ -33,6 +33,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".douyin.goodlife.v1",
             "#[derive(serde::Deserialize, serde::Serialize)] #[serde(default)]",
         )
+        // serde's derive would also fill a struct from a JSON array, position by
+        // position; the envelope's `data` and `extra` must be objects, or the
+        // answer is not a success (`{"data":[]}` must not read as "no records").
+        .field_attribute(
+            ".douyin.goodlife.v1.GetAfterSaleOrderDetailResponse.data",
+            "#[serde(deserialize_with = \"crate::proto::json_object_only\")]",
+        )
+        .field_attribute(
+            ".douyin.goodlife.v1.GetAfterSaleOrderDetailResponse.extra",
+            "#[serde(deserialize_with = \"crate::proto::json_object_only\")]",
+        )
         // tokend.v1 messages carry tokens, secrets and client keys: their Debug
         // is written by hand in src/proto.rs and shows no field values.
         .skip_debug([".tokend.v1"])

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::domain::{AccountId, ClientKey, ClientSecret};
+use crate::domain::{AccountId, ClientKey, ClientSecret, DouyinApi};
 
 /// A configuration problem, always naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -141,10 +141,9 @@ pub struct RefreshConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LookupConfig {
-    /// Lookups per second per app (Douyin documents 10 QPS per app).
-    pub rate_per_second: u32,
-    /// Per-app overrides of `rate_per_second`, keyed by client_key.
-    pub app_rate_per_second: std::collections::HashMap<String, u32>,
+    /// Rate groups by Douyin API name (`[lookup.rates.after_sale_order_detail]`);
+    /// an API not listed runs at the rate its Douyin page documents.
+    pub rates: std::collections::BTreeMap<String, ApiRateConfig>,
     /// Lookups in flight to Douyin at once, per app.
     pub max_concurrent_per_app: usize,
     /// The deadline of a request that carries none.
@@ -163,6 +162,35 @@ pub struct LookupConfig {
     /// Keep successful answers this long and serve repeats from memory; "0s" (the default) turns the cache off.
     #[serde(with = "humane_duration")]
     pub cache_ttl: Duration,
+}
+
+/// One Douyin API's rate group: calls per second per app.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiRateConfig {
+    /// Calls per second per app; absent = the rate Douyin documents for the API.
+    pub per_second: Option<u32>,
+    /// Per-app overrides, keyed by client_key.
+    pub per_app: std::collections::HashMap<String, u32>,
+}
+
+impl LookupConfig {
+    /// Sets the calls per second per app of `api` (tests, benchmarks, the demo).
+    pub fn set_rate_per_second(&mut self, api: DouyinApi, per_second: u32) {
+        self.rates
+            .entry(api.name().to_owned())
+            .or_default()
+            .per_second = Some(per_second);
+    }
+
+    /// Calls per second allowed to `client_key` on `api`.
+    pub fn rate_per_second(&self, api: DouyinApi, client_key: &str) -> u32 {
+        let group = self.rates.get(api.name());
+        group
+            .and_then(|group| group.per_app.get(client_key).copied())
+            .or_else(|| group.and_then(|group| group.per_second))
+            .unwrap_or_else(|| api.documented_rate_per_second())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -352,8 +380,7 @@ impl Default for RefreshConfig {
 impl Default for LookupConfig {
     fn default() -> Self {
         Self {
-            rate_per_second: 10,
-            app_rate_per_second: std::collections::HashMap::new(),
+            rates: std::collections::BTreeMap::new(),
             max_concurrent_per_app: 10,
             default_deadline: Duration::from_secs(5),
             upstream_time_reserve: Duration::from_millis(200),
@@ -514,21 +541,29 @@ impl Config {
             ));
         }
         let lookup = &self.lookup;
-        if lookup.rate_per_second == 0 {
-            return Err(ConfigError::invalid(
-                "lookup.rate_per_second",
-                "must be at least 1",
-            ));
-        }
-        if let Some((key, _)) = lookup
-            .app_rate_per_second
-            .iter()
-            .find(|(_, rate)| **rate == 0)
-        {
-            return Err(ConfigError::invalid(
-                format!("lookup.app_rate_per_second.{key}"),
-                "must be at least 1 (remove the app's merchants to stop its lookups)",
-            ));
+        for (name, group) in &lookup.rates {
+            if DouyinApi::from_name(name).is_none() {
+                let known: Vec<&str> = DouyinApi::ALL.iter().map(|api| api.name()).collect();
+                return Err(ConfigError::invalid(
+                    format!("lookup.rates.{name}"),
+                    format!(
+                        "is not a Douyin API the daemon calls (known: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if group.per_second == Some(0) {
+                return Err(ConfigError::invalid(
+                    format!("lookup.rates.{name}.per_second"),
+                    "must be at least 1",
+                ));
+            }
+            if let Some((key, _)) = group.per_app.iter().find(|(_, rate)| **rate == 0) {
+                return Err(ConfigError::invalid(
+                    format!("lookup.rates.{name}.per_app.{key}"),
+                    "must be at least 1 (remove the app's merchants to stop its calls)",
+                ));
+            }
         }
         if lookup.max_concurrent_per_app == 0 {
             return Err(ConfigError::invalid(

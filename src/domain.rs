@@ -189,6 +189,9 @@ impl AfterSaleQuery {
     ) -> Result<Self, InvalidId> {
         let account_id = AccountId::parse(account_id)?;
         check_identifier("order_id", order_id, Self::MAX_ORDER_ID_LENGTH)?;
+        // Douyin's official SDK always sends the field, empty when unset: an
+        // empty certificate_id means "no certificate", not a bad one.
+        let certificate_id = certificate_id.filter(|certificate_id| !certificate_id.is_empty());
         if let Some(certificate_id) = certificate_id {
             check_identifier("certificate_id", certificate_id, Self::MAX_ORDER_ID_LENGTH)?;
         }
@@ -197,6 +200,43 @@ impl AfterSaleQuery {
             order_id: order_id.to_owned(),
             certificate_id: certificate_id.map(str::to_owned),
         })
+    }
+}
+
+/// One Douyin API, as a rate group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DouyinApi {
+    /// 售后单详情查询, `GET /goodlife/v1/akte/after_sale/order_detail/get/`.
+    AfterSaleOrderDetail,
+}
+
+impl DouyinApi {
+    pub const ALL: [Self; 1] = [Self::AfterSaleOrderDetail];
+
+    /// The name used in config (`[lookup.rates.<name>]`), logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AfterSaleOrderDetail => "after_sale_order_detail",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|api| api.name() == name)
+    }
+
+    /// Calls per second per app that Douyin's page allows: the default rate.
+    pub fn documented_rate_per_second(self) -> u32 {
+        match self {
+            // 售后单详情查询: "可承载最大qps 10", read per app (client_key),
+            // the conservative reading of a page that does not say per what.
+            Self::AfterSaleOrderDetail => 10,
+        }
+    }
+}
+
+impl fmt::Display for DouyinApi {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.name())
     }
 }
 
@@ -233,7 +273,13 @@ mod tests {
             Err(InvalidId::NotPrintable { field: "order_id" })
         );
         assert!(AfterSaleQuery::parse("123", "order 1", None).is_err());
-        assert!(AfterSaleQuery::parse("123", "keXkM0H5DR", Some("")).is_err());
+        assert_eq!(
+            AfterSaleQuery::parse("123", "keXkM0H5DR", Some("")),
+            AfterSaleQuery::parse("123", "keXkM0H5DR", None),
+            "an empty certificate_id is an absent one"
+        );
+        assert!(AfterSaleQuery::parse("123", "keXkM0H5DR", Some(" ")).is_err());
+        assert!(AfterSaleQuery::parse("123", "keXkM0H5DR", Some("a\tb")).is_err());
         assert!(AfterSaleQuery::parse("123", "keXkM0H5DR", Some("IrwGTLCKZr")).is_ok());
     }
 }

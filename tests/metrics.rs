@@ -87,7 +87,7 @@ async fn metrics_scraped_after_real_traffic_hold_the_expected_series_and_values(
     // Douyin refuses: a known code and one the daemon does not know.
     app.sandbox
         .state()
-        .push_lookup_faults([Fault::ErrorCode(2119005), Fault::ErrorCode(4000001)]);
+        .push_lookup_faults([Fault::ErrorCode(2119005), Fault::ErrorCode(4000003)]);
     for _ in 0..2 {
         app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID)
             .await

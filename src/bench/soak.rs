@@ -199,21 +199,17 @@ pub fn is_token_error(status: &tonic::Status) -> bool {
     let Some(info) = status.get_details_error_info() else {
         return status.message().contains("token");
     };
-    let token_codes = [
-        codes::TOKEN_INVALID,
-        codes::TOKEN_EXPIRED,
-        codes::TOKEN_EXPIRED_NEW_GATEWAY,
-        codes::TOKEN_PARAMETER_ERROR,
-        codes::TOKEN_UNKNOWN_CLIENT_KEY,
-        codes::TOKEN_BAD_CREDENTIALS,
-        codes::TOKEN_RATE_LIMITED,
-    ];
     (info.domain == TOKEND_DOMAIN
         && (info.reason.starts_with("TOKEN_") || info.reason == "CREDENTIALS_REFUSED"))
         || info
             .reason
             .parse::<i64>()
-            .is_ok_and(|code| token_codes.contains(&code))
+            .ok()
+            .and_then(codes::known)
+            .is_some_and(|known| {
+                known.class == codes::CodeClass::TokenRejected
+                    || known.envelope == codes::Envelope::TokenEndpoint
+            })
 }
 
 /// The fewest token fetches a daemon with this refresh window can make: each
@@ -274,7 +270,9 @@ pub async fn run_simulated(plan: &SoakPlan) -> anyhow::Result<SoakReport> {
     config.douyin.base_url = sandbox.base_url();
     config.clients.push(crate::bench::bench_client());
     config.refresh.sweep = "off".to_owned();
-    config.lookup.rate_per_second = 1_000;
+    config
+        .lookup
+        .set_rate_per_second(crate::domain::DouyinApi::AfterSaleOrderDetail, 1_000);
     // Retry backoff runs in real time: at the default 100 ms a step with one
     // busy answer would wait ~50 ms for its retry, most of the run's time.
     config.lookup.retry_backoff_initial = Duration::from_millis(2);

@@ -3,6 +3,7 @@
 
 pub mod after_sale;
 pub mod codes;
+pub mod envelope;
 pub mod token_endpoint;
 
 use std::time::Duration;

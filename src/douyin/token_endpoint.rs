@@ -47,13 +47,20 @@ impl TokenFetchError {
 
     /// Douyin said we fetch too often (10020): the budget must slow down.
     pub fn is_rate_limited(&self) -> bool {
-        matches!(self, Self::Refused { code, .. } if *code == codes::TOKEN_RATE_LIMITED)
+        matches!(self, Self::Refused { code, .. } if codes::token_code_is_rate_limited(*code))
     }
 }
 
 #[derive(Debug, Deserialize)]
 struct TokenEnvelope {
     data: Option<TokenData>,
+    /// The newer open-API gateway's envelope: `{"err_no", "err_msg", "log_id"}`.
+    #[serde(default)]
+    err_no: Option<i64>,
+    #[serde(default)]
+    err_msg: Option<String>,
+    #[serde(default)]
+    log_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +139,13 @@ pub(crate) fn parse_token_answer(
             .into());
         }
     };
+    if let Some(code) = envelope.err_no.filter(|code| *code != 0) {
+        return Err(TokenFetchError::Refused {
+            code,
+            description: envelope.err_msg.unwrap_or_default(),
+            logid: envelope.log_id.filter(|id| !id.is_empty()).unwrap_or(logid),
+        });
+    }
     let data = envelope.data.unwrap_or_default();
     let error_code = data.error_code.unwrap_or(0);
     if error_code != 0 {
@@ -213,6 +227,28 @@ mod tests {
             parse(200, r#"{"data":{"error_code":10020,"description":"slow"}}"#).unwrap_err();
         assert!(!rate_limited.is_permanent());
         assert!(rate_limited.is_rate_limited());
+    }
+
+    #[test]
+    fn the_newer_gateways_envelope_is_a_refusal_with_its_log_id() {
+        let refused = parse(
+            200,
+            r#"{"err_no":28001007,"err_msg":"参数不合法","log_id":"GW1"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            refused,
+            TokenFetchError::Refused {
+                code: 28001007,
+                description: "参数不合法".to_owned(),
+                logid: "GW1".to_owned(),
+            }
+        );
+        // err_no 0 without data is no token.
+        assert!(matches!(
+            parse(200, r#"{"err_no":0,"log_id":"GW2"}"#).unwrap_err(),
+            TokenFetchError::Transport(_)
+        ));
     }
 
     #[test]

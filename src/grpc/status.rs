@@ -12,7 +12,7 @@ use crate::access::AccessDenied;
 use crate::domain::InvalidId;
 use crate::douyin::after_sale::LookupFailure;
 use crate::douyin::{CodeClass, DouyinError, TransportError, codes};
-use crate::lookup::LookupError;
+use crate::lookup::{LookupError, NotAdmitted};
 use crate::registry::RegistryError;
 use crate::token::TokenError;
 
@@ -61,7 +61,7 @@ pub fn lookup_status(error: &LookupError) -> Status {
         LookupError::Token(error) => token_status(error),
         LookupError::Upstream(LookupFailure::Douyin(error)) => douyin_status(error),
         LookupError::Upstream(LookupFailure::Transport(error)) => transport_status(error),
-        LookupError::NotAdmitted(refusal) => status(
+        LookupError::NotAdmitted(NotAdmitted::Busy { retry_after }) => status(
             Code::ResourceExhausted,
             format!(
                 "{error}; retry after the delay in RetryInfo, or give the request a longer deadline"
@@ -69,7 +69,26 @@ pub fn lookup_status(error: &LookupError) -> Status {
             "RATE_LIMITED",
             TOKEND_DOMAIN,
             HashMap::new(),
-            Some(refusal.retry_after),
+            Some(*retry_after),
+        ),
+        LookupError::NotAdmitted(NotAdmitted::DeadlineTooShort { minimum }) => status(
+            Code::DeadlineExceeded,
+            error.to_string(),
+            "DEADLINE_TOO_SHORT",
+            TOKEND_DOMAIN,
+            HashMap::from([(
+                "minimum_deadline_ms".to_owned(),
+                minimum.as_millis().to_string(),
+            )]),
+            None,
+        ),
+        LookupError::DeadlineExceededWaitingForToken => status(
+            Code::DeadlineExceeded,
+            error.to_string(),
+            "DEADLINE_EXCEEDED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
         ),
         LookupError::DeadlineExceeded { .. } => status(
             Code::DeadlineExceeded,
@@ -231,17 +250,25 @@ pub fn token_status(error: &TokenError) -> Status {
     }
 }
 
-pub fn douyin_status(error: &DouyinError) -> Status {
-    let code = match error.class() {
+/// The gRPC code a caller hears for a Douyin code of `class` that reached it
+/// (after retries, where the class is retried).
+pub fn code_for_class(class: CodeClass) -> Code {
+    match class {
         CodeClass::InvalidArgument => Code::InvalidArgument,
         CodeClass::PermissionDenied => Code::PermissionDenied,
         CodeClass::Offline => Code::Unimplemented,
         CodeClass::Business => Code::FailedPrecondition,
-        CodeClass::Transient if error.code == codes::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        CodeClass::RateLimited => Code::ResourceExhausted,
         CodeClass::Transient | CodeClass::TokenRejected => Code::Unavailable,
-    };
+    }
+}
+
+pub fn douyin_status(error: &DouyinError) -> Status {
+    let code = code_for_class(error.class());
     let hint = match error.class() {
-        CodeClass::InvalidArgument => "check account_id, order_id and certificate_id",
+        CodeClass::InvalidArgument => {
+            "check the request's parameters (account_id, order_id, certificate_id)"
+        }
         CodeClass::PermissionDenied if error.code == codes::MERCHANT_NOT_AUTHORISED => {
             "the merchant must authorise this app in the merchant back office, and the app accept it"
         }
@@ -250,7 +277,8 @@ pub fn douyin_status(error: &DouyinError) -> Status {
         }
         CodeClass::Offline => "Douyin has taken this API offline",
         CodeClass::Business => "Douyin refused the request; the description says why",
-        CodeClass::Transient => "Douyin is busy or limiting requests; retry later",
+        CodeClass::Transient => "Douyin is busy; retry later",
+        CodeClass::RateLimited => "Douyin says this app calls too often; retry later",
         CodeClass::TokenRejected => "Douyin rejected a freshly refreshed token; retry later",
     };
     let mut metadata = HashMap::from([

@@ -1,7 +1,9 @@
-//! Per-app admission to Douyin's after-sale API: a GCRA schedule at the app's
-//! rate and a cap on calls in flight. A request is admitted only if its turn
-//! comes early enough to leave its deadline room for the call itself; a
-//! request that cannot make it is refused at once, never queued to die.
+//! Admission to Douyin's APIs, by rate group (app, Douyin API): a GCRA
+//! schedule at the group's rate and a cap on calls in flight. A request is
+//! admitted only if its turn comes early enough to leave its deadline room for
+//! the call itself; a request that cannot make it is refused at once, never
+//! queued to die. Callers take their turn only when they can send at once
+//! (token in hand), so every turn is a call that leaves on time.
 //!
 //! Hand-written rather than `governor`: it needs reservations (a caller's place
 //! in the schedule is known before it waits, so it can be refused up front),
@@ -15,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::LookupConfig;
-use crate::domain::ClientKey;
+use crate::domain::{ClientKey, DouyinApi};
 
 /// Requests are spaced 10 % wider than the rate implies, so that network jitter
 /// between admission here and arrival at Douyin never puts one request too many
@@ -28,19 +30,25 @@ pub struct Admitted {
     _in_flight: OwnedSemaphorePermit,
 }
 
-/// Why a lookup was not admitted.
+/// Why a call was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("too many lookups for this app: the next free slot is {} ms away, beyond the request's deadline", .retry_after.as_millis())]
-pub struct NotAdmitted {
-    pub retry_after: Duration,
+pub enum NotAdmitted {
+    /// The group's next free turn (or in-flight slot) comes too late for the
+    /// request's deadline: rate limiting, worth a retry after `retry_after`.
+    #[error("too many calls for this app: the next free slot is {} ms away, beyond the request's deadline", .retry_after.as_millis())]
+    Busy { retry_after: Duration },
+    /// The deadline leaves less than `upstream_time_reserve` even with no
+    /// queue at all: no retry with the same deadline can succeed.
+    #[error("the request's deadline leaves less than the {} ms the daemon reserves for Douyin's answer; give it a deadline of at least that", .minimum.as_millis())]
+    DeadlineTooShort { minimum: Duration },
 }
 
+/// A rate group: one app's calls to one Douyin API.
+type GroupKey = (ClientKey, DouyinApi);
+
 pub struct Admission {
-    default_rate: u32,
-    rate_by_app: HashMap<String, u32>,
-    max_in_flight: usize,
-    upstream_time_reserve: Duration,
-    gates: Mutex<HashMap<ClientKey, Arc<AppGate>>>,
+    config: LookupConfig,
+    gates: Mutex<HashMap<GroupKey, Arc<AppGate>>>,
 }
 
 struct AppGate {
@@ -72,48 +80,47 @@ impl Gcra {
 impl Admission {
     pub fn new(config: &LookupConfig) -> Self {
         Self {
-            default_rate: config.rate_per_second,
-            rate_by_app: config.app_rate_per_second.clone(),
-            max_in_flight: config.max_concurrent_per_app,
-            upstream_time_reserve: config.upstream_time_reserve,
+            config: config.clone(),
             gates: Mutex::new(HashMap::new()),
         }
     }
 
-    fn gate(&self, client_key: &ClientKey) -> Arc<AppGate> {
+    fn gate(&self, client_key: &ClientKey, api: DouyinApi) -> Arc<AppGate> {
         let mut gates = self
             .gates
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(gates.entry(client_key.clone()).or_insert_with(|| {
-            let rate = self
-                .rate_by_app
-                .get(client_key.expose())
-                .copied()
-                .unwrap_or(self.default_rate)
-                .max(1);
-            Arc::new(AppGate {
-                schedule: Mutex::new(Gcra {
-                    spacing: Duration::from_secs_f64(JITTER_HEADROOM / f64::from(rate)),
-                    next_turn: None,
-                }),
-                in_flight: Arc::new(Semaphore::new(self.max_in_flight)),
-            })
-        }))
+        let key = (client_key.clone(), api);
+        if let Some(gate) = gates.get(&key) {
+            return Arc::clone(gate);
+        }
+        let rate = self.config.rate_per_second(api, client_key.expose()).max(1);
+        let gate = Arc::new(AppGate {
+            schedule: Mutex::new(Gcra {
+                spacing: Duration::from_secs_f64(JITTER_HEADROOM / f64::from(rate)),
+                next_turn: None,
+            }),
+            in_flight: Arc::new(Semaphore::new(self.config.max_concurrent_per_app)),
+        });
+        gates.insert(key, Arc::clone(&gate));
+        gate
     }
 
-    /// Waits for the app's next turn and a free in-flight slot, as long as both
-    /// come while `deadline` still leaves `upstream_time_reserve` for the call.
+    /// Waits for the group's next turn and a free in-flight slot, as long as
+    /// both come while `deadline` still leaves `upstream_time_reserve` for the call.
     pub async fn admit(
         &self,
         client_key: &ClientKey,
+        api: DouyinApi,
         deadline: Instant,
     ) -> Result<Admitted, NotAdmitted> {
-        let gate = self.gate(client_key);
-        let latest = deadline
-            .checked_sub(self.upstream_time_reserve)
-            .unwrap_or(deadline);
+        let reserve = self.config.upstream_time_reserve;
+        let latest = deadline.checked_sub(reserve).unwrap_or(deadline);
         let now = Instant::now();
+        if latest < now {
+            return Err(NotAdmitted::DeadlineTooShort { minimum: reserve });
+        }
+        let gate = self.gate(client_key, api);
         let turn = {
             let mut schedule = gate
                 .schedule
@@ -121,7 +128,7 @@ impl Admission {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             schedule
                 .reserve(now, latest)
-                .map_err(|retry_after| NotAdmitted { retry_after })?
+                .map_err(|retry_after| NotAdmitted::Busy { retry_after })?
         };
         // Only a turn in the future is worth a timer: tokio's timer rounds up to
         // the next millisecond tick, so even an elapsed deadline would cost
@@ -131,7 +138,7 @@ impl Admission {
         }
         let permit = tokio::time::timeout_at(latest, Arc::clone(&gate.in_flight).acquire_owned())
             .await
-            .map_err(|_| NotAdmitted {
+            .map_err(|_| NotAdmitted::Busy {
                 retry_after: Duration::from_millis(100),
             })?
             .expect("the in-flight semaphore is never closed");
@@ -143,13 +150,16 @@ impl Admission {
 mod tests {
     use super::*;
 
+    const DETAIL: DouyinApi = DouyinApi::AfterSaleOrderDetail;
+
     fn admission(rate: u32, max_in_flight: usize) -> Admission {
-        Admission::new(&LookupConfig {
-            rate_per_second: rate,
+        let mut config = LookupConfig {
             max_concurrent_per_app: max_in_flight,
             upstream_time_reserve: Duration::from_millis(200),
             ..LookupConfig::default()
-        })
+        };
+        config.set_rate_per_second(DETAIL, rate);
+        Admission::new(&config)
     }
 
     #[tokio::test(start_paused = true)]
@@ -160,7 +170,7 @@ mod tests {
         let deadline = start + Duration::from_secs(10);
         let mut admitted_at = Vec::new();
         for _ in 0..30 {
-            let _admitted = admission.admit(&app, deadline).await.unwrap();
+            let _admitted = admission.admit(&app, DETAIL, deadline).await.unwrap();
             admitted_at.push(Instant::now() - start);
         }
         for window in admitted_at.windows(11) {
@@ -179,13 +189,16 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(500);
         // Turns at 0, 110, 220: the next (330) leaves under 200 ms of the 500 ms deadline.
         for _ in 0..3 {
-            admission.admit(&app, deadline).await.unwrap();
+            admission.admit(&app, DETAIL, deadline).await.unwrap();
         }
-        let refused = admission.admit(&app, deadline).await.unwrap_err();
-        assert!(refused.retry_after > Duration::ZERO);
+        let refused = admission.admit(&app, DETAIL, deadline).await.unwrap_err();
+        assert!(
+            matches!(refused, NotAdmitted::Busy { retry_after } if retry_after > Duration::ZERO),
+            "{refused:?}"
+        );
         // Another app has its own schedule.
         admission
-            .admit(&ClientKey::parse("other").unwrap(), deadline)
+            .admit(&ClientKey::parse("other").unwrap(), DETAIL, deadline)
             .await
             .unwrap();
     }
@@ -193,13 +206,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn per_app_rates_override_the_default() {
         let mut config = LookupConfig::default();
-        config.app_rate_per_second.insert("slow".to_owned(), 1);
+        config
+            .rates
+            .entry(DETAIL.name().to_owned())
+            .or_default()
+            .per_app
+            .insert("slow".to_owned(), 1);
         let admission = Admission::new(&config);
         let slow = ClientKey::parse("slow").unwrap();
         let start = Instant::now();
         let deadline = start + Duration::from_secs(5);
-        admission.admit(&slow, deadline).await.unwrap();
-        admission.admit(&slow, deadline).await.unwrap();
+        admission.admit(&slow, DETAIL, deadline).await.unwrap();
+        admission.admit(&slow, DETAIL, deadline).await.unwrap();
         assert_eq!(Instant::now() - start, Duration::from_millis(1100));
     }
 
@@ -208,14 +226,37 @@ mod tests {
         let admission = admission(1000, 2);
         let app = ClientKey::parse("app").unwrap();
         let deadline = Instant::now() + Duration::from_millis(400);
-        let first = admission.admit(&app, deadline).await.unwrap();
-        let _second = admission.admit(&app, deadline).await.unwrap();
+        let first = admission.admit(&app, DETAIL, deadline).await.unwrap();
+        let _second = admission.admit(&app, DETAIL, deadline).await.unwrap();
         assert!(
-            admission.admit(&app, deadline).await.is_err(),
+            admission.admit(&app, DETAIL, deadline).await.is_err(),
             "no slot before the deadline"
         );
         drop(first);
         let deadline = Instant::now() + Duration::from_millis(400);
-        admission.admit(&app, deadline).await.unwrap();
+        admission.admit(&app, DETAIL, deadline).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_shorter_than_the_reserve_is_not_rate_limiting() {
+        let admission = admission(10, 100);
+        let app = ClientKey::parse("idle").unwrap();
+        let refused = admission
+            .admit(&app, DETAIL, Instant::now() + Duration::from_millis(150))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused,
+            NotAdmitted::DeadlineTooShort {
+                minimum: Duration::from_millis(200)
+            }
+        );
+        // The refusal took no turn: the next caller goes at once.
+        let start = Instant::now();
+        admission
+            .admit(&app, DETAIL, start + Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(Instant::now(), start);
     }
 }

@@ -1,8 +1,9 @@
 //! The after-sale order detail use case: find the merchant's app, coalesce
-//! identical lookups in flight, wait for the app's turn (rate and concurrency,
-//! deadline-aware), take the current token, ask Douyin, retry transient
-//! failures with backoff, and on a token rejection compare-and-invalidate,
-//! refresh and retry exactly once.
+//! identical lookups in flight, take the current token, then wait for the
+//! app's turn (rate and concurrency, deadline-aware) and ask Douyin at once,
+//! retry transient failures with backoff, and on a token rejection
+//! compare-and-invalidate, refresh and retry exactly once. Each caller gets
+//! the outcome its own deadline implies, whoever started the shared call.
 
 pub mod admission;
 
@@ -14,11 +15,12 @@ use std::time::Duration;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use rand::Rng;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::LookupConfig;
-use crate::domain::{AfterSaleQuery, ClientKey};
+use crate::domain::{AfterSaleQuery, ClientKey, DouyinApi};
 use crate::douyin::after_sale::{AfterSaleAnswer, LookupFailure};
-use crate::douyin::{CodeClass, DouyinClient, TransportError, codes};
+use crate::douyin::{CodeClass, DouyinClient, TransportError};
 use crate::registry::{Registry, RegistryError};
 use crate::token::{TokenError, TokenManager};
 
@@ -37,6 +39,8 @@ pub enum LookupError {
     NotAdmitted(#[from] NotAdmitted),
     #[error("the request's deadline passed while Douyin was still answering (after {tries} tries)")]
     DeadlineExceeded { tries: u32 },
+    #[error("the request's deadline passed while the app's token was being fetched")]
+    DeadlineExceededWaitingForToken,
     #[error("the lookup stopped unexpectedly; see the daemon's log")]
     Aborted,
 }
@@ -61,7 +65,29 @@ pub struct LookupCounters {
 /// How long before the caller's deadline the daemon gives up on Douyin.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
-type Flight = Shared<BoxFuture<'static, Result<AfterSaleAnswer, Arc<LookupError>>>>;
+/// A lookup in flight, shared by every caller that asks the same thing.
+type Flight = Shared<BoxFuture<'static, Result<AfterSaleAnswer, FlightFailure>>>;
+
+/// How a shared lookup failed, and under whose deadline.
+#[derive(Debug, Clone)]
+struct FlightFailure {
+    error: Arc<LookupError>,
+    /// The deadline the flight ran under: its starter's.
+    deadline: Instant,
+}
+
+impl LookupError {
+    /// True when the failure follows from the deadline the call ran under, so
+    /// a caller with more time may get a different outcome.
+    fn is_deadline_bound(&self) -> bool {
+        matches!(
+            self,
+            Self::NotAdmitted(_)
+                | Self::DeadlineExceeded { .. }
+                | Self::DeadlineExceededWaitingForToken
+        )
+    }
+}
 
 /// Identical lookups: same app, merchant, order and certificate.
 type LookupKey = (ClientKey, AfterSaleQuery);
@@ -131,45 +157,70 @@ impl LookupService {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(answer);
         }
-        let flight = {
-            let mut in_flight = self
-                .inner
-                .in_flight
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match in_flight.get(&key) {
-                Some(flight) => {
-                    self.inner
-                        .counters
-                        .coalesced
-                        .fetch_add(1, Ordering::Relaxed);
-                    flight.clone()
-                }
-                None => {
-                    let service = self.clone();
-                    let task_key = key.clone();
-                    let task = tokio::spawn(async move {
-                        let result = service
-                            .execute(&task_key.0, &task_key.1, deadline)
-                            .await
-                            .map_err(Arc::new);
-                        service.finish_flight(&task_key, &result);
-                        result
-                    });
-                    let flight: Flight = async move {
-                        match task.await {
-                            Ok(result) => result,
-                            Err(_) => Err(Arc::new(LookupError::Aborted)),
-                        }
-                    }
-                    .boxed()
-                    .shared();
-                    in_flight.insert(key, flight.clone());
-                    flight
-                }
+        // A caller that joined a flight started under a shorter deadline does
+        // not inherit that deadline's failure: it starts (or joins) another
+        // flight under its own. A new flight runs under this caller's deadline
+        // or a later one, so this loops at most twice.
+        loop {
+            let flight = self.join_or_start_flight(&key, deadline);
+            let failure = match tokio::time::timeout_at(deadline, flight).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(failure)) => failure,
+                Err(_) => return Err(Arc::new(LookupError::DeadlineExceeded { tries: 0 })),
+            };
+            let more_time_here = failure.deadline < deadline
+                && Instant::now() + self.inner.config.upstream_time_reserve < deadline;
+            if !(failure.error.is_deadline_bound() && more_time_here) {
+                return Err(failure.error);
             }
-        };
-        flight.await
+            tracing::debug!(error = %failure.error, "the shared lookup ran out of its starter's time; trying again under this caller's deadline");
+        }
+    }
+
+    /// Joins the identical lookup in flight, or starts one on a task of its own
+    /// (so it outlives impatient callers) in the caller's span.
+    fn join_or_start_flight(&self, key: &LookupKey, deadline: Instant) -> Flight {
+        let mut in_flight = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(flight) = in_flight.get(key) {
+            self.inner
+                .counters
+                .coalesced
+                .fetch_add(1, Ordering::Relaxed);
+            return flight.clone();
+        }
+        let service = self.clone();
+        let task_key = key.clone();
+        let task = tokio::spawn(
+            async move {
+                let result = service
+                    .execute(&task_key.0, &task_key.1, deadline)
+                    .await
+                    .map_err(|error| FlightFailure {
+                        error: Arc::new(error),
+                        deadline,
+                    });
+                service.finish_flight(&task_key, &result);
+                result
+            }
+            .instrument(tracing::Span::current()),
+        );
+        let flight: Flight = async move {
+            match task.await {
+                Ok(result) => result,
+                Err(_) => Err(FlightFailure {
+                    error: Arc::new(LookupError::Aborted),
+                    deadline,
+                }),
+            }
+        }
+        .boxed()
+        .shared();
+        in_flight.insert(key.clone(), flight.clone());
+        flight
     }
 
     fn cached(&self, key: &LookupKey) -> Option<AfterSaleAnswer> {
@@ -188,7 +239,7 @@ impl LookupService {
     }
 
     /// Ends a flight: later callers start a new one; a success enters the cache.
-    fn finish_flight(&self, key: &LookupKey, result: &Result<AfterSaleAnswer, Arc<LookupError>>) {
+    fn finish_flight(&self, key: &LookupKey, result: &Result<AfterSaleAnswer, FlightFailure>) {
         let ttl = self.inner.config.cache_ttl;
         if let Ok(answer) = result
             && !ttl.is_zero()
@@ -233,15 +284,22 @@ impl LookupService {
         let mut token_retry_used = false;
         loop {
             tries += 1;
+            // The token first, then the turn: a turn taken before a slow token
+            // fetch would pass unused, and every such turn would fire at once
+            // when the token arrived, putting more than the rate into one of
+            // Douyin's one-second windows.
+            let lease =
+                tokio::time::timeout_at(deadline, self.inner.tokens.token_for_app(client_key))
+                    .await
+                    .map_err(|_| LookupError::DeadlineExceededWaitingForToken)??;
             let admitted = self
                 .inner
                 .admission
-                .admit(client_key, deadline)
+                .admit(client_key, DouyinApi::AfterSaleOrderDetail, deadline)
                 .await
                 .inspect_err(|_| {
                     counters.not_admitted.fetch_add(1, Ordering::Relaxed);
                 })?;
-            let lease = self.inner.tokens.token_for_app(client_key).await?;
             counters.upstream_calls.fetch_add(1, Ordering::Relaxed);
             // Stop waiting for Douyin a moment before the caller's deadline, so
             // the caller hears DEADLINE_EXCEEDED from us rather than a bare cancel.
@@ -284,9 +342,9 @@ impl LookupService {
                 return Err(failure.into());
             }
             if let LookupFailure::Douyin(error) = &failure
-                && error.code == codes::TOO_MANY_REQUESTS
+                && error.class() == CodeClass::RateLimited
             {
-                tracing::warn!(app = %client_key, logid = %error.logid, "Douyin says this app calls too often (2119003) although the daemon paces it; lower lookup.rate_per_second if this repeats");
+                tracing::warn!(app = %client_key, code = error.code, logid = %error.logid, "Douyin says this app calls too often although the daemon paces it; lower lookup.rates.after_sale_order_detail if this repeats");
             }
             let backoff = full_jitter_backoff(config, tries);
             if Instant::now() + backoff + config.upstream_time_reserve > deadline {
@@ -303,7 +361,7 @@ impl LookupService {
 /// worth another try; a garbled body or a business error is not.
 fn is_retryable(failure: &LookupFailure) -> bool {
     match failure {
-        LookupFailure::Douyin(error) => error.class() == CodeClass::Transient,
+        LookupFailure::Douyin(error) => error.class().is_retryable(),
         LookupFailure::Transport(TransportError::HttpStatus { status, .. }) => *status >= 500,
         LookupFailure::Transport(
             TransportError::Timeout { .. } | TransportError::Connect { .. },

@@ -87,6 +87,13 @@ pub enum Fault {
     Delay(Duration),
     /// Sends the headers, then breaks the connection in the middle of the body.
     DropConnection,
+    /// HTTP 200 with the newer open-API gateway's envelope:
+    /// `{"err_no": code, "err_msg": "…", "log_id": "…"}`, no `data`, no `extra`.
+    GatewayEnvelope(i64),
+    /// HTTP 200 with the code in `data` only (no `extra`).
+    CodeInDataOnly(i64),
+    /// HTTP 200 with exactly this body (JSON or not).
+    Body(String),
 }
 
 /// What the sandbox has seen and answered.
@@ -103,6 +110,11 @@ pub struct SandboxStats {
     pub lookup_codes: BTreeMap<i64, u64>,
     /// Lookups answered with an injected fault that carries no code.
     pub lookup_faults: u64,
+    /// Lookups that found their app's one-second window already full (each
+    /// answered 2119003): how often the daemon overran Douyin's rate.
+    pub lookup_window_overruns: u64,
+    /// The query string of the latest lookup, as received.
+    pub last_lookup_query: BTreeMap<String, String>,
 }
 
 impl SandboxStats {
@@ -123,7 +135,8 @@ impl SandboxStats {
         [
             codes::TOKEN_INVALID,
             codes::TOKEN_EXPIRED,
-            codes::TOKEN_EXPIRED_NEW_GATEWAY,
+            codes::GATEWAY_TOKEN_INVALID,
+            codes::GATEWAY_TOKEN_EXPIRED,
         ]
         .iter()
         .map(|code| self.lookups_answered_with(*code))
@@ -344,8 +357,14 @@ impl Sandbox {
 
 fn router(state: Arc<SandboxState>) -> Router {
     Router::new()
-        .route("/oauth/client_token/", post(client_token))
-        .route("/oauth/stable_client_token/", post(stable_client_token))
+        .route(
+            crate::config::TokenEndpoint::ClientToken.path(),
+            post(client_token),
+        )
+        .route(
+            crate::config::TokenEndpoint::StableClientToken.path(),
+            post(stable_client_token),
+        )
         .route(AFTER_SALE_PATH, get(after_sale_order_detail))
         .with_state(state)
 }
@@ -371,7 +390,7 @@ async fn token_endpoint(state: &SandboxState, body: &[u8], stable: bool) -> Resp
         world.token_faults.pop_front()
     };
     if let Some(fault) = fault
-        && let Some(response) = fault_response(fault).await
+        && let Some(response) = fault_response(state, fault).await
     {
         return response;
     }
@@ -413,14 +432,26 @@ async fn after_sale_order_detail(
     let fault = {
         let mut world = lock(&state.world);
         world.stats.lookups += 1;
+        world.stats.last_lookup_query = query.clone().into_iter().collect();
         world.lookup_faults.pop_front()
     };
     if let Some(fault) = fault {
-        if let Fault::ErrorCode(code) = fault {
-            return error_envelope(&state, code, "injected fault");
+        match fault {
+            Fault::ErrorCode(code) => return error_envelope(&state, code, "injected fault"),
+            Fault::GatewayEnvelope(code) | Fault::CodeInDataOnly(code) => {
+                *lock(&state.world)
+                    .stats
+                    .lookup_codes
+                    .entry(code)
+                    .or_default() += 1;
+            }
+            _ => {}
         }
-        if let Some(response) = fault_response(fault).await {
-            lock(&state.world).stats.lookup_faults += 1;
+        let counted = matches!(fault, Fault::GatewayEnvelope(_) | Fault::CodeInDataOnly(_));
+        if let Some(response) = fault_response(&state, fault).await {
+            if !counted {
+                lock(&state.world).stats.lookup_faults += 1;
+            }
             return response;
         }
     }
@@ -490,8 +521,22 @@ fn error_envelope(state: &SandboxState, code: i64, description: &str) -> Respons
 }
 
 /// The answer of a fault that replaces the real answer; None for a delay.
-async fn fault_response(fault: Fault) -> Option<Response> {
+async fn fault_response(state: &SandboxState, fault: Fault) -> Option<Response> {
     match fault {
+        Fault::GatewayEnvelope(code) => {
+            let log_id = next_logid(&mut lock(&state.world));
+            Some(
+                axum::Json(json!({"err_no": code, "err_msg": "injected fault", "log_id": log_id}))
+                    .into_response(),
+            )
+        }
+        Fault::CodeInDataOnly(code) => Some(
+            axum::Json(json!({"data": {"error_code": code, "description": "injected fault"}}))
+                .into_response(),
+        ),
+        Fault::Body(body) => Some(
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        ),
         Fault::ErrorCode(code) => Some(
             axum::Json(json!({"data": {"error_code": code, "description": "injected fault"}, "message": "error"}))
                 .into_response(),

@@ -69,9 +69,12 @@ pub(super) fn grant_token(
         ));
     }
     app.token_calls_ms.push_back(now_ms);
+    // Douyin's stable_client_token: while the newest token is valid a re-fetch
+    // returns that same token; a new one is issued only after it expired
+    // (unlike WeChat's stable token, which renews in the last 5 minutes).
     if stable
         && let Some(newest) = app.issued.back()
-        && newest.expires_at_ms - now_ms > duration_ms(config.grace)
+        && now_ms < newest.expires_at_ms
     {
         return Ok(newest.clone());
     }
@@ -145,6 +148,7 @@ pub(super) fn admit_lookup(
             app.lookups_ms.pop_front();
         }
         if app.lookups_ms.len() >= config.lookup_qps {
+            world.stats.lookup_window_overruns += 1;
             return Err((codes::TOO_MANY_REQUESTS, "请求太过频繁,请稍后再试"));
         }
         app.lookups_ms.push_back(now_ms);

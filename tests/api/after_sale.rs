@@ -222,6 +222,36 @@ async fn malformed_ids_are_invalid_arguments_and_cost_no_upstream_call() {
 }
 
 #[tokio::test]
+async fn an_empty_certificate_id_is_absent_and_a_blank_one_is_invalid() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    let request = |certificate_id: &str| GetAfterSaleOrderDetailRequest {
+        account_id: ACCOUNT_ID.to_owned(),
+        order_id: DOCUMENTED_ORDER_ID.to_owned(),
+        certificate_id: Some(certificate_id.to_owned()),
+        include_raw_json: false,
+    };
+    app.lookup_with(request("")).await.unwrap();
+    let sent = app.sandbox.state().stats().last_lookup_query;
+    assert!(!sent.contains_key("certificate_id"), "{sent:?}");
+    app.lookup_with(request("IrwGTLCKZr")).await.unwrap();
+    let sent = app.sandbox.state().stats().last_lookup_query;
+    assert_eq!(sent["certificate_id"], "IrwGTLCKZr");
+    let lookups = app.sandbox.state().stats().lookups;
+    for blank in [" ", "\t", "a\u{1}b"] {
+        let status = app.lookup_with(request(blank)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{blank:?}");
+        assert!(
+            status.message().contains("certificate_id"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(app.sandbox.state().stats().lookups, lookups);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn douyin_business_errors_reach_the_caller_with_code_and_logid() {
     let app = TestApp::spawn().await;
     app.register_default().await;

@@ -58,55 +58,147 @@ async fn every_douyin_code_maps_to_its_grpc_status_with_error_info_and_retries_o
 {
     let app = TestApp::spawn().await;
     app.register_default().await;
-    // (Douyin code, gRPC status, upstream calls made)
-    let table = [
-        (2119001, Code::InvalidArgument, 1),
-        (2100005, Code::InvalidArgument, 1),
-        (2119005, Code::PermissionDenied, 1),
-        (2190004, Code::PermissionDenied, 1),
-        (2119008, Code::PermissionDenied, 1),
-        (2119003, Code::ResourceExhausted, 3),
-        (2119002, Code::Unavailable, 3),
-        (2100004, Code::Unavailable, 3),
-        (2100001, Code::Unavailable, 3),
-        (3000001, Code::Unavailable, 3),
-        (4000001, Code::FailedPrecondition, 1),
-        (4000002, Code::FailedPrecondition, 1),
-        (5000001, Code::FailedPrecondition, 1),
-        (2119010, Code::Unimplemented, 1),
+    // (the answer Douyin gives, its code, gRPC status, upstream calls made). The
+    // contract, written out: the code table must agree with it, not the reverse.
+    let goodlife = Fault::ErrorCode;
+    let in_data_only = Fault::CodeInDataOnly;
+    let gateway = Fault::GatewayEnvelope;
+    let table: [(fn(i64) -> Fault, i64, Code, usize); 23] = [
+        (goodlife, 2119001, Code::InvalidArgument, 1),
+        (goodlife, 2100005, Code::InvalidArgument, 1),
+        (goodlife, 4000001, Code::InvalidArgument, 1),
+        (in_data_only, 4000002, Code::InvalidArgument, 1),
+        (goodlife, 2119005, Code::PermissionDenied, 1),
+        (in_data_only, 2190004, Code::PermissionDenied, 1),
+        (goodlife, 2119008, Code::PermissionDenied, 1),
+        (goodlife, 2119003, Code::ResourceExhausted, 3),
+        (goodlife, 2119002, Code::Unavailable, 3),
+        (in_data_only, 2100004, Code::Unavailable, 3),
+        (goodlife, 2100001, Code::Unavailable, 3),
+        (goodlife, 3000001, Code::Unavailable, 3),
+        (goodlife, 5000001, Code::Unavailable, 3),
+        (goodlife, 2119010, Code::Unimplemented, 1),
+        (goodlife, 4000003, Code::FailedPrecondition, 1),
+        (gateway, 28001005, Code::Unavailable, 3),
+        (gateway, 28001006, Code::Unavailable, 3),
+        (gateway, 28001007, Code::InvalidArgument, 1),
+        (gateway, 28001014, Code::PermissionDenied, 1),
+        (gateway, 28001016, Code::PermissionDenied, 1),
+        (gateway, 28001018, Code::PermissionDenied, 1),
+        (gateway, 28003017, Code::ResourceExhausted, 3),
+        (gateway, 28003018, Code::ResourceExhausted, 3),
     ];
-    for (douyin_code, grpc_code, calls) in table {
+    for known in douyin_tokend::douyin::codes::TABLE {
+        let rejection = known.class == douyin_tokend::douyin::CodeClass::TokenRejected;
+        let token_endpoint =
+            known.envelope == douyin_tokend::douyin::codes::Envelope::TokenEndpoint;
+        assert!(
+            rejection || token_endpoint || table.iter().any(|row| row.1 == known.code),
+            "code {} of the code table has no row here",
+            known.code
+        );
+    }
+    for (answer, douyin_code, grpc_code, calls) in table {
         app.advance(Duration::from_secs(1));
+        let fault = answer(douyin_code);
         app.sandbox
             .state()
-            .push_lookup_faults(std::iter::repeat_n(Fault::ErrorCode(douyin_code), calls));
+            .push_lookup_faults(std::iter::repeat_n(fault.clone(), calls));
         let before = app.sandbox.state().stats().lookups;
         let status = app
             .lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID)
             .await
             .unwrap_err();
-        assert_eq!(status.code(), grpc_code, "Douyin {douyin_code}");
+        assert_eq!(status.code(), grpc_code, "{fault:?}");
         let info = status.get_details_error_info().expect("ErrorInfo");
         assert_eq!(
             (info.reason, info.domain.as_str()),
             (douyin_code.to_string(), "open.douyin.com")
         );
-        assert!(
-            info.metadata["logid"].starts_with("SANDBOX"),
-            "{douyin_code}"
-        );
+        if !matches!(fault, Fault::CodeInDataOnly(_)) {
+            assert!(info.metadata["logid"].starts_with("SANDBOX"), "{fault:?}");
+        }
         assert!(status.message().contains(&douyin_code.to_string()));
         assert_eq!(
             app.sandbox.state().stats().lookups - before,
             calls as u64,
-            "Douyin {douyin_code}"
+            "{fault:?}"
         );
         if matches!(grpc_code, Code::Unavailable | Code::ResourceExhausted) {
             assert!(
                 status.get_details_retry_info().is_some(),
-                "{douyin_code} carries RetryInfo"
+                "{fault:?} carries RetryInfo"
             );
         }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn answers_without_the_success_shape_are_failures_never_empty_answers() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+    for body in [
+        "{}",
+        r#"{"extra":{"logid":"L","now":1,"error_code":0}}"#,
+        r#"{"extra":{"logid":"L"},"data":null}"#,
+        r#"{"data":[]}"#,
+        r#"{"err_no":0,"err_msg":"","log_id":"G"}"#,
+        "[]",
+        "7",
+        r#""ok""#,
+    ] {
+        app.advance(Duration::from_secs(1));
+        app.sandbox
+            .state()
+            .push_lookup_faults([Fault::Body(body.to_owned())]);
+        let before = app.sandbox.state().stats().lookups;
+        let status = app
+            .lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{body}");
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "UPSTREAM_MALFORMED_BODY",
+            "{body}"
+        );
+        assert_eq!(app.sandbox.state().stats().lookups - before, 1, "{body}");
+    }
+    // A success whose extra carries no error_code is still a success.
+    app.advance(Duration::from_secs(1));
+    app.sandbox.state().push_lookup_faults([Fault::Body(
+        r#"{"extra":{"logid":"L2","now":5},"data":{"after_sale_order_list":[{"order_id":"o-9"}]}}"#
+            .to_owned(),
+    )]);
+    let answer = app.lookup(ACCOUNT_ID, "o-9").await.unwrap();
+    assert_eq!(
+        answer.data.unwrap().after_sale_order_list[0].order_id,
+        "o-9"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_rejection_in_the_newer_gateways_envelope_refreshes_and_retries_once() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+    for code in [28001003, 28001008] {
+        app.advance(Duration::from_secs(1));
+        let before = app.sandbox.state().stats();
+        app.sandbox
+            .state()
+            .push_lookup_faults([Fault::GatewayEnvelope(code)]);
+        app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+        let after = app.sandbox.state().stats();
+        assert_eq!(after.lookups - before.lookups, 2, "{code}: one retry");
+        assert_eq!(
+            after.token_calls - before.token_calls,
+            1,
+            "{code}: one refresh"
+        );
     }
     app.stop().await;
 }

@@ -9,6 +9,7 @@ use douyin_tokend::app::{App, ServeOptions};
 use douyin_tokend::cli::{AuthenticatedChannel, BearerAuth};
 use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
 use douyin_tokend::config::{ClientEntry, Config};
+use douyin_tokend::domain::DouyinApi;
 use douyin_tokend::lookup::LookupCounters;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use douyin_tokend::proto::douyin::goodlife::v1::{
@@ -101,7 +102,9 @@ impl TestApp {
             .push(ClientEntry::with_every_scope("test-admin", ADMIN_API_KEY));
         // The sandbox clock is manual; pacing in real time would only slow the
         // tests down. The rate-limit tests set their own pace.
-        config.lookup.rate_per_second = 10_000;
+        config
+            .lookup
+            .set_rate_per_second(DouyinApi::AfterSaleOrderDetail, 10_000);
         config.lookup.retry_backoff_initial = Duration::from_millis(2);
         config.lookup.retry_backoff_max = Duration::from_millis(10);
         adjust(&mut config, &mut sandbox_config);

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use douyin_tokend::domain::DouyinApi;
 use douyin_tokend::sandbox::Fault;
 use tokio::time::Instant;
 use tonic::Code;
@@ -18,7 +19,12 @@ const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
 /// the system clock here. Bounded to about 2.5 s of load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_times_the_allowed_rate_never_trips_douyins_limit_and_the_excess_fails_fast() {
-    let app = TestApp::spawn_real_time(|config, _| config.lookup.rate_per_second = 10).await;
+    let app = TestApp::spawn_real_time(|config, _| {
+        config
+            .lookup
+            .set_rate_per_second(DouyinApi::AfterSaleOrderDetail, 10)
+    })
+    .await;
     app.register_default().await;
     app.sandbox
         .state()

@@ -36,12 +36,36 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     }
 }
 
-/// The span of one RPC. `request_id` is the caller's `x-request-id` when it
-/// sent a usable one, else a fresh one.
-pub fn rpc_span(method: &str, caller_request_id: Option<&str>) -> Span {
-    let request_id = caller_request_id
-        .filter(|id| is_usable_request_id(id))
-        .map_or_else(new_request_id, str::to_owned);
+/// The id one call is known by, in its logs and in its response's
+/// `x-request-id`. Only [`RequestId::for_call`] makes one, so every id in use
+/// has passed `is_usable_request_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// The caller's `x-request-id` when it sent a usable one (so its own logs
+    /// and ours can be joined), else a fresh one.
+    pub fn for_call(caller_request_id: Option<&str>) -> Self {
+        let id = caller_request_id
+            .filter(|id| is_usable_request_id(id))
+            .map_or_else(new_request_id, str::to_owned);
+        Self(id)
+    }
+
+    /// Printable ASCII without spaces: also a valid HTTP header value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+/// The span of one RPC, keyed by its request id.
+pub fn rpc_span(method: &str, request_id: &RequestId) -> Span {
     tracing::info_span!(
         "rpc",
         method,
@@ -94,5 +118,14 @@ mod tests {
             &"x".repeat(MAX_REQUEST_ID_LENGTH + 1)
         ));
         assert_eq!(new_request_id().len(), 16);
+    }
+
+    #[test]
+    fn a_call_keeps_a_usable_caller_request_id_and_gets_a_fresh_one_otherwise() {
+        assert_eq!(RequestId::for_call(Some("req-42")).as_str(), "req-42");
+        let replaced = RequestId::for_call(Some("has space"));
+        assert_ne!(replaced.as_str(), "has space");
+        assert_eq!(replaced.as_str().len(), 16);
+        assert_eq!(RequestId::for_call(None).as_str().len(), 16);
     }
 }

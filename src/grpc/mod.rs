@@ -1,10 +1,12 @@
 //! The gRPC front: builds the tonic server with the daemon's services, health
 //! and reflection, and serves it on a listener the caller bound, each call in
-//! a span of its own (see `telemetry`). The only module that knows tonic.
+//! a span of its own keyed by the request id it also answers with (see
+//! `request_id` and `telemetry`). The only module that knows tonic.
 
 mod admin;
 mod after_sale;
 pub mod health;
+mod request_id;
 pub mod status;
 mod token;
 
@@ -91,7 +93,8 @@ pub async fn serve(
         .build_v1()
         .expect("the embedded descriptor sets are valid");
     let authenticate = authenticate_with(dependencies.registry.authenticator().clone());
-    let mut builder = Server::builder().trace_fn(rpc_span);
+    // The call's span is opened by this layer, not by `trace_fn`: see `request_id`.
+    let mut builder = Server::builder().layer(request_id::RequestIdLayer);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -144,15 +147,6 @@ pub async fn serve(
             served
         }
     }
-}
-
-/// The span each call runs in, keyed by the caller's `x-request-id` if it sent one.
-fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
-    let caller_request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|value| value.to_str().ok());
-    crate::telemetry::rpc_span(request.uri().path(), caller_request_id)
 }
 
 /// A gRPC code as a metric label.

@@ -14,6 +14,7 @@ mod check_config;
 mod demo;
 mod failures;
 mod health;
+mod request_id;
 mod sealing;
 mod service_lifecycle;
 mod token_lifecycle;

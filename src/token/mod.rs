@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt};
 use tokio::sync::{Semaphore, watch};
+use tracing::Instrument;
 
 use subtle::ConstantTimeEq;
 
@@ -439,11 +440,16 @@ impl TokenManager {
         let secret = state.secret.clone();
         let generation = state.generation + 1;
         let client_key = slot.client_key.clone();
-        let task = tokio::spawn(async move {
-            manager
-                .run_fetch(task_slot, secret, generation, reason, now_ms)
-                .await
-        });
+        // In the span of whoever caused the fetch (a lookup's RPC span, so its
+        // request id is on the fetch's log lines; the sweep has none).
+        let task = tokio::spawn(
+            async move {
+                manager
+                    .run_fetch(task_slot, secret, generation, reason, now_ms)
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        );
         let fetch = async move {
             match task.await {
                 Ok(result) => result,

@@ -4,7 +4,7 @@
 
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use douyin_tokend::proto::tokend::v1::ListTokenStatusRequest;
-use douyin_tokend::sandbox::DOCUMENTED_ORDER_ID;
+use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 use tonic_health::pb::HealthCheckRequest;
@@ -168,5 +168,50 @@ async fn the_fresh_request_id_a_caller_gets_back_is_the_one_the_calls_log_lines_
         .find(|line| line["fields"]["message"] == "after-sale lookup failed")
         .unwrap_or_else(|| panic!("no JSON line for the call:\n{logs}"));
     assert_eq!(line["span"]["request_id"], answered.as_str(), "{line}");
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn work_done_for_a_call_on_other_tasks_logs_the_calls_request_id() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut settings = DaemonSettings::new(sandbox.base_url());
+    settings.extra_arguments = vec!["--log-format".to_owned(), "json".to_owned()];
+    let mut daemon = DaemonProcess::start("", settings).await;
+    // Douyin rejects the token once: the lookup's flight task invalidates it,
+    // and the token manager's fetch task refreshes it, both for this call.
+    sandbox
+        .state()
+        .push_lookup_faults([Fault::ErrorCode(2190002)]);
+    let mut request = tonic::Request::new(after_sale_request(ACCOUNT_ID, DOCUMENTED_ORDER_ID));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-token-refresh-7".parse().unwrap());
+    let answer = AfterSaleServiceClient::with_interceptor(daemon.channel(), admin_key())
+        .get_after_sale_order_detail(request)
+        .await
+        .unwrap();
+    assert_eq!(request_id_in(answer.metadata()), "trace-token-refresh-7");
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+
+    let logs = daemon.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .collect();
+    for message in [
+        "Douyin rejected the token; refreshing and retrying once",
+        "fetching client_token",
+        "client_token fetched",
+    ] {
+        let line = lines
+            .iter()
+            .rfind(|line| line["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line:\n{logs}"));
+        assert_eq!(
+            line["span"]["request_id"], "trace-token-refresh-7",
+            "{message}: {line}"
+        );
+    }
     sandbox.stop().await;
 }

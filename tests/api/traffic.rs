@@ -168,3 +168,106 @@ async fn douyin_answering_10020_pauses_scheduled_refreshes_but_keeps_the_token()
     assert_eq!(app.sandbox.state().stats().token_calls, 3);
     app.stop().await;
 }
+
+/// Real time, like the test above: the sandbox's one-second window and the
+/// daemon's pacing both run on the system clock. About 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacing_holds_while_a_cold_apps_token_is_slow_to_arrive() {
+    let app = TestApp::spawn_real_time(|config, sandbox| {
+        config
+            .lookup
+            .set_rate_per_second(DouyinApi::AfterSaleOrderDetail, 20);
+        config.lookup.default_deadline = Duration::from_secs(8);
+        sandbox.lookup_qps = 20;
+    })
+    .await;
+    app.register_default().await;
+    app.sandbox
+        .state()
+        .push_token_faults([Fault::Delay(Duration::from_millis(800))]);
+
+    let lookups: Vec<_> = (0..40)
+        .map(|index| {
+            let mut client = app.after_sale_client();
+            tokio::spawn(async move {
+                client
+                    .get_after_sale_order_detail(after_sale_request(
+                        ACCOUNT_ID,
+                        &format!("cold-{index}"),
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    for lookup in lookups {
+        lookup.await.unwrap().unwrap();
+    }
+    let stats = app.sandbox.state().stats();
+    assert_eq!(stats.token_calls, 1);
+    assert_eq!(stats.lookup_window_overruns, 0);
+    assert_eq!(stats.lookups_answered_with(2119003), 0);
+    assert_eq!(stats.lookups, 40);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_joining_a_lookup_started_under_a_shorter_deadline_gets_its_own_outcome() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.lookup(ACCOUNT_ID, "warm-up").await.unwrap();
+    // Douyin answers the first call after 700 ms: too late for the impatient
+    // caller's 400 ms, in time for the patient one's 5 s.
+    app.sandbox
+        .state()
+        .push_lookup_faults([Fault::Delay(Duration::from_millis(700))]);
+    let ask = |timeout: Duration| {
+        let mut client = app.after_sale_client();
+        let mut request = tonic::Request::new(after_sale_request(ACCOUNT_ID, "shared-order"));
+        request.set_timeout(timeout);
+        tokio::spawn(async move { client.get_after_sale_order_detail(request).await })
+    };
+    let impatient = ask(Duration::from_millis(400));
+    let patient = ask(Duration::from_secs(5));
+
+    let impatient = impatient.await.unwrap().unwrap_err();
+    assert_eq!(
+        impatient.code(),
+        Code::DeadlineExceeded,
+        "{}",
+        impatient.message()
+    );
+    patient.await.unwrap().unwrap();
+    assert_eq!(
+        app.lookup_counter(|counters| &counters.coalesced),
+        1,
+        "the two callers shared one lookup"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_deadline_shorter_than_the_upstream_reserve_is_deadline_exceeded_naming_the_minimum() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    app.access_token_for(ACCOUNT_ID).await.unwrap();
+    let mut request = tonic::Request::new(after_sale_request(ACCOUNT_ID, "too-quick"));
+    request.set_timeout(Duration::from_millis(150));
+    let status = app
+        .after_sale_client()
+        .get_after_sale_order_detail(request)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("200 ms"), "{}", status.message());
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "DEADLINE_TOO_SHORT");
+    assert_eq!(info.metadata["minimum_deadline_ms"], "200");
+    assert!(status.get_details_retry_info().is_none());
+    assert_eq!(app.sandbox.state().stats().lookups, 0);
+    app.stop().await;
+}

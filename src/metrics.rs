@@ -152,6 +152,7 @@ fn fetch_failure_cause(error: &TokenFetchError) -> &'static str {
         TokenFetchError::Refused { .. } if error.is_rate_limited() => "rate_limited",
         TokenFetchError::Refused { .. } => "refused",
         TokenFetchError::Transport(transport) => transport_cause(transport),
+        TokenFetchError::StaleRepeat => "stale_repeat",
     }
 }
 
@@ -191,6 +192,8 @@ pub fn record_token_fetch(
         Ok(()) => "0".to_owned(),
         Err(TokenFetchError::Refused { code, .. }) => douyin_code_label(*code),
         Err(TokenFetchError::Transport(_)) => "transport".to_owned(),
+        // Douyin answered with success, just with the expired token.
+        Err(TokenFetchError::StaleRepeat) => "0".to_owned(),
     };
     *recorded
         .upstream_calls

@@ -58,6 +58,11 @@ impl DouyinClient {
         })
     }
 
+    /// True when tokens come from `stable_client_token`.
+    pub fn uses_stable_tokens(&self) -> bool {
+        self.token_endpoint == TokenEndpoint::StableClientToken
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }

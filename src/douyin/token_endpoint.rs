@@ -29,6 +29,10 @@ pub enum TokenFetchError {
     },
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// `stable_client_token` keeps answering the token that just expired by
+    /// our count (Douyin's expiry came a moment later): asked again shortly.
+    #[error("stable_client_token keeps answering the token that just expired")]
+    StaleRepeat,
 }
 
 fn describe(description: &str) -> String {

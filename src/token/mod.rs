@@ -21,7 +21,7 @@ use crate::clock::{SharedClock, duration_ms};
 use crate::config::RefreshConfig;
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
 use crate::douyin::DouyinClient;
-use crate::douyin::token_endpoint::TokenFetchError;
+use crate::douyin::token_endpoint::{FetchedToken, TokenFetchError};
 use crate::store::{FetchFailure, NewToken, Store, StoreError};
 
 pub use budget::{FetchPriority, TokenBudget};
@@ -143,6 +143,11 @@ pub struct TokenStatusView {
     pub consecutive_failures: u32,
 }
 
+/// How often a stable token that just expired may be answered again before
+/// the fetch counts as failed, and the pause between those asks.
+const STALE_REPEAT_RETRIES: u32 = 3;
+const STALE_REPEAT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
 type SharedFetch = Shared<BoxFuture<'static, Result<TokenLease, TokenError>>>;
 
 #[derive(Debug, Clone)]
@@ -230,7 +235,11 @@ impl TokenManager {
         config: &RefreshConfig,
         audit: AuditLog,
     ) -> Result<Self, StoreError> {
-        let policy = RefreshPolicy::from(config);
+        let policy = if douyin.uses_stable_tokens() {
+            RefreshPolicy::from(config).for_stable_tokens()
+        } else {
+            RefreshPolicy::from(config)
+        };
         let secrets: HashMap<ClientKey, ClientSecret> = store
             .list_apps()
             .await?
@@ -476,10 +485,7 @@ impl TokenManager {
         let fetched = {
             // The semaphore is never closed, so acquiring cannot fail.
             let _slot = self.inner.fetch_slots.acquire().await;
-            self.inner
-                .douyin
-                .fetch_client_token(client_key, &secret)
-                .await
+            self.fetch_past_stale_repeats(&slot, &secret).await
         };
         let before_first_sweep = *self.inner.sweeps_completed.borrow() == 0;
         crate::metrics::record_token_fetch(
@@ -498,6 +504,22 @@ impl TokenManager {
             self.inner.budget.douyin_rate_limited(now_ms);
         }
         match fetched {
+            Ok(fetched) if self.holds_token(&slot, &fetched.access_token) => {
+                // stable_client_token answered the token already held: the same
+                // generation, and its expiry stays the one counted from the
+                // first fetch (a repeat's expires_in is not documented).
+                let mut state = lock(&slot.state);
+                state.failure = None;
+                state.inflight = None;
+                let held = state
+                    .current
+                    .as_ref()
+                    .expect("holds_token saw a current token, and only fetches change it");
+                let lease = lease_of(client_key, held);
+                drop(state);
+                tracing::info!(app = %client_key, generation = lease.generation, "stable_client_token answered the token already held; nothing changes");
+                Ok(lease)
+            }
             Ok(fetched) => {
                 // Expiry counts from when the fetch started, not when it ended.
                 let held = HeldToken {
@@ -576,7 +598,7 @@ impl TokenManager {
                         message: cause.to_string(),
                         douyin_code: match &cause {
                             TokenFetchError::Refused { code, .. } => Some(*code),
-                            TokenFetchError::Transport(_) => None,
+                            TokenFetchError::Transport(_) | TokenFetchError::StaleRepeat => None,
                         },
                         at_ms: now_ms,
                         permanent,
@@ -617,6 +639,59 @@ impl TokenManager {
                 Err(error)
             }
         }
+    }
+
+    /// Fetches from Douyin. With stable tokens, an answer repeating the token
+    /// we hold as expired means Douyin's expiry has not quite come (ours counts
+    /// from when our fetch started): ask again shortly, a few times, each
+    /// within the token budget, so waiters get the successor in about one
+    /// round trip more.
+    async fn fetch_past_stale_repeats(
+        &self,
+        slot: &AppSlot,
+        secret: &ClientSecret,
+    ) -> Result<FetchedToken, TokenFetchError> {
+        let mut repeats = 0;
+        loop {
+            let fetched = self
+                .inner
+                .douyin
+                .fetch_client_token(&slot.client_key, secret)
+                .await;
+            let stale = self.inner.policy.stable_tokens
+                && matches!(&fetched, Ok(token) if self.holds_expired_token(slot, &token.access_token));
+            if !stale {
+                return fetched;
+            }
+            repeats += 1;
+            if repeats > STALE_REPEAT_RETRIES
+                || self
+                    .inner
+                    .budget
+                    .try_spend(FetchPriority::Urgent, self.now_ms())
+                    .is_err()
+            {
+                return Err(TokenFetchError::StaleRepeat);
+            }
+            tokio::time::sleep(STALE_REPEAT_PAUSE).await;
+        }
+    }
+
+    /// True when `token` is the app's current token (whatever its expiry).
+    fn holds_token(&self, slot: &AppSlot, token: &AccessToken) -> bool {
+        lock(&slot.state)
+            .current
+            .as_ref()
+            .is_some_and(|held| held.access_token == *token)
+    }
+
+    /// True when `token` is the app's current token and no longer servable.
+    fn holds_expired_token(&self, slot: &AppSlot, token: &AccessToken) -> bool {
+        let now_ms = self.now_ms();
+        lock(&slot.state).current.as_ref().is_some_and(|held| {
+            held.access_token == *token
+                && !self.inner.policy.is_servable(held.expires_at_ms, now_ms)
+        })
     }
 
     /// Compare-and-invalidate: forgets the app's token only if it is still the

@@ -15,6 +15,10 @@ pub const SERVE_MARGIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct RefreshPolicy {
+    /// Tokens come from `stable_client_token`: Douyin answers the same token
+    /// until it expires and a new one only after, so there is no early refresh
+    /// to make and no successor to switch to before expiry.
+    pub stable_tokens: bool,
     pub window_start: Duration,
     pub window_end: Duration,
     pub min_interval: Duration,
@@ -26,6 +30,7 @@ pub struct RefreshPolicy {
 impl From<&RefreshConfig> for RefreshPolicy {
     fn from(config: &RefreshConfig) -> Self {
         Self {
+            stable_tokens: false,
             window_start: config.window_start,
             window_end: config.window_end,
             min_interval: config.min_interval,
@@ -37,9 +42,23 @@ impl From<&RefreshConfig> for RefreshPolicy {
 }
 
 impl RefreshPolicy {
-    /// Whether a token expiring at `expires_at_ms` may still be handed out.
+    /// The policy for tokens from `stable_client_token` (see `stable_tokens`).
+    pub fn for_stable_tokens(mut self) -> Self {
+        self.stable_tokens = true;
+        self
+    }
+
+    /// Whether a token expiring at `expires_at_ms` may still be handed out:
+    /// while it has `SERVE_MARGIN` to live, or, for stable tokens, until it
+    /// expires, since Douyin issues no successor before then (expiry counts
+    /// from when our fetch started, so Douyin's own expiry is no earlier).
     pub fn is_servable(&self, expires_at_ms: i64, now_ms: i64) -> bool {
-        now_ms.saturating_add(duration_ms(SERVE_MARGIN)) < expires_at_ms
+        let margin = if self.stable_tokens {
+            0
+        } else {
+            duration_ms(SERVE_MARGIN)
+        };
+        now_ms.saturating_add(margin) < expires_at_ms
     }
 
     /// Draws the proactive refresh time uniformly inside the window
@@ -52,6 +71,10 @@ impl RefreshPolicy {
         expires_at_ms: i64,
         rng: &mut impl Rng,
     ) -> i64 {
+        if self.stable_tokens {
+            // A fetch before expiry would only get the same token back.
+            return expires_at_ms;
+        }
         let earliest = expires_at_ms - duration_ms(self.window_start);
         let latest = expires_at_ms - duration_ms(self.window_end);
         let drawn = if earliest < latest {
@@ -140,6 +163,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn stable_tokens_refresh_at_expiry_and_serve_until_then() {
+        let policy = policy().for_stable_tokens();
+        let mut rng = StdRng::seed_from_u64(5);
+        assert_eq!(policy.draw_refresh_at(0, 7_200_000, &mut rng), 7_200_000);
+        assert!(policy.is_servable(10_000, 9_999));
+        assert!(!policy.is_servable(10_000, 10_000));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use douyin_tokend::config::TokenEndpoint;
+use douyin_tokend::proto::tokend::v1::RefreshTokenRequest;
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tonic::Code;
 
@@ -80,6 +82,64 @@ async fn over_many_accelerated_lifetimes_callers_see_no_token_error_and_each_win
         "{fetched} fetches in {seconds} s"
     );
     assert_eq!(*generations_seen.last().unwrap() as u64, fetched);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_stable_tokens_each_lifetime_costs_one_fetch_at_expiry_and_callers_see_no_gap() {
+    let lifetime = Duration::from_secs(20);
+    let app = TestApp::spawn_with(|config, sandbox| {
+        config.douyin.token_endpoint = TokenEndpoint::StableClientToken;
+        sandbox.token_lifetime = lifetime;
+        config.refresh.window_start = Duration::from_secs(8);
+        config.refresh.window_end = Duration::from_secs(6);
+        config.refresh.min_interval = Duration::from_secs(5);
+    })
+    .await;
+    app.register_default().await;
+
+    let first = app.access_token_for(ACCOUNT_ID).await.unwrap();
+    assert_eq!(first.generation, 1);
+    // Inside what would be client_token's refresh window, and in the last
+    // second: the sweep fetches nothing, callers keep the same token.
+    for second in 1..20 {
+        app.advance(Duration::from_secs(1));
+        assert_eq!(app.app.tokens.sweep().await.due, 0, "second {second}");
+        let held = app.access_token_for(ACCOUNT_ID).await.unwrap();
+        assert_eq!(held.access_token, first.access_token, "second {second}");
+        app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+    }
+    assert_eq!(app.sandbox.state().stats().token_calls, 1);
+    // A forced fetch before expiry gets the same token back: same generation.
+    let forced = app
+        .admin_client()
+        .refresh_token(RefreshTokenRequest {
+            client_key: CLIENT_KEY.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forced.generation, 1);
+    assert_eq!(app.sandbox.state().stats().tokens_issued_for(CLIENT_KEY), 1);
+
+    // At expiry the first caller's one fetch brings the successor.
+    app.advance(Duration::from_secs(1));
+    let calls_before = app.sandbox.state().stats().token_calls;
+    let second = app.access_token_for(ACCOUNT_ID).await.unwrap();
+    assert_ne!(second.access_token, first.access_token);
+    assert_eq!(second.generation, 2);
+    assert_eq!(app.sandbox.state().stats().token_calls, calls_before + 1);
+
+    // Many lifetimes on: one fetch per lifetime, never a rejected token.
+    for _second in 0..(10 * 20) {
+        app.app.tokens.sweep().await;
+        app.lookup(ACCOUNT_ID, DOCUMENTED_ORDER_ID).await.unwrap();
+        app.advance(Duration::from_secs(1));
+    }
+    let stats = app.sandbox.state().stats();
+    assert_eq!(stats.token_rejections(), 0);
+    // Tokens at 0 s and 20 s, then at 40, 60, …, 200 s within the 200 s run.
+    assert_eq!(stats.tokens_issued_for(CLIENT_KEY), 11);
     app.stop().await;
 }
 

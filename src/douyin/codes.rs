@@ -205,7 +205,7 @@ pub const TABLE: &[KnownCode] = &[
         3000001,
         Goodlife,
         Transient,
-        "business error, documented as retryable",
+        "business error; fix the parameters and retry",
         false,
     ),
     // [detail] 4000001 "根据实际业务错误返回", 排查建议 "补充参数" (add the missing parameter).
@@ -251,7 +251,7 @@ pub const TABLE: &[KnownCode] = &[
         28001006,
         OpenApiGateway,
         Transient,
-        "service temporarily unavailable",
+        "network call error, retry",
         true,
     ),
     // [status] 28001007 "参数不合法" (invalid parameter).
@@ -276,7 +276,7 @@ pub const TABLE: &[KnownCode] = &[
         28001014,
         OpenApiGateway,
         PermissionDenied,
-        "no permission for this API",
+        "the app has no capability granted",
         false,
     ),
     // [status] 28001016 "当前应用已被封禁或下线" (the app is banned or offline),
@@ -285,7 +285,7 @@ pub const TABLE: &[KnownCode] = &[
         28001016,
         OpenApiGateway,
         PermissionDenied,
-        "the app is not authorised",
+        "the app is banned or taken offline",
         false,
     ),
     // [status] 28001018 "应用未获得该能力" (the app lacks this capability), no
@@ -294,7 +294,7 @@ pub const TABLE: &[KnownCode] = &[
         28001018,
         OpenApiGateway,
         PermissionDenied,
-        "the app lacks the scope",
+        "the app lacks this capability",
         false,
     ),
     // [status] 28003017 "quota 已用完" (the call quota is used up), no advice
@@ -303,7 +303,7 @@ pub const TABLE: &[KnownCode] = &[
         28003017,
         OpenApiGateway,
         RateLimited,
-        "call rate over the limit",
+        "the call quota is used up",
         false,
     ),
     // [status] 28003018 "请求频率过高" (request rate too high), advice: slow down.
@@ -311,7 +311,7 @@ pub const TABLE: &[KnownCode] = &[
         28003018,
         OpenApiGateway,
         RateLimited,
-        "call quota over the limit",
+        "request rate too high",
         true,
     ),
     // [token] [stable] 10002 "参数错误" (parameter error): permanent, stop and alert.

@@ -318,3 +318,93 @@ pub fn transport_status(error: &TransportError) -> Status {
         Some(Duration::from_secs(1)),
     )
 }
+
+/// README's table of Douyin codes, written from `codes::TABLE` and the
+/// mapping above; a test keeps README's copy equal to it.
+#[cfg(test)]
+fn douyin_code_table_markdown() -> String {
+    use crate::douyin::codes::{Envelope, TABLE};
+
+    let mut table = String::from(
+        "| code | answered by | meaning | class | what the daemon does | the caller sees |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for known in TABLE {
+        let class = match known.class {
+            CodeClass::TokenRejected => "token rejected",
+            CodeClass::Transient => "transient",
+            CodeClass::RateLimited => "rate limited",
+            CodeClass::InvalidArgument => "invalid argument",
+            CodeClass::PermissionDenied => "permission denied",
+            CodeClass::Offline => "offline",
+            CodeClass::Business => "business",
+        };
+        let documented = if known.class_documented {
+            "documented"
+        } else {
+            "inferred"
+        };
+        let (daemon, caller) = if known.envelope == Envelope::TokenEndpoint {
+            if codes::token_code_is_permanent(known.code) {
+                (
+                    "stops fetching for the app until the cooldown ends or the secret changes",
+                    "FAILED_PRECONDITION".to_owned(),
+                )
+            } else {
+                (
+                    "backs off; scheduled refreshes pause",
+                    "UNAVAILABLE + RetryInfo while no valid token is held".to_owned(),
+                )
+            }
+        } else {
+            let daemon = match known.class {
+                CodeClass::TokenRejected => "compare-and-invalidate, refresh, retry once",
+                CodeClass::Transient | CodeClass::RateLimited => {
+                    "retries with backoff, `lookup.max_tries` in all"
+                }
+                _ => "does not retry",
+            };
+            let caller = if known.class == CodeClass::TokenRejected {
+                "nothing, unless a fresh token is rejected too: UNAVAILABLE".to_owned()
+            } else {
+                let code = code_for_class(known.class);
+                let retry = matches!(code, Code::Unavailable | Code::ResourceExhausted);
+                format!(
+                    "{}{}",
+                    super::code_label(code),
+                    if retry { " + RetryInfo" } else { "" }
+                )
+            };
+            (daemon, caller)
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {class} ({documented}) | {daemon} | {caller} |\n",
+            known.code,
+            known.envelope.as_str(),
+            known.meaning,
+        ));
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEGIN: &str =
+        "<!-- douyin-codes:begin (written by grpc::status::douyin_code_table_markdown) -->\n";
+    const END: &str = "<!-- douyin-codes:end -->";
+
+    #[test]
+    fn readmes_table_of_douyin_codes_is_the_code_tables() {
+        let readme = include_str!("../../README.md");
+        let written = douyin_code_table_markdown();
+        let begin = readme.find(BEGIN).expect("README has the begin marker") + BEGIN.len();
+        let end = readme.find(END).expect("README has the end marker");
+        assert_eq!(
+            &readme[begin..end],
+            written,
+            "README's table is out of date; put this between the markers:\n{written}"
+        );
+    }
+}

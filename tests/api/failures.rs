@@ -53,6 +53,9 @@ async fn upstream_garbage_is_unavailable_with_a_clear_message_and_the_daemon_kee
     app.stop().await;
 }
 
+/// How Douyin answers with a code, the code, the caller's status, upstream calls made.
+type DouyinAnswerRow = (fn(i64) -> Fault, i64, Code, usize);
+
 #[tokio::test]
 async fn every_douyin_code_maps_to_its_grpc_status_with_error_info_and_retries_only_transient_ones()
 {
@@ -63,7 +66,7 @@ async fn every_douyin_code_maps_to_its_grpc_status_with_error_info_and_retries_o
     let goodlife = Fault::ErrorCode;
     let in_data_only = Fault::CodeInDataOnly;
     let gateway = Fault::GatewayEnvelope;
-    let table: [(fn(i64) -> Fault, i64, Code, usize); 23] = [
+    let table: [DouyinAnswerRow; 23] = [
         (goodlife, 2119001, Code::InvalidArgument, 1),
         (goodlife, 2100005, Code::InvalidArgument, 1),
         (goodlife, 4000001, Code::InvalidArgument, 1),

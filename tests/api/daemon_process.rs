@@ -56,6 +56,14 @@ impl DaemonSettings {
             extra_arguments: Vec::new(),
         }
     }
+
+    /// Like `new`, with `--log-format json`.
+    pub fn with_json_logs(douyin_base_url: String) -> Self {
+        Self {
+            extra_arguments: vec!["--log-format".to_owned(), "json".to_owned()],
+            ..Self::new(douyin_base_url)
+        }
+    }
 }
 
 /// Calls as the test's admin client.
@@ -210,6 +218,15 @@ impl DaemonProcess {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The last JSON log line with this message (the daemon ran with JSON logs).
+    pub fn json_log_line(&self, message: &str) -> serde_json::Value {
+        let logs = self.logs();
+        logs.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .rfind(|line| line["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no JSON log line {message:?}:\n{logs}"))
     }
 
     pub fn channel(&self) -> Channel {

@@ -258,11 +258,8 @@ async fn an_answer_slower_than_the_deadline_is_deadline_exceeded_and_the_daemon_
         .state()
         .push_lookup_faults([Fault::Delay(Duration::from_millis(700))]);
 
-    let mut slow = tonic::Request::new(after_sale_request(ACCOUNT_ID, "slow-order"));
-    slow.set_timeout(Duration::from_millis(300));
     let status = app
-        .after_sale_client()
-        .get_after_sale_order_detail(slow)
+        .lookup_within(ACCOUNT_ID, "slow-order", Duration::from_millis(300))
         .await
         .unwrap_err();
 

@@ -304,6 +304,21 @@ impl TestApp {
             .map(tonic::Response::into_inner)
     }
 
+    /// A plain lookup with a gRPC deadline of `timeout`.
+    pub async fn lookup_within(
+        &self,
+        account_id: &str,
+        order_id: &str,
+        timeout: Duration,
+    ) -> Result<GetAfterSaleOrderDetailResponse, Status> {
+        let mut request = tonic::Request::new(after_sale_request(account_id, order_id));
+        request.set_timeout(timeout);
+        self.after_sale_client()
+            .get_after_sale_order_detail(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn access_token_for(
         &self,
         account_id: &str,

@@ -144,9 +144,8 @@ async fn health_answers_carry_a_request_id_too() {
 #[tokio::test]
 async fn the_fresh_request_id_a_caller_gets_back_is_the_one_the_calls_log_lines_carry() {
     let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
-    let mut settings = DaemonSettings::new(sandbox.base_url());
-    settings.extra_arguments = vec!["--log-format".to_owned(), "json".to_owned()];
-    let mut daemon = DaemonProcess::start("", settings).await;
+    let mut daemon =
+        DaemonProcess::start("", DaemonSettings::with_json_logs(sandbox.base_url())).await;
 
     let refused = AfterSaleServiceClient::with_interceptor(daemon.channel(), admin_key())
         .get_after_sale_order_detail(after_sale_request(
@@ -161,12 +160,7 @@ async fn the_fresh_request_id_a_caller_gets_back_is_the_one_the_calls_log_lines_
     daemon.send_signal("TERM");
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
 
-    let logs = daemon.logs();
-    let line: serde_json::Value = logs
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|line| line["fields"]["message"] == "after-sale lookup failed")
-        .unwrap_or_else(|| panic!("no JSON line for the call:\n{logs}"));
+    let line = daemon.json_log_line("after-sale lookup failed");
     assert_eq!(line["span"]["request_id"], answered.as_str(), "{line}");
     sandbox.stop().await;
 }
@@ -174,9 +168,8 @@ async fn the_fresh_request_id_a_caller_gets_back_is_the_one_the_calls_log_lines_
 #[tokio::test]
 async fn work_done_for_a_call_on_other_tasks_logs_the_calls_request_id() {
     let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
-    let mut settings = DaemonSettings::new(sandbox.base_url());
-    settings.extra_arguments = vec!["--log-format".to_owned(), "json".to_owned()];
-    let mut daemon = DaemonProcess::start("", settings).await;
+    let mut daemon =
+        DaemonProcess::start("", DaemonSettings::with_json_logs(sandbox.base_url())).await;
     // Douyin rejects the token once: the lookup's flight task invalidates it,
     // and the token manager's fetch task refreshes it, both for this call.
     sandbox
@@ -194,20 +187,12 @@ async fn work_done_for_a_call_on_other_tasks_logs_the_calls_request_id() {
     daemon.send_signal("TERM");
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
 
-    let logs = daemon.logs();
-    let lines: Vec<serde_json::Value> = logs
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .collect();
     for message in [
         "Douyin rejected the token; refreshing and retrying once",
         "fetching client_token",
         "client_token fetched",
     ] {
-        let line = lines
-            .iter()
-            .rfind(|line| line["fields"]["message"] == message)
-            .unwrap_or_else(|| panic!("no {message:?} line:\n{logs}"));
+        let line = daemon.json_log_line(message);
         assert_eq!(
             line["span"]["request_id"], "trace-token-refresh-7",
             "{message}: {line}"

@@ -326,9 +326,8 @@ async fn a_broken_config_on_sighup_keeps_the_running_apps_and_merchants() {
 #[tokio::test]
 async fn json_logs_carry_the_request_id_merchant_app_and_douyin_logid_of_a_call() {
     let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
-    let mut settings = DaemonSettings::new(sandbox.base_url());
-    settings.extra_arguments = vec!["--log-format".to_owned(), "json".to_owned()];
-    let mut daemon = DaemonProcess::start("", settings).await;
+    let mut daemon =
+        DaemonProcess::start("", DaemonSettings::with_json_logs(sandbox.base_url())).await;
     sandbox
         .state()
         .push_lookup_faults([Fault::ErrorCode(2119005)]);
@@ -352,11 +351,7 @@ async fn json_logs_carry_the_request_id_merchant_app_and_douyin_logid_of_a_call(
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
 
     let logs = daemon.logs();
-    let line: serde_json::Value = logs
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|line| line["fields"]["message"] == "after-sale lookup failed")
-        .unwrap_or_else(|| panic!("no JSON line for the call:\n{logs}"));
+    let line = daemon.json_log_line("after-sale lookup failed");
     let span = &line["span"];
     assert_eq!(span["request_id"], "req-test-0001", "{line}");
     assert_eq!(span["merchant"], ACCOUNT_ID, "{line}");

@@ -250,11 +250,8 @@ async fn a_deadline_shorter_than_the_upstream_reserve_is_deadline_exceeded_namin
     let app = TestApp::spawn().await;
     app.register_default().await;
     app.access_token_for(ACCOUNT_ID).await.unwrap();
-    let mut request = tonic::Request::new(after_sale_request(ACCOUNT_ID, "too-quick"));
-    request.set_timeout(Duration::from_millis(150));
     let status = app
-        .after_sale_client()
-        .get_after_sale_order_detail(request)
+        .lookup_within(ACCOUNT_ID, "too-quick", Duration::from_millis(150))
         .await
         .unwrap_err();
     assert_eq!(

@@ -6,7 +6,7 @@ use douyin_tokend::sandbox::{DOCUMENTED_EXAMPLE, DOCUMENTED_ORDER_ID};
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, TestApp, after_sale_request};
+use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, TestApp};
 
 /// Asserts that every value in `expected` is in `actual` at the same path.
 fn assert_contains_json(expected: &Value, actual: &Value, path: &str) {
@@ -116,21 +116,8 @@ async fn a_hundred_concurrent_lookups_on_a_cold_app_cause_exactly_one_token_fetc
     app.register_default().await;
 
     // Different orders, so that lookup coalescing does not hide the token path.
-    let lookups: Vec<_> = (0..100)
-        .map(|index| {
-            let mut client = app.after_sale_client();
-            tokio::spawn(async move {
-                client
-                    .get_after_sale_order_detail(after_sale_request(
-                        ACCOUNT_ID,
-                        &format!("order-{index}"),
-                    ))
-                    .await
-            })
-        })
-        .collect();
-    for lookup in lookups {
-        lookup.await.unwrap().unwrap();
+    for result in app.concurrent_lookups(100, "order").await {
+        result.unwrap();
     }
 
     let stats = app.sandbox.state().stats();

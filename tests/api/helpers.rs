@@ -304,6 +304,31 @@ impl TestApp {
             .map(tonic::Response::into_inner)
     }
 
+    /// `count` lookups at once, of orders `{prefix}-0`, `{prefix}-1`, … (distinct,
+    /// so coalescing does not merge them), each on a client of its own.
+    pub async fn concurrent_lookups(
+        &self,
+        count: usize,
+        prefix: &str,
+    ) -> Vec<Result<tonic::Response<GetAfterSaleOrderDetailResponse>, Status>> {
+        let lookups: Vec<_> = (0..count)
+            .map(|index| {
+                let mut client = self.after_sale_client();
+                let order_id = format!("{prefix}-{index}");
+                tokio::spawn(async move {
+                    client
+                        .get_after_sale_order_detail(after_sale_request(ACCOUNT_ID, &order_id))
+                        .await
+                })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(count);
+        for lookup in lookups {
+            results.push(lookup.await.expect("the lookup task did not panic"));
+        }
+        results
+    }
+
     /// A plain lookup with a gRPC deadline of `timeout`.
     pub async fn lookup_within(
         &self,

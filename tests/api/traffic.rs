@@ -186,21 +186,8 @@ async fn pacing_holds_while_a_cold_apps_token_is_slow_to_arrive() {
         .state()
         .push_token_faults([Fault::Delay(Duration::from_millis(800))]);
 
-    let lookups: Vec<_> = (0..40)
-        .map(|index| {
-            let mut client = app.after_sale_client();
-            tokio::spawn(async move {
-                client
-                    .get_after_sale_order_detail(after_sale_request(
-                        ACCOUNT_ID,
-                        &format!("cold-{index}"),
-                    ))
-                    .await
-            })
-        })
-        .collect();
-    for lookup in lookups {
-        lookup.await.unwrap().unwrap();
+    for result in app.concurrent_lookups(40, "cold").await {
+        result.unwrap();
     }
     let stats = app.sandbox.state().stats();
     assert_eq!(stats.token_calls, 1);

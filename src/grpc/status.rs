@@ -82,16 +82,16 @@ pub fn lookup_status(error: &LookupError) -> Status {
             )]),
             None,
         ),
-        LookupError::DeadlineExceeded { .. } | LookupError::DeadlineExceededWaitingForToken => {
-            status(
-                Code::DeadlineExceeded,
-                error.to_string(),
-                "DEADLINE_EXCEEDED",
-                TOKEND_DOMAIN,
-                HashMap::new(),
-                None,
-            )
-        }
+        LookupError::DeadlineExceeded { .. }
+        | LookupError::DeadlineExceededWaitingForToken
+        | LookupError::DeadlinePassedWhileShared => status(
+            Code::DeadlineExceeded,
+            error.to_string(),
+            "DEADLINE_EXCEEDED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
         LookupError::Aborted => status(
             Code::Internal,
             error.to_string(),

@@ -41,6 +41,10 @@ pub enum LookupError {
     DeadlineExceeded { tries: u32 },
     #[error("the request's deadline passed while the app's token was being fetched")]
     DeadlineExceededWaitingForToken,
+    #[error(
+        "the request's deadline passed while the lookup it shares with other callers was still running"
+    )]
+    DeadlinePassedWhileShared,
     #[error("the lookup stopped unexpectedly; see the daemon's log")]
     Aborted,
 }
@@ -85,6 +89,7 @@ impl LookupError {
             Self::NotAdmitted(_)
                 | Self::DeadlineExceeded { .. }
                 | Self::DeadlineExceededWaitingForToken
+                | Self::DeadlinePassedWhileShared
         )
     }
 }
@@ -158,15 +163,15 @@ impl LookupService {
             return Ok(answer);
         }
         // A caller that joined a flight started under a shorter deadline does
-        // not inherit that deadline's failure: it starts (or joins) another
-        // flight under its own. A new flight runs under this caller's deadline
-        // or a later one, so this loops at most twice.
+        // not inherit that deadline's failure: it starts (or joins) another.
+        // A pass repeats only while this caller has time left and the failed
+        // flight's deadline was earlier than its own, so the loop ends.
         loop {
             let flight = self.join_or_start_flight(&key, deadline);
             let failure = match tokio::time::timeout_at(deadline, flight).await {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(failure)) => failure,
-                Err(_) => return Err(Arc::new(LookupError::DeadlineExceeded { tries: 0 })),
+                Err(_) => return Err(Arc::new(LookupError::DeadlinePassedWhileShared)),
             };
             let more_time_here = failure.deadline < deadline
                 && Instant::now() + self.inner.config.upstream_time_reserve < deadline;

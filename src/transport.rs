@@ -82,19 +82,79 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set the permissions of {}", path.display()))
 }
 
-/// The server side of `[tls]`.
+/// The server side of `[tls]`, with its files proven: the certificate chain
+/// and the key parse, the key matches the certificate, and the client CA (if
+/// any) parses. tonic would only find out when the server starts, after
+/// systemd already heard READY=1.
 pub fn server_tls(config: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
     let read = |path: &Path| {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read(&config.cert_file)?,
-        read(&config.key_file)?,
-    ));
+    let certificate_pem = read(&config.cert_file)?;
+    let key_pem = read(&config.key_file)?;
+    prove_identity(&certificate_pem, &key_pem, config)?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(certificate_pem, key_pem));
     if let Some(client_ca) = &config.client_ca_file {
-        tls = tls.client_ca_root(Certificate::from_pem(read(client_ca)?));
+        let client_ca_pem = read(client_ca)?;
+        let roots = parse_certificates(&client_ca_pem, client_ca)?;
+        let mut store = rustls::RootCertStore::empty();
+        for root in roots {
+            store.add(root).with_context(|| {
+                format!("{}: a certificate is not a usable CA", client_ca.display())
+            })?;
+        }
+        tls = tls.client_ca_root(Certificate::from_pem(client_ca_pem));
     }
     Ok(tls)
+}
+
+/// Builds the rustls server config tonic will build, to see it succeed.
+fn prove_identity(
+    certificate_pem: &[u8],
+    key_pem: &[u8],
+    config: &TlsConfig,
+) -> anyhow::Result<()> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let chain = parse_certificates(certificate_pem, &config.cert_file)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| {
+        anyhow::anyhow!(
+            "{} holds no usable PEM private key: {error}",
+            config.key_file.display()
+        )
+    })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("the TLS provider offers no protocol version")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .with_context(|| {
+            format!(
+                "{} and {} do not make a TLS identity (does the key belong to the certificate?)",
+                config.cert_file.display(),
+                config.key_file.display()
+            )
+        })?;
+    Ok(())
+}
+
+/// Every certificate in a PEM file; none at all is an error.
+fn parse_certificates(
+    pem: &[u8],
+    path: &Path,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| anyhow::anyhow!("{} is not PEM certificates: {error}", path.display()))?;
+    if certificates.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(certificates)
 }
 
 /// How a client reaches the daemon.

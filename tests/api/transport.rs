@@ -184,3 +184,112 @@ async fn the_unix_socket_listener_serves_with_its_permissions_and_cleans_up() {
         "the socket is removed when the server stops"
     );
 }
+
+/// Runs `serve` with `[tls]` pointing at these files and a notify socket;
+/// returns the exit code, what systemd heard and the daemon's stderr.
+async fn serve_with_tls_files(
+    directory: &std::path::Path,
+    tls_table: &str,
+) -> (Option<i32>, Vec<String>, String) {
+    let config_path = directory.join("config.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\n{tls_table}\n",
+            directory.join("tokend.db").display()
+        ),
+    )
+    .unwrap();
+    let notify_path = directory.join("notify");
+    let notify_socket = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let output = tokio::time::timeout(
+        crate::daemon_process::PATIENCE,
+        tokio::process::Command::new(crate::daemon_process::BINARY)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("DOUYIN_TOKEND_LISTEN")
+            .env_remove("DOUYIN_TOKEND_DATABASE")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("serve ends by itself")
+    .unwrap();
+    let mut heard = Vec::new();
+    let mut buffer = vec![0; 4096];
+    while let Ok(length) = notify_socket.try_recv(&mut buffer) {
+        heard.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+    }
+    (
+        output.status.code(),
+        heard,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn unusable_tls_files_stop_serve_before_it_tells_systemd_it_is_ready() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let directory = pki.directory.path();
+    std::fs::write(
+        directory.join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(directory.join("empty.pem"), "no PEM here\n").unwrap();
+    std::fs::copy(
+        other.directory.path().join("server.key"),
+        directory.join("other.key"),
+    )
+    .unwrap();
+    let table = |cert: &str, key: &str, client_ca: Option<&str>| {
+        let mut table = format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            directory.join(cert).display(),
+            directory.join(key).display()
+        );
+        if let Some(client_ca) = client_ca {
+            table.push_str(&format!(
+                "client_ca_file = \"{}\"\n",
+                directory.join(client_ca).display()
+            ));
+        }
+        table
+    };
+    for (tls_table, expected) in [
+        (
+            table("garbage.pem", "server.key", None),
+            "garbage.pem is not PEM certificates",
+        ),
+        (
+            table("empty.pem", "server.key", None),
+            "empty.pem holds no PEM certificate",
+        ),
+        (
+            table("server.pem", "empty.pem", None),
+            "no usable PEM private key",
+        ),
+        (
+            table("server.pem", "other.key", None),
+            "does the key belong to the certificate?",
+        ),
+        (
+            table("server.pem", "server.key", Some("empty.pem")),
+            "empty.pem holds no PEM certificate",
+        ),
+    ] {
+        let run = tempfile::tempdir().unwrap();
+        let (code, heard, stderr) = serve_with_tls_files(run.path(), &tls_table).await;
+        assert_eq!(code, Some(1), "{tls_table}\n{stderr}");
+        assert!(
+            !heard.iter().any(|message| message.contains("READY=1")),
+            "{tls_table}: systemd heard {heard:?}"
+        );
+        assert!(stderr.contains(expected), "{tls_table}: {stderr}");
+    }
+}

@@ -1,0 +1,373 @@
+//! The spawned daemon and the set-up it serves: a sandbox, a fleet stored in a fresh
+//! database (tokens included, as a daemon that has been running would have), and
+//! how calls' outcomes are counted.
+
+use super::*;
+
+/// Settings written into the spawned daemon's config file.
+#[derive(Debug, Clone)]
+pub(crate) struct DaemonSettings {
+    pub(crate) sweep: String,
+    /// Extra `[refresh]` lines.
+    pub(crate) refresh: String,
+    /// Extra `[lookup]` lines.
+    pub(crate) lookup: String,
+    pub(crate) log_filter: String,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            sweep: "*/15 * * * * *".to_owned(),
+            refresh: String::new(),
+            lookup: String::new(),
+            log_filter: "info,tokio_cron_scheduler=warn,sqlx=warn".to_owned(),
+        }
+    }
+}
+
+/// `douyin-tokend serve` in a child process, on a database the bench filled.
+pub(crate) struct SpawnedDaemon {
+    pub(crate) child: Child,
+    pub(crate) address: String,
+    pub(crate) log_path: PathBuf,
+}
+
+impl SpawnedDaemon {
+    /// Spawns the daemon and waits until its health check answers SERVING;
+    /// returns it with the time from spawn to ready.
+    pub(crate) async fn start(
+        binary: &Path,
+        directory: &Path,
+        database: &Path,
+        sandbox_url: &str,
+        settings: &DaemonSettings,
+    ) -> anyhow::Result<(Self, Duration)> {
+        if !binary.exists() {
+            bail!(
+                "{} does not exist; build it with `cargo build --release --bins`",
+                binary.display()
+            );
+        }
+        // The daemon binds the port itself; take a free one and release it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config_path = directory.join("bench-daemon.toml");
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase = \"{}\"\nshutdown_grace = \"1s\"\n\n\
+             [douyin]\nbase_url = \"{sandbox_url}\"\n\n\
+             [refresh]\nsweep = \"{}\"\n{}\n\n[lookup]\n{}\n\n{}",
+            database.display(),
+            settings.sweep,
+            settings.refresh,
+            settings.lookup,
+            douyin_tokend::bench::bench_client_toml(),
+        );
+        std::fs::write(&config_path, config)?;
+        let log_path = directory.join("bench-daemon.log");
+        let log = std::fs::File::create(&log_path)?;
+        let started = Instant::now();
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .env("RUST_LOG", &settings.log_filter)
+            .env_remove("DOUYIN_TOKEND_LISTEN")
+            .env_remove("DOUYIN_TOKEND_DATABASE")
+            .env_remove("DOUYIN_TOKEND_DOUYIN_BASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut daemon = Self {
+            child,
+            address: format!("http://127.0.0.1:{port}"),
+            log_path,
+        };
+        let deadline = started + Duration::from_secs(60);
+        loop {
+            if daemon.is_serving().await {
+                return Ok((daemon, started.elapsed()));
+            }
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!(
+                    "the daemon exited with {status} before it was ready; its log: {}",
+                    daemon.log_path.display()
+                );
+            }
+            if Instant::now() > deadline {
+                daemon.kill();
+                bail!("the daemon was not ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    pub(crate) async fn is_serving(&self) -> bool {
+        let Ok(endpoint) = Channel::from_shared(self.address.clone()) else {
+            return false;
+        };
+        let Ok(channel) = endpoint.connect().await else {
+            return false;
+        };
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok_and(|response| response.into_inner().status == 1)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn sample(&self) -> ProcessSample {
+        ProcessSample::read(self.pid()).unwrap_or_default()
+    }
+
+    /// `connections` separate HTTP/2 connections, so load spreads like many clients.
+    pub(crate) async fn channels(&self, connections: usize) -> anyhow::Result<Vec<Channel>> {
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections.max(1) {
+            channels.push(
+                Channel::from_shared(self.address.clone())?
+                    .tcp_nodelay(true)
+                    // Bounds every call on the bench's side without telling the
+                    // daemon (no grpc-timeout header), so the daemon applies its
+                    // own default deadline as it would for most callers.
+                    .timeout(CALL_BOUND)
+                    .connect()
+                    .await?,
+            );
+        }
+        Ok(channels)
+    }
+
+    /// Warning and error lines in the daemon's log.
+    /// The daemon's warning and error lines, counted by level and message
+    /// (fields such as the app left out), e.g. `WARN client_token fetch failed…`.
+    pub(crate) fn log_problems(&self) -> BTreeMap<String, usize> {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let mut problems = BTreeMap::new();
+        for line in log.lines() {
+            let plain = strip_colour_codes(line);
+            let Some(level) = ["WARN", "ERROR"]
+                .into_iter()
+                .find(|level| plain.split_whitespace().nth(1) == Some(*level))
+            else {
+                continue;
+            };
+            // `<time> <LEVEL> <target>: <message> <field>=<value> …`
+            let message: Vec<&str> = plain
+                .split_whitespace()
+                .skip(3)
+                .take_while(|word| !word.contains('='))
+                .collect();
+            *problems
+                .entry(format!("{level} {}", message.join(" ")))
+                .or_default() += 1;
+        }
+        problems
+    }
+
+    /// Ends the child (by its pid, SIGKILL: the database is thrown away).
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SpawnedDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A sandbox, a fleet taught to it and stored in a fresh database, and
+/// optionally a token stored for every app (as a daemon that has been running
+/// would have), so that the benchmark does not start by spending the token
+/// budget.
+pub(crate) struct Setup {
+    pub(crate) sandbox: Sandbox,
+    pub(crate) fleet: Fleet,
+    pub(crate) directory: tempfile::TempDir,
+    pub(crate) database: PathBuf,
+}
+
+pub(crate) const ORDERS: usize = 1000;
+
+/// No single call of the load generator waits longer than this, so every
+/// scenario ends by itself even if the daemon or the sandbox hangs.
+pub(crate) const CALL_BOUND: Duration = Duration::from_secs(30);
+
+/// A database holding a fleet, filled once and copied for every start.
+pub(crate) struct FilledDatabase {
+    pub(crate) _directory: tempfile::TempDir,
+    pub(crate) database: PathBuf,
+    pub(crate) seconds: f64,
+}
+
+pub(crate) async fn fill_database(fleet: Fleet) -> anyhow::Result<FilledDatabase> {
+    let directory = tempfile::tempdir()?;
+    let database = directory.path().join("template.db");
+    let store = Store::open(
+        &database,
+        &douyin_tokend::bench::master_key_beside(&database),
+    )
+    .await?
+    .0;
+    let populated = fleet.store_in(&store, SystemClock.now_unix_ms()).await?;
+    // Closing checkpoints the WAL into the file, so a copy of the file is whole.
+    store.close().await;
+    Ok(FilledDatabase {
+        _directory: directory,
+        database,
+        seconds: populated.seconds,
+    })
+}
+
+pub(crate) async fn set_up(
+    fleet: Fleet,
+    sandbox_config: SandboxConfig,
+    clock: SharedClock,
+    store_tokens: bool,
+) -> anyhow::Result<Setup> {
+    let filled = fill_database(fleet).await?;
+    set_up_from(&filled, fleet, sandbox_config, clock, store_tokens).await
+}
+
+pub(crate) async fn set_up_from(
+    filled: &FilledDatabase,
+    fleet: Fleet,
+    sandbox_config: SandboxConfig,
+    clock: SharedClock,
+    store_tokens: bool,
+) -> anyhow::Result<Setup> {
+    let sandbox = Sandbox::start(clock.clone(), sandbox_config).await?;
+    fleet.teach_sandbox(sandbox.state());
+    teach_orders(sandbox.state(), ORDERS);
+    let directory = tempfile::tempdir()?;
+    let database = directory.path().join("bench.db");
+    std::fs::copy(&filled.database, &database)?;
+    std::fs::copy(
+        douyin_tokend::bench::master_key_beside(&filled.database),
+        douyin_tokend::bench::master_key_beside(&database),
+    )?;
+    let store = Store::open(
+        &database,
+        &douyin_tokend::bench::master_key_beside(&database),
+    )
+    .await?
+    .0;
+    let now_ms = clock.now_unix_ms();
+    if store_tokens {
+        let lifetime_ms = 7_200_000;
+        for app in 0..fleet.apps {
+            let client_key = ClientKey::parse(&fleet.client_key(app))?;
+            let token = sandbox
+                .state()
+                .issue_token_out_of_band(&fleet.client_key(app))
+                .context("the sandbox knows every bench app")?;
+            store
+                .save_fetched_token(&NewToken {
+                    client_key: &client_key,
+                    access_token: &AccessToken::new(token),
+                    generation: 1,
+                    fetched_at_ms: now_ms,
+                    expires_at_ms: now_ms + lifetime_ms,
+                })
+                .await?;
+        }
+    }
+    store.close().await;
+    Ok(Setup {
+        sandbox,
+        fleet,
+        directory,
+        database,
+    })
+}
+
+impl Setup {
+    pub(crate) async fn spawn(
+        &self,
+        binary: &Path,
+        settings: &DaemonSettings,
+    ) -> anyhow::Result<(SpawnedDaemon, Duration)> {
+        SpawnedDaemon::start(
+            binary,
+            self.directory.path(),
+            &self.database,
+            &self.sandbox.base_url(),
+            settings,
+        )
+        .await
+    }
+
+    pub(crate) fn lookup_request(&self, index: usize) -> GetAfterSaleOrderDetailRequest {
+        GetAfterSaleOrderDetailRequest {
+            account_id: self.fleet.account_id(index % self.fleet.merchants),
+            order_id: order_id(index % ORDERS),
+            certificate_id: None,
+            include_raw_json: false,
+        }
+    }
+}
+
+/// Outcomes of many calls: latencies of the successes, failures by kind.
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    pub(crate) latencies: Latencies,
+    pub(crate) failures: BTreeMap<String, u64>,
+}
+
+impl Outcomes {
+    pub(crate) fn record(&mut self, latency: Duration, failure: Option<String>) {
+        match failure {
+            None => self.latencies.record(latency),
+            Some(kind) => *self.failures.entry(kind).or_default() += 1,
+        }
+    }
+
+    pub(crate) fn merge(&mut self, other: Outcomes) {
+        self.latencies.extend(other.latencies);
+        for (kind, count) in other.failures {
+            *self.failures.entry(kind).or_default() += count;
+        }
+    }
+
+    pub(crate) fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    pub(crate) fn describe_failures(&self) -> String {
+        if self.failures.is_empty() {
+            return "none".to_owned();
+        }
+        self.failures
+            .iter()
+            .map(|(kind, count)| format!("{count} × {kind}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+pub(crate) fn status_kind(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+        .chars()
+        .take(120)
+        .collect()
+}
+
+pub(crate) fn latency_cells(summary: &LatencySummary) -> Vec<String> {
+    vec![
+        format_ms(summary.p50_us),
+        format_ms(summary.p90_us),
+        format_ms(summary.p99_us),
+        format_ms(summary.p999_us),
+        format_ms(summary.max_us),
+    ]
+}

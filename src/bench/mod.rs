@@ -4,6 +4,7 @@
 //! measurements, and the soak driven by a manual clock. Nothing here is on the
 //! daemon's serving path.
 
+pub mod daemon_process;
 pub mod fleet;
 pub mod measure;
 pub mod soak;

@@ -6,12 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
+use douyin_tokend::bench::daemon_process::DaemonLaunch;
 use douyin_tokend::clock::SystemClock;
 use douyin_tokend::douyin::after_sale::PATH as AFTER_SALE_PATH;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
@@ -19,8 +20,7 @@ use douyin_tokend::proto::douyin::goodlife::v1::{
     GetAfterSaleOrderDetailRequest, GetAfterSaleOrderDetailResponse,
 };
 use douyin_tokend::sandbox::{DOCUMENTED_EXAMPLE, Sandbox, SandboxConfig};
-use tokio::net::{TcpListener, UnixDatagram};
-use tokio::process::{Child, Command};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
@@ -88,12 +88,10 @@ pub fn app_and_merchants(account_ids: &[&str]) -> String {
 }
 
 pub struct DaemonProcess {
-    child: Child,
-    notify_socket: UnixDatagram,
+    process: douyin_tokend::bench::daemon_process::DaemonProcess,
     pub grpc_address: SocketAddr,
     pub metrics_address: Option<SocketAddr>,
     pub config_path: PathBuf,
-    log_path: PathBuf,
     _directory: tempfile::TempDir,
 }
 
@@ -113,64 +111,44 @@ impl DaemonProcess {
             ),
         )
         .unwrap();
-        let notify_path = directory.path().join("notify");
-        let notify_socket = UnixDatagram::bind(&notify_path).unwrap();
-        let log_path = directory.path().join("daemon.log");
-        let mut command = Command::new(BINARY);
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .args(&settings.extra_arguments)
-            .arg("serve")
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("DOUYIN_TOKEND_DOUYIN_BASE_URL", &settings.douyin_base_url)
-            .env(SECRET_VARIABLE, &settings.app_secret)
-            .env(
-                "RUST_LOG",
-                "info,douyin_tokend=debug,tokio_cron_scheduler=warn",
-            )
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("DOUYIN_TOKEND_LISTEN")
-            .env_remove("DOUYIN_TOKEND_DATABASE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .kill_on_drop(true);
+        let mut environment = vec![
+            (
+                "DOUYIN_TOKEND_DOUYIN_BASE_URL".to_owned(),
+                settings.douyin_base_url.clone(),
+            ),
+            (SECRET_VARIABLE.to_owned(), settings.app_secret.clone()),
+            (
+                "RUST_LOG".to_owned(),
+                "info,douyin_tokend=debug,tokio_cron_scheduler=warn".to_owned(),
+            ),
+        ];
         if let Some(watchdog) = settings.watchdog {
-            command.env("WATCHDOG_USEC", watchdog.as_micros().to_string());
+            environment.push(("WATCHDOG_USEC".to_owned(), watchdog.as_micros().to_string()));
         }
-        let child = command.spawn().unwrap();
-        let mut process = Self {
-            child,
-            notify_socket,
-            grpc_address: "127.0.0.1:1".parse().unwrap(),
-            metrics_address: None,
+        let launch = DaemonLaunch {
+            binary: BINARY.into(),
+            config_path: config_path.clone(),
+            notify_path: directory.path().join("notify"),
+            log_path: directory.path().join("daemon.log"),
+            arguments: settings.extra_arguments.clone(),
+            environment,
+            patience: PATIENCE,
+        };
+        let process =
+            match douyin_tokend::bench::daemon_process::DaemonProcess::start(&launch).await {
+                Ok(process) => process,
+                Err(error) => panic!(
+                    "{error:#}\n{}",
+                    std::fs::read_to_string(&launch.log_path).unwrap_or_default()
+                ),
+            };
+        Self {
+            grpc_address: process.grpc_address,
+            metrics_address: process.metrics_address,
+            process,
             config_path,
-            log_path,
             _directory: directory,
-        };
-        let ready = tokio::select! {
-            ready = receive(&process.notify_socket, PATIENCE) => ready
-                .unwrap_or_else(|| panic!("no READY within {PATIENCE:?}\n{}", process.logs())),
-            exited = process.child.wait() => {
-                panic!("the daemon exited before READY ({exited:?})\n{}", process.logs())
-            }
-        };
-        assert!(
-            ready.starts_with("READY=1\n"),
-            "the first notification is READY=1, got {ready:?}\n{}",
-            process.logs()
-        );
-        let status = ready
-            .lines()
-            .find_map(|line| line.strip_prefix("STATUS="))
-            .expect("READY carries a STATUS");
-        process.grpc_address =
-            address_after(status, "serving gRPC on ").expect("the status names the gRPC address");
-        process.metrics_address = address_after(status, "metrics on http://");
-        process
+        }
     }
 
     /// The next datagram on the notify socket, within [`PATIENCE`].
@@ -182,7 +160,7 @@ impl DaemonProcess {
 
     /// The next datagram, or None when none arrives within `within`.
     pub async fn notification_within(&self, within: Duration) -> Option<String> {
-        receive(&self.notify_socket, within).await
+        self.process.notification_within(within).await
     }
 
     /// Skips datagrams until one starting with `prefix` arrives.
@@ -195,29 +173,20 @@ impl DaemonProcess {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the daemon still runs")
-    }
-
     pub fn send_signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
+        self.process.send_signal(signal).unwrap();
     }
 
     /// Waits for the process to exit, within `within`.
     pub async fn exit_within(&mut self, within: Duration) -> ExitStatus {
-        match tokio::time::timeout(within, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!("the daemon did not exit within {within:?}\n{}", self.logs()),
+        match self.process.exit_within(within).await {
+            Some(status) => status,
+            None => panic!("the daemon did not exit within {within:?}\n{}", self.logs()),
         }
     }
 
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.process.logs()
     }
 
     /// The last JSON log line with this message (the daemon ran with JSON logs).
@@ -230,7 +199,7 @@ impl DaemonProcess {
     }
 
     pub fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc_address))
+        Channel::from_shared(self.process.grpc_url())
             .unwrap()
             .connect_lazy()
     }
@@ -248,22 +217,6 @@ impl DaemonProcess {
         )
         .unwrap();
     }
-}
-
-async fn receive(socket: &UnixDatagram, within: Duration) -> Option<String> {
-    let mut buffer = vec![0u8; 4096];
-    let length = tokio::time::timeout(within, socket.recv(&mut buffer))
-        .await
-        .ok()?
-        .unwrap();
-    Some(String::from_utf8(buffer[..length].to_vec()).unwrap())
-}
-
-fn address_after(status: &str, marker: &str) -> Option<SocketAddr> {
-    let start = status.find(marker)? + marker.len();
-    let rest = &status[start..];
-    let end = rest.find([',', '/', ' ']).unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 /// The sandbox Douyin on the real clock, knowing the default app and `merchants`.

@@ -28,13 +28,12 @@ impl Default for DaemonSettings {
 
 /// `douyin-tokend serve` in a child process, on a database the bench filled.
 pub(crate) struct SpawnedDaemon {
-    pub(crate) child: Child,
+    pub(crate) process: DaemonProcess,
     pub(crate) address: String,
-    pub(crate) log_path: PathBuf,
 }
 
 impl SpawnedDaemon {
-    /// Spawns the daemon and waits until its health check answers SERVING;
+    /// Spawns the daemon on a port of its choosing and waits for its READY=1;
     /// returns it with the time from spawn to ready.
     pub(crate) async fn start(
         binary: &Path,
@@ -43,19 +42,9 @@ impl SpawnedDaemon {
         sandbox_url: &str,
         settings: &DaemonSettings,
     ) -> anyhow::Result<(Self, Duration)> {
-        if !binary.exists() {
-            bail!(
-                "{} does not exist; build it with `cargo build --release --bins`",
-                binary.display()
-            );
-        }
-        // The daemon binds the port itself; take a free one and release it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         let config_path = directory.join("bench-daemon.toml");
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndatabase = \"{}\"\nshutdown_grace = \"1s\"\n\n\
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nshutdown_grace = \"1s\"\n\n\
              [douyin]\nbase_url = \"{sandbox_url}\"\n\n\
              [refresh]\nsweep = \"{}\"\n{}\n\n[lookup]\n{}\n\n{}",
             database.display(),
@@ -65,63 +54,27 @@ impl SpawnedDaemon {
             douyin_tokend::bench::bench_client_toml(),
         );
         std::fs::write(&config_path, config)?;
-        let log_path = directory.join("bench-daemon.log");
-        let log = std::fs::File::create(&log_path)?;
+        let notify_path = directory.join("bench-daemon.notify");
+        // A daemon spawned before (the scale scenario starts several) left its socket.
+        let _ = std::fs::remove_file(&notify_path);
+        let launch = DaemonLaunch {
+            binary: binary.to_owned(),
+            config_path,
+            notify_path,
+            log_path: directory.join("bench-daemon.log"),
+            arguments: Vec::new(),
+            environment: vec![("RUST_LOG".to_owned(), settings.log_filter.clone())],
+            patience: Duration::from_secs(60),
+        };
         let started = Instant::now();
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(&config_path)
-            .arg("serve")
-            .env("RUST_LOG", &settings.log_filter)
-            .env_remove("DOUYIN_TOKEND_LISTEN")
-            .env_remove("DOUYIN_TOKEND_DATABASE")
-            .env_remove("DOUYIN_TOKEND_DOUYIN_BASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut daemon = Self {
-            child,
-            address: format!("http://127.0.0.1:{port}"),
-            log_path,
-        };
-        let deadline = started + Duration::from_secs(60);
-        loop {
-            if daemon.is_serving().await {
-                return Ok((daemon, started.elapsed()));
-            }
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!(
-                    "the daemon exited with {status} before it was ready; its log: {}",
-                    daemon.log_path.display()
-                );
-            }
-            if Instant::now() > deadline {
-                daemon.kill();
-                bail!("the daemon was not ready within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    pub(crate) async fn is_serving(&self) -> bool {
-        let Ok(endpoint) = Channel::from_shared(self.address.clone()) else {
-            return false;
-        };
-        let Ok(channel) = endpoint.connect().await else {
-            return false;
-        };
-        HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .is_ok_and(|response| response.into_inner().status == 1)
+        let process = DaemonProcess::start(&launch).await?;
+        let ready_after = started.elapsed();
+        let address = process.grpc_url();
+        Ok((Self { process, address }, ready_after))
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid().unwrap_or_default()
     }
 
     pub(crate) fn sample(&self) -> ProcessSample {
@@ -150,7 +103,7 @@ impl SpawnedDaemon {
     /// The daemon's warning and error lines, counted by level and message
     /// (fields such as the app left out), e.g. `WARN client_token fetch failed…`.
     pub(crate) fn log_problems(&self) -> BTreeMap<String, usize> {
-        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let log = self.process.logs();
         let mut problems = BTreeMap::new();
         for line in log.lines() {
             let plain = strip_colour_codes(line);
@@ -171,18 +124,6 @@ impl SpawnedDaemon {
                 .or_default() += 1;
         }
         problems
-    }
-
-    /// Ends the child (by its pid, SIGKILL: the database is thrown away).
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for SpawnedDaemon {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -13,14 +13,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use douyin_tokend::app::App;
+use douyin_tokend::bench::daemon_process::{DaemonLaunch, DaemonProcess};
 use douyin_tokend::bench::fleet::{Fleet, order_id, teach_orders};
 use douyin_tokend::bench::measure::{
     Latencies, LatencySummary, Machine, ProcessSample, Table, format_ms, load_average,
@@ -38,8 +38,6 @@ use douyin_tokend::proto::tokend::v1::token_service_client::TokenServiceClient;
 use douyin_tokend::sandbox::{Fault, Sandbox, SandboxConfig};
 use douyin_tokend::store::{NewToken, Store};
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
 mod daemon;
 mod overhead;

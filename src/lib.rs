@@ -14,7 +14,7 @@
 //! - [`douyin`]: the only code that knows Douyin's URLs, JSON and error codes.
 //! - [`sandbox`]: a strict fake Douyin for tests, the demo and benchmarks.
 //! - [`bench`]: the benchmark and soak harness (`douyin-bench`, tests/soak.rs).
-//! - [`config`], [`domain`], [`clock`], [`proto`]: shared foundations.
+//! - [`config`], [`domain`], [`clock`], [`pace`], [`proto`]: shared foundations.
 
 pub mod access;
 pub mod app;
@@ -30,6 +30,7 @@ pub mod grpc;
 pub mod lifecycle;
 pub mod lookup;
 pub mod metrics;
+pub mod pace;
 pub mod proto;
 pub mod registry;
 pub mod sandbox;

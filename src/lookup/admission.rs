@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::LookupConfig;
 use crate::domain::{ClientKey, DouyinApi};
+use crate::pace::Gcra;
 
 /// Requests are spaced 10 % wider than the rate implies, so that network jitter
 /// between admission here and arrival at Douyin never puts one request too many
@@ -52,28 +53,15 @@ pub struct Admission {
 }
 
 struct AppGate {
+    /// Burst 1: turns one spacing apart. Times are µs since `epoch`.
     schedule: Mutex<Gcra>,
+    epoch: Instant,
     in_flight: Arc<Semaphore>,
 }
 
-/// The generic cell rate algorithm with burst 1, as a virtual schedule:
-/// `next_turn` is when the next request may go.
-#[derive(Debug)]
-struct Gcra {
-    spacing: Duration,
-    next_turn: Option<Instant>,
-}
-
-impl Gcra {
-    /// Reserves the earliest turn, if it is no later than `latest`; otherwise
-    /// says how far away it is and reserves nothing.
-    fn reserve(&mut self, now: Instant, latest: Instant) -> Result<Instant, Duration> {
-        let turn = self.next_turn.map_or(now, |next| next.max(now));
-        if turn > latest {
-            return Err(turn - now);
-        }
-        self.next_turn = Some(turn + self.spacing);
-        Ok(turn)
+impl AppGate {
+    fn micros_since_epoch(&self, at: Instant) -> i64 {
+        i64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(i64::MAX)
     }
 }
 
@@ -96,10 +84,11 @@ impl Admission {
         }
         let rate = self.config.rate_per_second(api, client_key.expose()).max(1);
         let gate = Arc::new(AppGate {
-            schedule: Mutex::new(Gcra {
-                spacing: Duration::from_secs_f64(JITTER_HEADROOM / f64::from(rate)),
-                next_turn: None,
-            }),
+            schedule: Mutex::new(Gcra::new(
+                Duration::from_secs_f64(JITTER_HEADROOM / f64::from(rate)),
+                1,
+            )),
+            epoch: Instant::now(),
             in_flight: Arc::new(Semaphore::new(self.config.max_concurrent_per_app)),
         });
         gates.insert(key, Arc::clone(&gate));
@@ -126,9 +115,15 @@ impl Admission {
                 .schedule
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            schedule
-                .reserve(now, latest)
-                .map_err(|retry_after| NotAdmitted::Busy { retry_after })?
+            let turn_us = schedule
+                .reserve(
+                    gate.micros_since_epoch(now),
+                    gate.micros_since_epoch(latest),
+                )
+                .map_err(|wait_us| NotAdmitted::Busy {
+                    retry_after: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
+                })?;
+            gate.epoch + Duration::from_micros(u64::try_from(turn_us).unwrap_or(0))
         };
         // Only a turn in the future is worth a timer: tokio's timer rounds up to
         // the next millisecond tick, so even an elapsed deadline would cost

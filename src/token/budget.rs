@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::clock::duration_ms;
 use crate::config::RefreshConfig;
+use crate::pace::Gcra;
 
 /// How much a fetch matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,23 +30,19 @@ pub struct TokenBudget {
     reserve: usize,
     window_ms: i64,
     pause_ms: i64,
-    /// Even spacing of scheduled fetches, in microseconds: the window over
-    /// their share of it.
-    scheduled_spacing_us: i64,
-    scheduled_burst: usize,
     state: Mutex<BudgetState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct BudgetState {
     /// Start times of the fetches inside the current window, oldest first.
     spent_at_ms: VecDeque<i64>,
     scheduled_paused_until_ms: i64,
-    /// When the next scheduled fetch is due on the even pace (GCRA's
-    /// theoretical arrival time). Without it a large fleet spent the whole
+    /// The even pace of scheduled fetches: the window over their share of it,
+    /// `SCHEDULED_BURST` at once. Without it a large fleet spent the whole
     /// window's share in the first sweep of every window: 450 fetches in one
     /// 15 s sweep, then none for five minutes.
-    scheduled_pace_us: i64,
+    scheduled_pace: Gcra,
 }
 
 impl TokenBudget {
@@ -57,10 +54,14 @@ impl TokenBudget {
             reserve: config.budget_reserve,
             window_ms,
             pause_ms: duration_ms(config.rate_limited_pause),
-            scheduled_spacing_us: window_ms.saturating_mul(1000)
-                / i64::try_from(scheduled_share).unwrap_or(i64::MAX),
-            scheduled_burst: SCHEDULED_BURST.min(scheduled_share),
-            state: Mutex::new(BudgetState::default()),
+            state: Mutex::new(BudgetState {
+                spent_at_ms: VecDeque::new(),
+                scheduled_paused_until_ms: 0,
+                scheduled_pace: Gcra::new(
+                    config.budget_window / u32::try_from(scheduled_share).unwrap_or(u32::MAX),
+                    SCHEDULED_BURST.min(scheduled_share),
+                ),
+            }),
         }
     }
 
@@ -101,17 +102,13 @@ impl TokenBudget {
             ));
         }
         if priority == FetchPriority::Scheduled {
-            // GCRA: up to `scheduled_burst` at once, then one per spacing.
-            let now_us = now_ms.saturating_mul(1000);
-            let pace = state.scheduled_pace_us.max(now_us);
-            let tolerance = i64::try_from(self.scheduled_burst - 1)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(self.scheduled_spacing_us);
-            if pace - now_us > tolerance {
-                return Err(Duration::from_micros((pace - tolerance - now_us) as u64)
-                    .max(Duration::from_millis(1)));
-            }
-            state.scheduled_pace_us = pace + self.scheduled_spacing_us;
+            state
+                .scheduled_pace
+                .take_now(now_ms.saturating_mul(1000))
+                .map_err(|wait_us| {
+                    Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))
+                        .max(Duration::from_millis(1))
+                })?;
         }
         state.spent_at_ms.push_back(now_ms);
         Ok(())

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -60,6 +61,11 @@ pub enum MasterKeyOutcome {
 
 /// The plaintext sealed into `meta.key_check`, to recognise the right key.
 const KEY_CHECK_PLAINTEXT: &str = "douyin-tokend master key check";
+/// What the key check is bound to, like every sealed value to its row.
+const KEY_CHECK_BINDING: &str = "meta.key_check";
+
+/// The embedded migrations; `open` runs them once the master key is proven.
+static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 
 fn secret_binding(client_key: &ClientKey) -> String {
     format!("apps.client_secret/{}", client_key.expose())
@@ -190,6 +196,15 @@ impl Store {
         path: &Path,
         master_key_file: &Path,
     ) -> Result<(Self, MasterKeyOutcome), StoreError> {
+        Self::open_with_migrations(path, master_key_file, &MIGRATIONS).await
+    }
+
+    /// `open` with a given set of migrations, so a test can have one pending.
+    async fn open_with_migrations(
+        path: &Path,
+        master_key_file: &Path,
+        migrations: &Migrator,
+    ) -> Result<(Self, MasterKeyOutcome), StoreError> {
         let open_error = |source| StoreError::Open {
             path: path.display().to_string(),
             source,
@@ -218,90 +233,63 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(open_error)?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        let key_check: Option<String> =
-            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'key_check'")
-                .fetch_optional(&pool)
-                .await
-                .map_err(query_error("read the key check"))?;
+        match Self::check_key_and_migrate(&pool, master_key_file, &database, migrations).await {
+            Ok((master_key, outcome)) => Ok((
+                Self {
+                    pool,
+                    master_key: Arc::new(master_key),
+                    owner_lock: Arc::new(std::sync::Mutex::new(Some(owner_lock))),
+                },
+                outcome,
+            )),
+            Err(error) => {
+                // Closed before the lock file is released, so no connection
+                // outlives the refusal.
+                pool.close().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Proves the master key against `meta.key_check` before the migrations
+    /// run, so a wrong or missing key leaves the database as it was (a
+    /// migration is a write). A database without a key check (new, or from
+    /// before sealing) gets one, after its migrations, under a new or the
+    /// given key.
+    async fn check_key_and_migrate(
+        pool: &SqlitePool,
+        master_key_file: &Path,
+        database: &str,
+        migrations: &Migrator,
+    ) -> Result<(MasterKey, MasterKeyOutcome), StoreError> {
+        let key_check = read_key_check(pool).await?;
         let key_path = master_key_file.display().to_string();
-        let (master_key, outcome) = match (&key_check, master_key_file.exists()) {
+        let database = database.to_owned();
+        let key_file_exists = master_key_file.exists();
+        let existing_key = match (&key_check, key_file_exists) {
             (Some(_), false) => return Err(StoreError::MasterKeyMissing { key_path, database }),
-            (_, true) => (MasterKey::read(master_key_file)?, MasterKeyOutcome::Loaded),
-            (None, false) => {
+            (_, true) => Some(MasterKey::read(master_key_file)?),
+            (None, false) => None,
+        };
+        if let (Some(sealed), Some(key)) = (&key_check, &existing_key) {
+            let opened = key.open(KEY_CHECK_BINDING, sealed);
+            if opened.ok().as_deref() != Some(KEY_CHECK_PLAINTEXT) {
+                return Err(StoreError::MasterKeyMismatch { key_path, database });
+            }
+        }
+        migrations.run(pool).await?;
+        let (master_key, outcome) = match existing_key {
+            Some(key) => (key, MasterKeyOutcome::Loaded),
+            None => {
                 let key = MasterKey::generate();
                 key.write_new(master_key_file)?;
                 (key, MasterKeyOutcome::Created(master_key_file.to_owned()))
             }
         };
-        let store = Self {
-            pool,
-            master_key: Arc::new(master_key),
-            owner_lock: Arc::new(std::sync::Mutex::new(Some(owner_lock))),
-        };
-        match key_check {
-            Some(sealed) => {
-                let opened = store.master_key.open("meta.key_check", &sealed);
-                if opened.ok().as_deref() != Some(KEY_CHECK_PLAINTEXT) {
-                    return Err(StoreError::MasterKeyMismatch { key_path, database });
-                }
-            }
-            None => store.seal_for_the_first_time().await?,
+        if key_check.is_none() {
+            seal_for_the_first_time(pool, &master_key).await?;
         }
-        Ok((store, outcome))
-    }
-
-    /// Seals whatever plaintext an unsealed database holds and records the key check, in one transaction.
-    async fn seal_for_the_first_time(&self) -> Result<(), StoreError> {
-        let mut transaction = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin sealing"))?;
-        let apps = sqlx::query("SELECT client_key, client_secret FROM apps")
-            .fetch_all(&mut *transaction)
-            .await
-            .map_err(query_error("read apps to seal"))?;
-        for row in &apps {
-            let client_key = parse_client_key(row.get(0))?;
-            let sealed = self
-                .master_key
-                .seal(&secret_binding(&client_key), row.get(1));
-            sqlx::query("UPDATE apps SET client_secret = ?2 WHERE client_key = ?1")
-                .bind(client_key.expose())
-                .bind(sealed)
-                .execute(&mut *transaction)
-                .await
-                .map_err(query_error("seal an app secret"))?;
-        }
-        let tokens = sqlx::query(
-            "SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL",
-        )
-        .fetch_all(&mut *transaction)
-        .await
-        .map_err(query_error("read tokens to seal"))?;
-        for row in &tokens {
-            let client_key = parse_client_key(row.get(0))?;
-            let sealed = self
-                .master_key
-                .seal(&token_binding(&client_key), row.get(1));
-            sqlx::query("UPDATE tokens SET access_token = ?2 WHERE client_key = ?1")
-                .bind(client_key.expose())
-                .bind(sealed)
-                .execute(&mut *transaction)
-                .await
-                .map_err(query_error("seal a token"))?;
-        }
-        sqlx::query("INSERT INTO meta (name, value) VALUES ('key_check', ?1)")
-            .bind(self.master_key.seal("meta.key_check", KEY_CHECK_PLAINTEXT))
-            .execute(&mut *transaction)
-            .await
-            .map_err(query_error("record the key check"))?;
-        transaction
-            .commit()
-            .await
-            .map_err(query_error("commit sealing"))?;
-        Ok(())
+        Ok((master_key, outcome))
     }
 
     /// Re-seals every secret and token under `new_key` in one transaction.
@@ -348,7 +336,7 @@ impl Store {
             resealed += 1;
         }
         sqlx::query("UPDATE meta SET value = ?1 WHERE name = 'key_check'")
-            .bind(new_key.seal("meta.key_check", KEY_CHECK_PLAINTEXT))
+            .bind(new_key.seal(KEY_CHECK_BINDING, KEY_CHECK_PLAINTEXT))
             .execute(&mut *transaction)
             .await
             .map_err(query_error("record the new key check"))?;
@@ -912,6 +900,72 @@ async fn collect_rows<T>(
     Ok(converted)
 }
 
+/// Seals whatever plaintext an unsealed database holds and records the key check, in one transaction.
+async fn seal_for_the_first_time(
+    pool: &SqlitePool,
+    master_key: &MasterKey,
+) -> Result<(), StoreError> {
+    let mut transaction = pool.begin().await.map_err(query_error("begin sealing"))?;
+    let apps = sqlx::query("SELECT client_key, client_secret FROM apps")
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(query_error("read apps to seal"))?;
+    for row in &apps {
+        let client_key = parse_client_key(row.get(0))?;
+        let sealed = master_key.seal(&secret_binding(&client_key), row.get(1));
+        sqlx::query("UPDATE apps SET client_secret = ?2 WHERE client_key = ?1")
+            .bind(client_key.expose())
+            .bind(sealed)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("seal an app secret"))?;
+    }
+    let tokens =
+        sqlx::query("SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL")
+            .fetch_all(&mut *transaction)
+            .await
+            .map_err(query_error("read tokens to seal"))?;
+    for row in &tokens {
+        let client_key = parse_client_key(row.get(0))?;
+        let sealed = master_key.seal(&token_binding(&client_key), row.get(1));
+        sqlx::query("UPDATE tokens SET access_token = ?2 WHERE client_key = ?1")
+            .bind(client_key.expose())
+            .bind(sealed)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("seal a token"))?;
+    }
+    sqlx::query("INSERT INTO meta (name, value) VALUES ('key_check', ?1)")
+        .bind(master_key.seal(KEY_CHECK_BINDING, KEY_CHECK_PLAINTEXT))
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("record the key check"))?;
+    transaction
+        .commit()
+        .await
+        .map_err(query_error("commit sealing"))?;
+    Ok(())
+}
+
+/// The sealed key check, or None for a database without one: new (no `meta`
+/// table yet, since no migration ran) or sealed by no key so far. Read before
+/// any migration, so it must not assume the schema.
+async fn read_key_check(pool: &SqlitePool) -> Result<Option<String>, StoreError> {
+    let meta_exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(query_error("look for the meta table"))?;
+    if !meta_exists {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT value FROM meta WHERE name = 'key_check'")
+        .fetch_optional(pool)
+        .await
+        .map_err(query_error("read the key check"))
+}
+
 fn json_list(items: &[String]) -> String {
     serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
 }
@@ -993,6 +1047,106 @@ mod tests {
             store.load_tokens().await.unwrap()[0].1.invalidated_at_ms,
             Some(5)
         );
+    }
+
+    /// The embedded migrations plus one more, as the next release would bring.
+    fn migrations_with_one_pending() -> Migrator {
+        use sqlx::SqlSafeStr;
+        use sqlx::migrate::{Migration, MigrationType};
+        let mut migrations: Vec<Migration> = MIGRATIONS.iter().cloned().collect();
+        let next_version = migrations.last().unwrap().version + 1;
+        migrations.push(Migration::new(
+            next_version,
+            "pending".into(),
+            MigrationType::Simple,
+            "CREATE TABLE pending_probe (id INTEGER PRIMARY KEY) STRICT".into_sql_str(),
+            false,
+        ));
+        Migrator::with_migrations(migrations)
+    }
+
+    /// The newest applied migration, read without the store (and without writing).
+    async fn schema_version(path: &Path) -> i64 {
+        use sqlx::Connection;
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .read_only(true);
+        let mut connection = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        let version = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+        connection.close().await.unwrap();
+        version
+    }
+
+    #[tokio::test]
+    async fn a_wrong_or_missing_key_with_a_migration_pending_changes_nothing() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("test.db");
+        let key_file = directory.path().join("master.key");
+        let (store, _) = Store::open(&path, &key_file).await.unwrap();
+        store
+            .put_app(
+                &key("app-one"),
+                &ClientSecret::parse("s").unwrap(),
+                Source::Admin,
+                1,
+            )
+            .await
+            .unwrap();
+        store.close().await;
+        let current_version = MIGRATIONS.iter().last().unwrap().version;
+        assert_eq!(schema_version(&path).await, current_version);
+        let bytes_before = std::fs::read(&path).unwrap();
+        let pending = migrations_with_one_pending();
+
+        let wrong_key_file = directory.path().join("wrong.key");
+        MasterKey::generate().write_new(&wrong_key_file).unwrap();
+        let error = Store::open_with_migrations(&path, &wrong_key_file, &pending)
+            .await
+            .err()
+            .expect("a wrong key must be refused");
+        assert!(
+            matches!(error, StoreError::MasterKeyMismatch { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("nothing was changed"), "{error}");
+        assert_eq!(schema_version(&path).await, current_version);
+        assert!(
+            std::fs::read(&path).unwrap() == bytes_before,
+            "the database file changed"
+        );
+
+        let missing_key_file = directory.path().join("missing.key");
+        let error = Store::open_with_migrations(&path, &missing_key_file, &pending)
+            .await
+            .err()
+            .expect("a missing key must be refused");
+        assert!(
+            matches!(error, StoreError::MasterKeyMissing { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("nothing was changed"), "{error}");
+        assert!(
+            !missing_key_file.exists(),
+            "no key is made up for an existing database"
+        );
+        assert_eq!(schema_version(&path).await, current_version);
+        assert!(
+            std::fs::read(&path).unwrap() == bytes_before,
+            "the database file changed"
+        );
+
+        // The migration was really pending: the right key applies it.
+        let (store, outcome) = Store::open_with_migrations(&path, &key_file, &pending)
+            .await
+            .unwrap();
+        assert_eq!(outcome, MasterKeyOutcome::Loaded);
+        store.close().await;
+        assert_eq!(schema_version(&path).await, current_version + 1);
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::domain::{AccessToken, AccountId, ClientKey, ClientSecret};
 use crate::sealing::{MasterKey, SealError};
@@ -300,46 +300,12 @@ impl Store {
             .begin()
             .await
             .map_err(query_error("begin key rotation"))?;
-        let mut resealed = 0;
-        let apps = sqlx::query("SELECT client_key, client_secret FROM apps")
-            .fetch_all(&mut *transaction)
-            .await
-            .map_err(query_error("read apps to re-seal"))?;
-        for row in &apps {
-            let client_key = parse_client_key(row.get(0))?;
-            let binding = secret_binding(&client_key);
-            let secret = self.master_key.open(&binding, row.get(1))?;
-            sqlx::query("UPDATE apps SET client_secret = ?2 WHERE client_key = ?1")
-                .bind(client_key.expose())
-                .bind(new_key.seal(&binding, &secret))
-                .execute(&mut *transaction)
-                .await
-                .map_err(query_error("re-seal an app secret"))?;
-            resealed += 1;
-        }
-        let tokens = sqlx::query(
-            "SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL",
-        )
-        .fetch_all(&mut *transaction)
-        .await
-        .map_err(query_error("read tokens to re-seal"))?;
-        for row in &tokens {
-            let client_key = parse_client_key(row.get(0))?;
-            let binding = token_binding(&client_key);
-            let token = self.master_key.open(&binding, row.get(1))?;
-            sqlx::query("UPDATE tokens SET access_token = ?2 WHERE client_key = ?1")
-                .bind(client_key.expose())
-                .bind(new_key.seal(&binding, &token))
-                .execute(&mut *transaction)
-                .await
-                .map_err(query_error("re-seal a token"))?;
-            resealed += 1;
-        }
-        sqlx::query("UPDATE meta SET value = ?1 WHERE name = 'key_check'")
-            .bind(new_key.seal(KEY_CHECK_BINDING, KEY_CHECK_PLAINTEXT))
-            .execute(&mut *transaction)
-            .await
-            .map_err(query_error("record the new key check"))?;
+        let old_key = &self.master_key;
+        let resealed = reseal_every_value(&mut transaction, |binding, sealed| {
+            Ok(new_key.seal(binding, &old_key.open(binding, sealed)?))
+        })
+        .await?;
+        record_key_check(&mut transaction, &new_key).await?;
         transaction
             .commit()
             .await
@@ -906,44 +872,84 @@ async fn seal_for_the_first_time(
     master_key: &MasterKey,
 ) -> Result<(), StoreError> {
     let mut transaction = pool.begin().await.map_err(query_error("begin sealing"))?;
-    let apps = sqlx::query("SELECT client_key, client_secret FROM apps")
-        .fetch_all(&mut *transaction)
-        .await
-        .map_err(query_error("read apps to seal"))?;
-    for row in &apps {
-        let client_key = parse_client_key(row.get(0))?;
-        let sealed = master_key.seal(&secret_binding(&client_key), row.get(1));
-        sqlx::query("UPDATE apps SET client_secret = ?2 WHERE client_key = ?1")
-            .bind(client_key.expose())
-            .bind(sealed)
-            .execute(&mut *transaction)
-            .await
-            .map_err(query_error("seal an app secret"))?;
-    }
-    let tokens =
-        sqlx::query("SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL")
-            .fetch_all(&mut *transaction)
-            .await
-            .map_err(query_error("read tokens to seal"))?;
-    for row in &tokens {
-        let client_key = parse_client_key(row.get(0))?;
-        let sealed = master_key.seal(&token_binding(&client_key), row.get(1));
-        sqlx::query("UPDATE tokens SET access_token = ?2 WHERE client_key = ?1")
-            .bind(client_key.expose())
-            .bind(sealed)
-            .execute(&mut *transaction)
-            .await
-            .map_err(query_error("seal a token"))?;
-    }
-    sqlx::query("INSERT INTO meta (name, value) VALUES ('key_check', ?1)")
-        .bind(master_key.seal(KEY_CHECK_BINDING, KEY_CHECK_PLAINTEXT))
-        .execute(&mut *transaction)
-        .await
-        .map_err(query_error("record the key check"))?;
+    reseal_every_value(&mut transaction, |binding, plaintext| {
+        Ok(master_key.seal(binding, plaintext))
+    })
+    .await?;
+    record_key_check(&mut transaction, master_key).await?;
     transaction
         .commit()
         .await
         .map_err(query_error("commit sealing"))?;
+    Ok(())
+}
+
+/// A column of sealed values, each bound to its row's client key.
+struct SealedColumn {
+    /// Every row's client key and stored value, skipping NULL values.
+    read: &'static str,
+    /// Replaces one row's value: ?1 is the client key, ?2 the new value.
+    write: &'static str,
+    binding: fn(&ClientKey) -> String,
+}
+
+/// Every column that holds sealed values; the one list sealing and rotation walk.
+const SEALED_COLUMNS: [SealedColumn; 2] = [
+    SealedColumn {
+        read: "SELECT client_key, client_secret FROM apps",
+        write: "UPDATE apps SET client_secret = ?2 WHERE client_key = ?1",
+        binding: secret_binding,
+    },
+    SealedColumn {
+        read: "SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL",
+        write: "UPDATE tokens SET access_token = ?2 WHERE client_key = ?1",
+        binding: token_binding,
+    },
+];
+
+/// Rewrites every sealed value (app secrets and tokens): `reseal` gets the
+/// value's binding and stored text and returns the text to store. First
+/// sealing and key rotation differ only in `reseal`, so they share this one
+/// loop and cannot disagree about which values are sealed. Returns how many
+/// values were rewritten.
+async fn reseal_every_value(
+    connection: &mut SqliteConnection,
+    reseal: impl Fn(&str, &str) -> Result<String, StoreError>,
+) -> Result<usize, StoreError> {
+    let mut resealed = 0;
+    for column in &SEALED_COLUMNS {
+        let rows: Vec<(String, String)> = sqlx::query_as(column.read)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(query_error("read sealed values"))?;
+        for (client_key, stored) in rows {
+            let client_key = parse_client_key(&client_key)?;
+            let binding = (column.binding)(&client_key);
+            sqlx::query(column.write)
+                .bind(client_key.expose())
+                .bind(reseal(&binding, &stored)?)
+                .execute(&mut *connection)
+                .await
+                .map_err(query_error("re-seal a value"))?;
+            resealed += 1;
+        }
+    }
+    Ok(resealed)
+}
+
+/// Records (or replaces) the key check sealed with `master_key`.
+async fn record_key_check(
+    connection: &mut SqliteConnection,
+    master_key: &MasterKey,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO meta (name, value) VALUES ('key_check', ?1)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )
+    .bind(master_key.seal(KEY_CHECK_BINDING, KEY_CHECK_PLAINTEXT))
+    .execute(connection)
+    .await
+    .map_err(query_error("record the key check"))?;
     Ok(())
 }
 

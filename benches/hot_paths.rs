@@ -58,7 +58,8 @@ fn token_look_up(criterion: &mut Criterion) {
         let (audit, _writer) =
             douyin_tokend::audit::AuditLog::start(store.clone(), Arc::clone(&shared_clock));
         store
-            .put_app(
+            .apps()
+            .put(
                 &client_key,
                 &ClientSecret::parse("secret").expect("a secret"),
                 Source::Admin,
@@ -67,7 +68,8 @@ fn token_look_up(criterion: &mut Criterion) {
             .await
             .expect("an app");
         store
-            .save_fetched_token(&NewToken {
+            .tokens()
+            .save_fetched(&NewToken {
                 client_key: &client_key,
                 access_token: &AccessToken::new("clt.benchmark".to_owned()),
                 generation: 1,

@@ -100,14 +100,14 @@ impl AuditLog {
 
     pub async fn list(&self, since_ms: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         self.flush().await;
-        self.store.list_audit(since_ms, limit).await
+        self.store.audit().list(since_ms, limit).await
     }
 
     /// Deletes lines older than `retention`. The scheduler triggers this; tests call it.
     pub async fn prune(&self, retention: Duration) -> Result<u64, StoreError> {
         self.flush().await;
         let cutoff = self.clock.now_unix_ms() - crate::clock::duration_ms(retention);
-        let pruned = self.store.prune_audit(cutoff).await?;
+        let pruned = self.store.audit().prune(cutoff).await?;
         if pruned > 0 {
             tracing::info!(pruned, "audit lines past retention removed");
         }
@@ -169,7 +169,7 @@ async fn write_batches(store: Store, mut receiver: mpsc::UnboundedReceiver<Comma
         };
         if time_to_write || pending.len() >= MAX_BATCH {
             if !pending.is_empty() {
-                if let Err(error) = store.append_audit(&pending).await {
+                if let Err(error) = store.audit().append(&pending).await {
                     tracing::error!(%error, lines = pending.len(), "cannot write the audit trail; these lines are lost");
                 }
                 pending.clear();

@@ -78,7 +78,8 @@ impl Registry {
         clock: SharedClock,
     ) -> Result<Self, StoreError> {
         let merchants = store
-            .list_merchants()
+            .merchants()
+            .list()
             .await?
             .into_iter()
             .map(|merchant| (merchant.account_id, merchant.client_key))
@@ -103,7 +104,8 @@ impl Registry {
     async fn reload_clients(&self) -> Result<(), StoreError> {
         let clients = self
             .store
-            .list_clients()
+            .clients()
+            .list()
             .await?
             .iter()
             .map(api_client_from_record)
@@ -149,7 +151,8 @@ impl Registry {
             .map_err(|error| RegistryError::InvalidClient(error.to_string()))?;
         if !self
             .store
-            .create_client(&record, self.clock.now_unix_ms())
+            .clients()
+            .create(&record, self.clock.now_unix_ms())
             .await?
         {
             return Err(RegistryError::ClientExists { name: record.name });
@@ -161,7 +164,7 @@ impl Registry {
 
     pub async fn remove_client(&self, name: &str) -> Result<(), RegistryError> {
         let _serialized = self.writes.lock().await;
-        if !self.store.remove_client(name).await? {
+        if !self.store.clients().remove(name).await? {
             return Err(RegistryError::UnknownClient {
                 name: name.to_owned(),
             });
@@ -172,7 +175,7 @@ impl Registry {
     }
 
     pub async fn list_clients(&self) -> Result<Vec<ClientRecord>, RegistryError> {
-        Ok(self.store.list_clients().await?)
+        Ok(self.store.clients().list().await?)
     }
 
     /// Applies a re-read config file (SIGHUP) to the running daemon: syncs the
@@ -195,10 +198,11 @@ impl Registry {
         )
         .await?;
         self.reload_clients().await?;
-        let stored_apps = self.store.list_apps().await?;
+        let stored_apps = self.store.apps().list().await?;
         let stored_merchants: HashMap<AccountId, ClientKey> = self
             .store
-            .list_merchants()
+            .merchants()
+            .list()
             .await?
             .into_iter()
             .map(|merchant| (merchant.account_id, merchant.client_key))
@@ -266,7 +270,8 @@ impl Registry {
         let _serialized = self.writes.lock().await;
         let created = self
             .store
-            .put_app(
+            .apps()
+            .put(
                 client_key,
                 client_secret,
                 Source::Admin,
@@ -281,13 +286,11 @@ impl Registry {
     /// Removes an app, its merchants and its token. Returns the number of merchants removed.
     pub async fn remove_app(&self, client_key: &ClientKey) -> Result<i64, RegistryError> {
         let _serialized = self.writes.lock().await;
-        let removed =
-            self.store
-                .remove_app(client_key)
-                .await?
-                .ok_or_else(|| RegistryError::UnknownApp {
-                    client_key: client_key.clone(),
-                })?;
+        let removed = self.store.apps().remove(client_key).await?.ok_or_else(|| {
+            RegistryError::UnknownApp {
+                client_key: client_key.clone(),
+            }
+        })?;
         self.merchants
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -298,7 +301,7 @@ impl Registry {
     }
 
     pub async fn list_apps(&self) -> Result<Vec<AppRecord>, RegistryError> {
-        Ok(self.store.list_apps().await?)
+        Ok(self.store.apps().list().await?)
     }
 
     /// Adds a merchant or moves it to another app. Returns true when it is new.
@@ -310,7 +313,8 @@ impl Registry {
         let _serialized = self.writes.lock().await;
         let created = self
             .store
-            .put_merchant(
+            .merchants()
+            .put(
                 account_id,
                 client_key,
                 Source::Admin,
@@ -330,7 +334,7 @@ impl Registry {
 
     pub async fn remove_merchant(&self, account_id: &AccountId) -> Result<(), RegistryError> {
         let _serialized = self.writes.lock().await;
-        if !self.store.remove_merchant(account_id).await? {
+        if !self.store.merchants().remove(account_id).await? {
             return Err(RegistryError::UnknownMerchant {
                 account_id: account_id.clone(),
             });
@@ -344,7 +348,7 @@ impl Registry {
     }
 
     pub async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, RegistryError> {
-        Ok(self.store.list_merchants().await?)
+        Ok(self.store.merchants().list().await?)
     }
 }
 

@@ -71,7 +71,8 @@ impl Fleet {
         let started = Instant::now();
         for app in 0..self.apps {
             store
-                .put_app(
+                .apps()
+                .put(
                     &parse_key(&self.client_key(app)),
                     &ClientSecret::parse(&self.client_secret(app)).expect("bench secrets parse"),
                     Source::Admin,
@@ -81,7 +82,8 @@ impl Fleet {
         }
         for merchant in 0..self.merchants {
             store
-                .put_merchant(
+                .merchants()
+                .put(
                     &AccountId::parse(&self.account_id(merchant)).expect("bench ids parse"),
                     &parse_key(&self.client_key(self.app_of_merchant(merchant))),
                     Source::Admin,

@@ -241,7 +241,8 @@ impl TokenManager {
             RefreshPolicy::from(config)
         };
         let secrets: HashMap<ClientKey, ClientSecret> = store
-            .list_apps()
+            .apps()
+            .list()
             .await?
             .into_iter()
             .map(|app| (app.client_key, app.client_secret))
@@ -249,7 +250,7 @@ impl TokenManager {
         let now_ms = clock.now_unix_ms();
         let mut rng = rand::rng();
         let mut apps = HashMap::new();
-        for (client_key, record) in store.load_tokens().await? {
+        for (client_key, record) in store.tokens().load_all().await? {
             let Some(secret) = secrets.get(&client_key).cloned() else {
                 continue;
             };
@@ -532,7 +533,8 @@ impl TokenManager {
                 let saved = self
                     .inner
                     .store
-                    .save_fetched_token(&NewToken {
+                    .tokens()
+                    .save_fetched(&NewToken {
                         client_key,
                         access_token: &held.access_token,
                         generation,
@@ -618,6 +620,7 @@ impl TokenManager {
                 let recorded = self
                     .inner
                     .store
+                    .tokens()
                     .record_fetch_failure(&FetchFailure {
                         client_key,
                         message: &failure.message,
@@ -721,6 +724,7 @@ impl TokenManager {
         if let Err(error) = self
             .inner
             .store
+            .tokens()
             .mark_invalidated(client_key, generation, self.now_ms())
             .await
         {

@@ -213,7 +213,8 @@ pub(crate) async fn set_up_from(
                 .issue_token_out_of_band(&fleet.client_key(app))
                 .context("the sandbox knows every bench app")?;
             store
-                .save_fetched_token(&NewToken {
+                .tokens()
+                .save_fetched(&NewToken {
                     client_key: &client_key,
                     access_token: &AccessToken::new(token),
                     generation: 1,

@@ -1,0 +1,192 @@
+//! The `apps` table: each app's `client_key` and its secret, sealed and bound
+//! to the row, with where the app was declared.
+
+use sqlx::SqliteConnection;
+
+use super::{
+    SealedColumn, Source, Store, StoreError, collect_rows, merchants, parse_client_key,
+    query_error, tokens,
+};
+use crate::domain::{ClientKey, ClientSecret};
+use crate::sealing::MasterKey;
+
+/// An app as stored, with its secret unsealed.
+#[derive(Debug, Clone)]
+pub struct AppRecord {
+    pub client_key: ClientKey,
+    pub client_secret: ClientSecret,
+    pub source: Source,
+    pub merchant_count: i64,
+}
+
+/// An `apps` row as the list query returns it, before unsealing and parsing.
+#[derive(sqlx::FromRow)]
+struct AppRow {
+    client_key: String,
+    client_secret: String,
+    source: String,
+    merchant_count: i64,
+}
+
+/// What a sealed secret is bound to: its column and its app.
+fn secret_binding(client_key: &ClientKey) -> String {
+    format!("apps.client_secret/{}", client_key.expose())
+}
+
+/// The sealed secrets, for first sealing and key rotation.
+pub(super) const SEALED_SECRETS: SealedColumn = SealedColumn {
+    read: "SELECT client_key, client_secret FROM apps",
+    write: "UPDATE apps SET client_secret = ?2 WHERE client_key = ?1",
+    binding: secret_binding,
+};
+
+/// The queries on `apps`; from `Store::apps`.
+pub struct AppTable<'store> {
+    pub(super) store: &'store Store,
+}
+
+impl AppTable<'_> {
+    /// Adds an app or replaces its secret. Returns true when it is new.
+    pub async fn put(
+        &self,
+        client_key: &ClientKey,
+        client_secret: &ClientSecret,
+        source: Source,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self
+            .store
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin put_app"))?;
+        let existed = exists(&mut transaction, client_key).await?;
+        sqlx::query(
+            "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT (client_key) DO UPDATE
+             SET client_secret = excluded.client_secret, source = excluded.source,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(client_key.expose())
+        .bind(
+            self.store
+                .master_key
+                .seal(&secret_binding(client_key), client_secret.expose()),
+        )
+        .bind(source.as_str())
+        .bind(now_ms)
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("store an app"))?;
+        tokens::prepare_row_for_a_new_secret(&mut transaction, client_key).await?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit put_app"))?;
+        Ok(!existed)
+    }
+
+    /// Removes an app with its merchants and token. Returns how many merchants
+    /// went with it, or None when there was no such app.
+    pub(crate) async fn remove(&self, client_key: &ClientKey) -> Result<Option<i64>, StoreError> {
+        let mut transaction = self
+            .store
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin remove_app"))?;
+        let merchants = merchants::count_for_app(&mut transaction, client_key).await?;
+        // The merchants and the token row go by the foreign keys' ON DELETE CASCADE.
+        let removed = sqlx::query("DELETE FROM apps WHERE client_key = ?")
+            .bind(client_key.expose())
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("remove an app"))?
+            .rows_affected();
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit remove_app"))?;
+        Ok((removed > 0).then_some(merchants))
+    }
+
+    /// Every app with its secret unsealed, by client key.
+    pub(crate) async fn list(&self) -> Result<Vec<AppRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, AppRow>(
+            "SELECT a.client_key, a.client_secret, a.source,
+                    (SELECT COUNT(*) FROM merchants m WHERE m.client_key = a.client_key)
+                        AS merchant_count
+             FROM apps a ORDER BY a.client_key",
+        )
+        .fetch(&self.store.pool);
+        collect_rows(rows, "list apps", |row| {
+            let client_key = parse_client_key(&row.client_key)?;
+            let secret = self
+                .store
+                .master_key
+                .open(&secret_binding(&client_key), &row.client_secret)?;
+            Ok(AppRecord {
+                client_secret: ClientSecret::parse(&secret)
+                    .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                client_key,
+                source: Source::parse(&row.source)?,
+                merchant_count: row.merchant_count,
+            })
+        })
+        .await
+    }
+}
+
+/// Whether the app exists, inside a caller's transaction.
+pub(super) async fn exists(
+    connection: &mut SqliteConnection,
+    client_key: &ClientKey,
+) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar::<_, i64>("SELECT 1 FROM apps WHERE client_key = ?")
+            .bind(client_key.expose())
+            .fetch_optional(connection)
+            .await
+            .map_err(query_error("look up an app"))?
+            .is_some(),
+    )
+}
+
+/// The config-sync part for apps, inside `Store::sync_config`'s transaction:
+/// stores every configured app (source `config`, secret replaced), gives each
+/// a token row, and removes config-sourced apps the file no longer declares.
+pub(super) async fn replace_configured(
+    connection: &mut SqliteConnection,
+    master_key: &MasterKey,
+    apps: &[(ClientKey, ClientSecret)],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    for (client_key, client_secret) in apps {
+        sqlx::query(
+            "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
+             VALUES (?1, ?2, 'config', ?3, ?3)
+             ON CONFLICT (client_key) DO UPDATE
+             SET source = 'config', updated_at = excluded.updated_at,
+                 client_secret = excluded.client_secret",
+        )
+        .bind(client_key.expose())
+        .bind(master_key.seal(&secret_binding(client_key), client_secret.expose()))
+        .bind(now_ms)
+        .execute(&mut *connection)
+        .await
+        .map_err(query_error("sync a configured app"))?;
+        tokens::prepare_row_if_missing(&mut *connection, client_key).await?;
+    }
+    let configured_keys: Vec<&str> = apps.iter().map(|(key, _)| key.expose()).collect();
+    let configured_keys = serde_json::to_string(&configured_keys).unwrap_or_default();
+    sqlx::query(
+        "DELETE FROM apps WHERE source = 'config'
+         AND client_key NOT IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(&configured_keys)
+    .execute(connection)
+    .await
+    .map_err(query_error("remove apps no longer configured"))?;
+    Ok(())
+}

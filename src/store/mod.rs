@@ -1,0 +1,692 @@
+//! The store: the only module that writes SQL. This file owns the `Store`
+//! itself (the SQLite pool with WAL, busy timeout and foreign keys, the
+//! one-owner lock file, the master key check, the embedded migrations, key
+//! rotation, close); each table's queries live in a file of their own behind
+//! one type (`store.apps()`, `store.merchants()`, `store.tokens()`,
+//! `store.clients()`, `store.audit()`). Callers see records and plain
+//! answers ("was it new", "how many went"), never rows, SQLite types or
+//! SQLite's error codes, so a second backend can sit beside this one.
+
+mod apps;
+mod audit;
+mod clients;
+mod merchants;
+mod meta;
+mod tokens;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{SqliteConnection, SqlitePool};
+
+use crate::domain::{AccountId, ClientKey, ClientSecret};
+use crate::sealing::{MasterKey, SealError};
+
+pub use apps::{AppRecord, AppTable};
+pub use audit::{AuditRecord, AuditTable};
+pub use clients::{ClientRecord, ClientTable};
+pub use merchants::{MerchantRecord, MerchantTable};
+pub(crate) use tokens::FetchFailure;
+pub use tokens::{NewToken, TokenTable};
+
+/// A store failure. Messages name the operation, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error while trying to {operation}: {source}")]
+    Query {
+        operation: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("the database holds a value it should not: {0}")]
+    Corrupt(String),
+    #[error(
+        "the master key file {key_path} is missing, but the database {database} was sealed with a master key; \
+         restore the key file (or point master_key_file at it) — nothing was changed"
+    )]
+    MasterKeyMissing { key_path: String, database: String },
+    #[error(
+        "the master key in {key_path} does not open the database {database} (a different key?); \
+         start with the right key file — nothing was changed"
+    )]
+    MasterKeyMismatch { key_path: String, database: String },
+    #[error(
+        "another douyin-tokend process is using the database {database} (it holds {database}.lock); \
+         stop it first — two owners of one token store would fetch against each other"
+    )]
+    InUse { database: String },
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+/// What opening the store did about the master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeyOutcome {
+    /// The key file existed and opens the database.
+    Loaded,
+    /// A new database: a new key was written to this file.
+    Created(PathBuf),
+}
+
+/// The embedded migrations; `open` runs them once the master key is proven.
+static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+fn query_error(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { operation, source }
+}
+
+/// Where an app or a merchant was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The config file; the next start-up removes it if the file no longer has it.
+    Config,
+    /// AdminService; only AdminService removes it.
+    Admin,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "config" => Ok(Self::Config),
+            "admin" => Ok(Self::Admin),
+            other => Err(StoreError::Corrupt(format!("unknown source {other:?}"))),
+        }
+    }
+}
+
+/// The daemon's database. Cheap to clone: clones share the pool, the master key
+/// and the ownership of the database.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    master_key: Arc<MasterKey>,
+    /// An exclusive lock on `<database>.lock`, held until `close`: one owner per token store.
+    owner_lock: Arc<std::sync::Mutex<Option<std::fs::File>>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file, brings its schema up to
+    /// date and unseals it with the master key in `master_key_file`. A new
+    /// database gets a new key file (mode 0600); an existing one refuses to open
+    /// without its own key, and nothing is written until the key is proven right.
+    pub async fn open(
+        path: &Path,
+        master_key_file: &Path,
+    ) -> Result<(Self, MasterKeyOutcome), StoreError> {
+        Self::open_with_migrations(path, master_key_file, &MIGRATIONS).await
+    }
+
+    /// `open` with a given set of migrations, so a test can have one pending.
+    async fn open_with_migrations(
+        path: &Path,
+        master_key_file: &Path,
+        migrations: &Migrator,
+    ) -> Result<(Self, MasterKeyOutcome), StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let database = path.display().to_string();
+        let owner_lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(format!("{database}.lock"))
+            .map_err(|error| open_error(sqlx::Error::Io(error)))?;
+        if owner_lock.try_lock().is_err() {
+            return Err(StoreError::InUse { database });
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(open_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL with NORMAL is durable across process crashes; only a power
+            // loss may lose the last commits, which a restart re-fetches.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(open_error)?;
+        match Self::check_key_and_migrate(&pool, master_key_file, &database, migrations).await {
+            Ok((master_key, outcome)) => Ok((
+                Self {
+                    pool,
+                    master_key: Arc::new(master_key),
+                    owner_lock: Arc::new(std::sync::Mutex::new(Some(owner_lock))),
+                },
+                outcome,
+            )),
+            Err(error) => {
+                // Closed before the lock file is released, so no connection
+                // outlives the refusal.
+                pool.close().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Proves the master key against `meta.key_check` before the migrations
+    /// run, so a wrong or missing key leaves the database as it was (a
+    /// migration is a write). A database without a key check (new, or from
+    /// before sealing) gets one, after its migrations, under a new or the
+    /// given key.
+    async fn check_key_and_migrate(
+        pool: &SqlitePool,
+        master_key_file: &Path,
+        database: &str,
+        migrations: &Migrator,
+    ) -> Result<(MasterKey, MasterKeyOutcome), StoreError> {
+        let key_check = meta::read_key_check(pool).await?;
+        let key_path = master_key_file.display().to_string();
+        let database = database.to_owned();
+        let existing_key = match (&key_check, master_key_file.exists()) {
+            (Some(_), false) => return Err(StoreError::MasterKeyMissing { key_path, database }),
+            (_, true) => Some(MasterKey::read(master_key_file)?),
+            (None, false) => None,
+        };
+        if let (Some(sealed), Some(key)) = (&key_check, &existing_key)
+            && !meta::key_check_opens_with(sealed, key)
+        {
+            return Err(StoreError::MasterKeyMismatch { key_path, database });
+        }
+        migrations.run(pool).await?;
+        let (master_key, outcome) = match existing_key {
+            Some(key) => (key, MasterKeyOutcome::Loaded),
+            None => {
+                let key = MasterKey::generate();
+                key.write_new(master_key_file)?;
+                (key, MasterKeyOutcome::Created(master_key_file.to_owned()))
+            }
+        };
+        if key_check.is_none() {
+            seal_for_the_first_time(pool, &master_key).await?;
+        }
+        Ok((master_key, outcome))
+    }
+
+    /// Re-seals every secret and token under `new_key` in one transaction.
+    /// Returns how many values were re-sealed. The caller then replaces the key file.
+    pub(crate) async fn rotate_master_key(
+        &mut self,
+        new_key: MasterKey,
+    ) -> Result<usize, StoreError> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin key rotation"))?;
+        let old_key = &self.master_key;
+        let resealed = reseal_every_value(&mut transaction, |binding, sealed| {
+            Ok(new_key.seal(binding, &old_key.open(binding, sealed)?))
+        })
+        .await?;
+        meta::record_key_check(&mut transaction, &new_key).await?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit key rotation"))?;
+        self.master_key = Arc::new(new_key);
+        Ok(resealed)
+    }
+
+    /// Closes the pool and gives up ownership of the database.
+    pub async fn close(&self) {
+        self.pool.close().await;
+        let lock = self
+            .owner_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(lock);
+    }
+
+    /// The apps and their sealed secrets.
+    pub fn apps(&self) -> AppTable<'_> {
+        AppTable { store: self }
+    }
+
+    /// Which app serves each merchant.
+    pub fn merchants(&self) -> MerchantTable<'_> {
+        MerchantTable { store: self }
+    }
+
+    /// Each app's current token and fetch state.
+    pub fn tokens(&self) -> TokenTable<'_> {
+        TokenTable { store: self }
+    }
+
+    /// The API clients allowed to call the daemon.
+    pub fn clients(&self) -> ClientTable<'_> {
+        ClientTable { store: self }
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> AuditTable<'_> {
+        AuditTable { store: self }
+    }
+
+    /// Makes the config-sourced clients, apps and merchants exactly those
+    /// given, in one transaction across the three tables: adds and updates
+    /// them, and removes config-sourced entries the file no longer declares.
+    /// Admin-sourced entries are left alone.
+    pub(crate) async fn sync_config(
+        &self,
+        apps: &[(ClientKey, ClientSecret)],
+        merchants: &[(AccountId, ClientKey)],
+        clients: &[ClientRecord],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin config sync"))?;
+        clients::replace_configured(&mut transaction, clients, now_ms).await?;
+        apps::replace_configured(&mut transaction, &self.master_key, apps, now_ms).await?;
+        merchants::replace_configured(&mut transaction, merchants, now_ms).await?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit config sync"))?;
+        Ok(())
+    }
+}
+
+/// Converts rows one at a time as SQLite yields them. `fetch_all` would hold
+/// every row's copied values at once: with 100,000 merchants that was a
+/// 45 MB peak at start-up which the allocator kept resident afterwards.
+async fn collect_rows<Row, T>(
+    mut rows: impl futures::Stream<Item = Result<Row, sqlx::Error>> + Unpin,
+    operation: &'static str,
+    convert: impl Fn(Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut converted = Vec::new();
+    while let Some(row) = rows.try_next().await.map_err(query_error(operation))? {
+        converted.push(convert(row)?);
+    }
+    Ok(converted)
+}
+
+/// Seals whatever plaintext an unsealed database holds and records the key check, in one transaction.
+async fn seal_for_the_first_time(
+    pool: &SqlitePool,
+    master_key: &MasterKey,
+) -> Result<(), StoreError> {
+    let mut transaction = pool.begin().await.map_err(query_error("begin sealing"))?;
+    reseal_every_value(&mut transaction, |binding, plaintext| {
+        Ok(master_key.seal(binding, plaintext))
+    })
+    .await?;
+    meta::record_key_check(&mut transaction, master_key).await?;
+    transaction
+        .commit()
+        .await
+        .map_err(query_error("commit sealing"))?;
+    Ok(())
+}
+
+/// A column of sealed values, each bound to its row's client key. The table
+/// that owns the column describes it (`apps::SEALED_SECRETS`, `tokens::SEALED_TOKENS`).
+struct SealedColumn {
+    /// Every row's client key and stored value, skipping NULL values.
+    read: &'static str,
+    /// Replaces one row's value: ?1 is the client key, ?2 the new value.
+    write: &'static str,
+    binding: fn(&ClientKey) -> String,
+}
+
+/// Every column that holds sealed values; the one list sealing and rotation walk.
+const SEALED_COLUMNS: [SealedColumn; 2] = [apps::SEALED_SECRETS, tokens::SEALED_TOKENS];
+
+/// Rewrites every sealed value (app secrets and tokens): `reseal` gets the
+/// value's binding and stored text and returns the text to store. First
+/// sealing and key rotation differ only in `reseal`, so they share this one
+/// loop and cannot disagree about which values are sealed. Returns how many
+/// values were rewritten.
+async fn reseal_every_value(
+    connection: &mut SqliteConnection,
+    reseal: impl Fn(&str, &str) -> Result<String, StoreError>,
+) -> Result<usize, StoreError> {
+    let mut resealed = 0;
+    for column in &SEALED_COLUMNS {
+        let rows: Vec<(String, String)> = sqlx::query_as(column.read)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(query_error("read sealed values"))?;
+        for (client_key, stored) in rows {
+            let client_key = parse_client_key(&client_key)?;
+            let binding = (column.binding)(&client_key);
+            sqlx::query(column.write)
+                .bind(client_key.expose())
+                .bind(reseal(&binding, &stored)?)
+                .execute(&mut *connection)
+                .await
+                .map_err(query_error("re-seal a value"))?;
+            resealed += 1;
+        }
+    }
+    Ok(resealed)
+}
+
+fn parse_client_key(text: &str) -> Result<ClientKey, StoreError> {
+    ClientKey::parse(text).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::AccessToken;
+
+    async fn temporary_store() -> (tempfile::TempDir, Store) {
+        let directory = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &directory.path().join("test.db"),
+            &directory.path().join("master.key"),
+        )
+        .await
+        .unwrap();
+        (directory, store)
+    }
+
+    fn key(text: &str) -> ClientKey {
+        ClientKey::parse(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_saved_token_survives_reopening_and_invalidation_compares_generations() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("test.db");
+        let key_file = directory.path().join("master.key");
+        let (store, outcome) = Store::open(&path, &key_file).await.unwrap();
+        assert_eq!(outcome, MasterKeyOutcome::Created(key_file.clone()));
+        let app = key("app-one");
+        store
+            .apps()
+            .put(
+                &app,
+                &ClientSecret::parse("secret").unwrap(),
+                Source::Admin,
+                1,
+            )
+            .await
+            .unwrap();
+        let token = AccessToken::new("clt.one".to_owned());
+        store
+            .tokens()
+            .save_fetched(&NewToken {
+                client_key: &app,
+                access_token: &token,
+                generation: 3,
+                fetched_at_ms: 1_000,
+                expires_at_ms: 7_201_000,
+            })
+            .await
+            .unwrap();
+        store.close().await;
+
+        let (store, outcome) = Store::open(&path, &key_file).await.unwrap();
+        assert_eq!(outcome, MasterKeyOutcome::Loaded);
+        let tokens = store.tokens().load_all().await.unwrap();
+        assert_eq!(tokens.len(), 1);
+        let record = &tokens[0].1;
+        assert_eq!(record.access_token.as_ref().unwrap().expose(), "clt.one");
+        assert_eq!(
+            (record.generation, record.expires_at_ms),
+            (3, Some(7_201_000))
+        );
+        assert!(
+            !store.tokens().mark_invalidated(&app, 2, 5).await.unwrap(),
+            "stale generation must not invalidate"
+        );
+        assert!(store.tokens().mark_invalidated(&app, 3, 5).await.unwrap());
+        assert_eq!(
+            store.tokens().load_all().await.unwrap()[0]
+                .1
+                .invalidated_at_ms,
+            Some(5)
+        );
+    }
+
+    /// The embedded migrations plus one more, as the next release would bring.
+    fn migrations_with_one_pending() -> Migrator {
+        use sqlx::SqlSafeStr;
+        use sqlx::migrate::{Migration, MigrationType};
+        let mut migrations: Vec<Migration> = MIGRATIONS.iter().cloned().collect();
+        let next_version = migrations.last().unwrap().version + 1;
+        migrations.push(Migration::new(
+            next_version,
+            "pending".into(),
+            MigrationType::Simple,
+            "CREATE TABLE pending_probe (id INTEGER PRIMARY KEY) STRICT".into_sql_str(),
+            false,
+        ));
+        Migrator::with_migrations(migrations)
+    }
+
+    /// The newest applied migration, read without the store (and without writing).
+    async fn schema_version(path: &Path) -> i64 {
+        use sqlx::Connection;
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .read_only(true);
+        let mut connection = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        let version = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+        connection.close().await.unwrap();
+        version
+    }
+
+    #[tokio::test]
+    async fn a_wrong_or_missing_key_with_a_migration_pending_changes_nothing() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("test.db");
+        let key_file = directory.path().join("master.key");
+        let (store, _) = Store::open(&path, &key_file).await.unwrap();
+        store
+            .apps()
+            .put(
+                &key("app-one"),
+                &ClientSecret::parse("s").unwrap(),
+                Source::Admin,
+                1,
+            )
+            .await
+            .unwrap();
+        store.close().await;
+        let current_version = MIGRATIONS.iter().last().unwrap().version;
+        assert_eq!(schema_version(&path).await, current_version);
+        let bytes_before = std::fs::read(&path).unwrap();
+        let pending = migrations_with_one_pending();
+
+        let wrong_key_file = directory.path().join("wrong.key");
+        MasterKey::generate().write_new(&wrong_key_file).unwrap();
+        let error = Store::open_with_migrations(&path, &wrong_key_file, &pending)
+            .await
+            .err()
+            .expect("a wrong key must be refused");
+        assert!(
+            matches!(error, StoreError::MasterKeyMismatch { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("nothing was changed"), "{error}");
+        assert_eq!(schema_version(&path).await, current_version);
+        assert!(
+            std::fs::read(&path).unwrap() == bytes_before,
+            "the database file changed"
+        );
+
+        let missing_key_file = directory.path().join("missing.key");
+        let error = Store::open_with_migrations(&path, &missing_key_file, &pending)
+            .await
+            .err()
+            .expect("a missing key must be refused");
+        assert!(
+            matches!(error, StoreError::MasterKeyMissing { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("nothing was changed"), "{error}");
+        assert!(
+            !missing_key_file.exists(),
+            "no key is made up for an existing database"
+        );
+        assert_eq!(schema_version(&path).await, current_version);
+        assert!(
+            std::fs::read(&path).unwrap() == bytes_before,
+            "the database file changed"
+        );
+
+        // The migration was really pending: the right key applies it.
+        let (store, outcome) = Store::open_with_migrations(&path, &key_file, &pending)
+            .await
+            .unwrap();
+        assert_eq!(outcome, MasterKeyOutcome::Loaded);
+        store.close().await;
+        assert_eq!(schema_version(&path).await, current_version + 1);
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_sealing_is_sealed_at_first_open() {
+        use sqlx::Connection;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("test.db");
+        let key_file = directory.path().join("master.key");
+        let app = key("app-one");
+        let (store, _) = Store::open(&path, &key_file).await.unwrap();
+        store
+            .apps()
+            .put(
+                &app,
+                &ClientSecret::parse("secret").unwrap(),
+                Source::Admin,
+                1,
+            )
+            .await
+            .unwrap();
+        store.close().await;
+        // Make it what a database from before sealing was: plaintext values, no key check, no key.
+        let options =
+            SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap();
+        let mut connection = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        for statement in [
+            "UPDATE apps SET client_secret = 'secret'",
+            "UPDATE tokens SET access_token = 'clt.plain', generation = 1, fetched_at = 1, expires_at = 2",
+            "DELETE FROM meta",
+        ] {
+            sqlx::query(statement)
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+        connection.close().await.unwrap();
+        std::fs::remove_file(&key_file).unwrap();
+
+        let (store, outcome) = Store::open(&path, &key_file).await.unwrap();
+        assert_eq!(outcome, MasterKeyOutcome::Created(key_file.clone()));
+        assert_eq!(
+            store.apps().list().await.unwrap()[0].client_secret.expose(),
+            "secret"
+        );
+        let tokens = store.tokens().load_all().await.unwrap();
+        assert_eq!(
+            tokens[0].1.access_token.as_ref().unwrap().expose(),
+            "clt.plain"
+        );
+        let stored: (String, String) = sqlx::query_as(
+            "SELECT a.client_secret, t.access_token FROM apps a JOIN tokens t USING (client_key)",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert!(
+            stored.0.starts_with(crate::sealing::SEALED_PREFIX),
+            "the secret is sealed"
+        );
+        assert!(
+            stored.1.starts_with(crate::sealing::SEALED_PREFIX),
+            "the token is sealed"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn config_sync_replaces_config_entries_and_keeps_admin_ones() {
+        let (_directory, store) = temporary_store().await;
+        let secret = ClientSecret::parse("s").unwrap();
+        store
+            .apps()
+            .put(&key("admin-app"), &secret, Source::Admin, 1)
+            .await
+            .unwrap();
+        let account = |text: &str| AccountId::parse(text).unwrap();
+        store
+            .sync_config(
+                &[
+                    (key("cfg-a"), secret.clone()),
+                    (key("cfg-b"), secret.clone()),
+                ],
+                &[(account("1"), key("cfg-a")), (account("2"), key("cfg-b"))],
+                &[],
+                2,
+            )
+            .await
+            .unwrap();
+        store
+            .sync_config(
+                &[(key("cfg-a"), secret.clone())],
+                &[(account("1"), key("cfg-a"))],
+                &[],
+                3,
+            )
+            .await
+            .unwrap();
+        let apps: Vec<String> = store
+            .apps()
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|app| app.client_key.expose().to_owned())
+            .collect();
+        assert_eq!(apps, ["admin-app", "cfg-a"]);
+        let merchants = store.merchants().list().await.unwrap();
+        assert_eq!(merchants.len(), 1);
+        assert_eq!(merchants[0].account_id.as_str(), "1");
+        assert_eq!(
+            store
+                .merchants()
+                .put(&account("9"), &key("missing"), Source::Admin, 4)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.apps().remove(&key("cfg-a")).await.unwrap(), Some(1));
+        assert!(
+            store.merchants().list().await.unwrap().is_empty(),
+            "merchants go with their app"
+        );
+    }
+}

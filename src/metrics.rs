@@ -28,7 +28,6 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::domain::ClientKey;
-use crate::douyin::TransportError;
 use crate::douyin::after_sale::{AfterSaleAnswer, LookupFailure};
 use crate::douyin::codes;
 use crate::douyin::token_endpoint::TokenFetchError;
@@ -118,42 +117,7 @@ impl Recorded {
 
 /// A Douyin code as a label: itself when the daemon knows it, else "other".
 pub fn douyin_code_label(code: i64) -> String {
-    if code == 0 || codes::known(code).is_some() {
-        code.to_string()
-    } else {
-        OTHER.to_owned()
-    }
-}
-
-/// Why a refresh ran, as operators read it.
-fn reason_label(reason: RefreshReason, before_first_sweep: bool) -> &'static str {
-    match reason {
-        RefreshReason::Scheduled if before_first_sweep => "startup",
-        RefreshReason::Scheduled => "scheduled",
-        // A caller needed a token and none was valid: after a rejection, an
-        // expiry or a failed proactive refresh.
-        RefreshReason::Demand => "reactive",
-        RefreshReason::Forced => "forced",
-    }
-}
-
-fn transport_cause(error: &TransportError) -> &'static str {
-    match error {
-        TransportError::Timeout { .. } => "timeout",
-        TransportError::Connect { .. } => "connect",
-        TransportError::HttpStatus { .. } => "http_status",
-        TransportError::MalformedBody { .. } => "malformed_body",
-    }
-}
-
-fn fetch_failure_cause(error: &TokenFetchError) -> &'static str {
-    match error {
-        TokenFetchError::Refused { .. } if error.is_permanent() => "credentials_refused",
-        TokenFetchError::Refused { .. } if error.is_rate_limited() => "rate_limited",
-        TokenFetchError::Refused { .. } => "refused",
-        TokenFetchError::Transport(transport) => transport_cause(transport),
-        TokenFetchError::StaleRepeat => "stale_repeat",
-    }
+    codes::metric_label(code).into_owned()
 }
 
 // === recording ===
@@ -177,11 +141,7 @@ pub fn record_token_fetch(
     };
     *recorded
         .refreshes
-        .entry((
-            app.clone(),
-            reason_label(reason, before_first_sweep),
-            result,
-        ))
+        .entry((app.clone(), reason.metric_label(before_first_sweep), result))
         .or_default() += 1;
     recorded
         .refresh_duration
@@ -202,7 +162,7 @@ pub fn record_token_fetch(
     if let Err(error) = outcome {
         *recorded
             .fetch_failures
-            .entry((app.clone(), fetch_failure_cause(error)))
+            .entry((app.clone(), error.cause_label()))
             .or_default() += 1;
     }
     let calls = recorded.token_calls.entry(app).or_default();
@@ -607,15 +567,6 @@ async fn scrape(State(renderer): State<Renderer>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unknown_douyin_codes_share_one_label() {
-        assert_eq!(douyin_code_label(0), "0");
-        assert_eq!(douyin_code_label(2119005), "2119005");
-        assert_eq!(douyin_code_label(10013), "10013");
-        assert_eq!(douyin_code_label(4000003), "other");
-        assert_eq!(douyin_code_label(-1), "other");
-    }
 
     #[test]
     fn histograms_are_cumulative_and_label_values_escaped() {

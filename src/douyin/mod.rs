@@ -25,6 +25,18 @@ pub enum TransportError {
     MalformedBody { detail: String, logid: String },
 }
 
+impl TransportError {
+    /// Why no usable answer came, as the `cause` label of failed token fetches.
+    pub fn cause_label(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Connect { .. } => "connect",
+            Self::HttpStatus { .. } => "http_status",
+            Self::MalformedBody { .. } => "malformed_body",
+        }
+    }
+}
+
 fn logid_suffix(logid: &str) -> String {
     if logid.is_empty() {
         String::new()

@@ -44,6 +44,17 @@ fn describe(description: &str) -> String {
 }
 
 impl TokenFetchError {
+    /// Why the fetch failed, as the `cause` label of `token_fetch_failures_total`.
+    pub fn cause_label(&self) -> &'static str {
+        match self {
+            Self::Refused { .. } if self.is_permanent() => "credentials_refused",
+            Self::Refused { .. } if self.is_rate_limited() => "rate_limited",
+            Self::Refused { .. } => "refused",
+            Self::Transport(transport) => transport.cause_label(),
+            Self::StaleRepeat => "stale_repeat",
+        }
+    }
+
     /// Permanent failures (bad key or secret) must not be retried on a timer.
     pub fn is_permanent(&self) -> bool {
         matches!(self, Self::Refused { code, .. } if codes::token_code_is_permanent(*code))

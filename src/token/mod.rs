@@ -95,6 +95,19 @@ impl RefreshReason {
             Self::Forced => "forced",
         }
     }
+
+    /// Why a fetch ran, as operators read it on `token_refreshes_total`:
+    /// scheduled fetches before the first sweep completed are the start-up's.
+    pub fn metric_label(self, before_first_sweep: bool) -> &'static str {
+        match self {
+            Self::Scheduled if before_first_sweep => "startup",
+            Self::Scheduled => "scheduled",
+            // A caller needed a token and none was valid: after a rejection, an
+            // expiry or a failed proactive refresh.
+            Self::Demand => "reactive",
+            Self::Forced => "forced",
+        }
+    }
 }
 
 /// What a ReportInvalidToken did.

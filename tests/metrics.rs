@@ -228,7 +228,7 @@ async fn metrics_scraped_after_real_traffic_hold_the_expected_series_and_values(
     let rejected = stats.token_rejections();
     assert_eq!(rejected, 1);
     for (code, count) in &stats.lookup_codes {
-        let label = douyin_tokend::metrics::douyin_code_label(*code);
+        let label = douyin_tokend::douyin::codes::metric_label(*code);
         assert_eq!(
             value(
                 &samples,

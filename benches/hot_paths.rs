@@ -12,6 +12,7 @@ use douyin_tokend::config::{DouyinConfig, RefreshConfig};
 use douyin_tokend::domain::{AccessToken, ClientKey, ClientSecret};
 use douyin_tokend::douyin::DouyinClient;
 use douyin_tokend::douyin::after_sale::decode_after_sale_answer;
+use douyin_tokend::metrics::Metrics;
 use douyin_tokend::sandbox::DOCUMENTED_EXAMPLE;
 use douyin_tokend::store::{NewToken, Source, Store};
 use douyin_tokend::token::TokenManager;
@@ -80,10 +81,11 @@ fn token_look_up(criterion: &mut Criterion) {
             .expect("a token");
         TokenManager::load(
             store,
-            DouyinClient::new(&DouyinConfig::default()).expect("a client"),
+            DouyinClient::new(&DouyinConfig::default(), Metrics::unregistered()).expect("a client"),
             Arc::clone(&shared_clock),
             &RefreshConfig::default(),
             audit,
+            Metrics::unregistered(),
         )
         .await
         .expect("the token manager")

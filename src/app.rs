@@ -22,7 +22,7 @@ use crate::grpc::health::{self, HealthPublisher};
 use crate::grpc::{self, GrpcDependencies};
 use crate::lifecycle::Components;
 use crate::lookup::LookupService;
-use crate::metrics;
+use crate::metrics::{self, Metrics, ScrapeTimeCollector, ScrapeTimeReadings};
 use crate::registry::{Registry, ReloadReport};
 use crate::schedule::{ScheduledJob, Schedules};
 use crate::store::{ClientRecord, MasterKeyOutcome, Store};
@@ -55,6 +55,10 @@ pub struct App {
     pub registry: Registry,
     pub lookup: LookupService,
     pub audit: AuditLog,
+    /// Handles to the metric families, as the recording modules hold them.
+    pub metrics: Metrics,
+    /// This daemon's metrics and scrape-time readings, served on `metrics_listen`.
+    pub metrics_registry: Arc<prometheus_client::registry::Registry>,
 }
 
 impl App {
@@ -74,7 +78,10 @@ impl App {
         Registry::sync_config(&store, &apps, &merchants, &clients, clock.now_unix_ms())
             .await
             .context("cannot sync the config's apps, merchants and clients into the database")?;
-        let douyin = DouyinClient::new(&config.douyin).context("cannot build the HTTP client")?;
+        let mut metrics_registry = metrics::new_registry();
+        let metrics = Metrics::register_in(&mut metrics_registry);
+        let douyin = DouyinClient::new(&config.douyin, metrics.clone())
+            .context("cannot build the HTTP client")?;
         let (audit, _audit_writer) = AuditLog::start(store.clone(), clock.clone());
         let tokens = TokenManager::load(
             store.clone(),
@@ -82,10 +89,16 @@ impl App {
             clock.clone(),
             &config.refresh,
             audit.clone(),
+            metrics.clone(),
         )
         .await?;
         let registry = Registry::load(store.clone(), tokens.clone(), clock.clone()).await?;
         let lookup = LookupService::new(registry.clone(), tokens.clone(), douyin, &config.lookup);
+        metrics_registry.register_collector(Box::new(scrape_time_collector(
+            tokens.clone(),
+            lookup.clone(),
+            clock.clone(),
+        )));
         Ok(Self {
             config: Arc::new(config),
             clock,
@@ -94,6 +107,8 @@ impl App {
             registry,
             lookup,
             audit,
+            metrics,
+            metrics_registry: Arc::new(metrics_registry),
         })
     }
 
@@ -168,28 +183,11 @@ impl App {
         if let Some(metrics_listener) = metrics_listener {
             let metrics_address = metrics_listener.local_addr()?;
             status.push_str(&format!(", metrics on http://{metrics_address}/metrics"));
-            let tokens = self.tokens.clone();
-            let clock = self.clock.clone();
-            let lookup = self.lookup.clone();
-            let renderer: metrics::Renderer = Arc::new(move || {
-                let counters = lookup.counters();
-                let read = |counter: &std::sync::atomic::AtomicU64| {
-                    counter.load(std::sync::atomic::Ordering::Relaxed)
-                };
-                let readings = metrics::DaemonReadings {
-                    token_budget_remaining: tokens.budget_remaining(),
-                    lookups_coalesced: read(&counters.coalesced),
-                    lookup_retries: read(&counters.retries),
-                    lookups_not_admitted: read(&counters.not_admitted),
-                    lookup_cache_hits: read(&counters.cache_hits),
-                };
-                metrics::render(&tokens.status(), clock.now_unix_ms(), &readings)
-            });
             components.spawn(
                 "metrics listener",
                 metrics::serve(
                     metrics_listener,
-                    renderer,
+                    self.metrics_registry.clone(),
                     stopping.clone().cancelled_owned(),
                 )
                 .map(|served| served.context("cannot serve metrics")),
@@ -241,6 +239,7 @@ impl App {
             tokens: self.tokens.clone(),
             clock: self.clock.clone(),
             audit: self.audit.clone(),
+            metrics: self.metrics.clone(),
         };
         let mut grpc = std::pin::pin!(grpc::serve(
             dependencies,
@@ -372,6 +371,35 @@ impl App {
         self.audit.flush().await;
         self.store.close().await;
     }
+}
+
+/// Reads the token gauges and the lookup counters on every scrape, so they
+/// are never stale and nobody has to push them.
+fn scrape_time_collector(
+    tokens: TokenManager,
+    lookup: LookupService,
+    clock: SharedClock,
+) -> ScrapeTimeCollector {
+    ScrapeTimeCollector::new(move || {
+        let now_ms = clock.now_unix_ms();
+        let counters = lookup.counters();
+        let read = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        ScrapeTimeReadings {
+            app_tokens: tokens
+                .status()
+                .iter()
+                .map(|view| view.metric_reading(now_ms))
+                .collect(),
+            token_budget_global_remaining: u64::try_from(tokens.budget_remaining())
+                .unwrap_or(u64::MAX),
+            lookups_coalesced: read(&counters.coalesced),
+            lookup_retries: read(&counters.retries),
+            lookups_not_admitted: read(&counters.not_admitted),
+            lookup_cache_hits: read(&counters.cache_hits),
+        }
+    })
 }
 
 type ConfigEntries = (Vec<ResolvedApp>, Vec<ResolvedMerchant>, Vec<ClientRecord>);

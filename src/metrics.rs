@@ -1,278 +1,335 @@
-//! Prometheus metrics: a process-wide sink that the token manager, the Douyin
-//! client and the gRPC layer record into with one call each, a small
-//! text-format encoder, and the HTTP listener (`metrics_listen`, off by
-//! default) that serves `/metrics`.
+//! Prometheus metrics: the families the daemon records into ([`Metrics`]), the
+//! readings taken at scrape time ([`ScrapeTimeCollector`]), and the HTTP
+//! listener (`metrics_listen`, off by default) that serves `/metrics` in the
+//! Prometheus text format.
 //!
-//! Process-wide, like the log subscriber: one daemon runs per process, and a
-//! global sink keeps the recording calls one line long in the modules that
-//! own the events. Token gauges are not recorded at all: they are read from
-//! the token manager's status at scrape time, so they are never stale.
+//! No global: the composition root (`app`) owns one `prometheus_client`
+//! [`Registry`] per daemon, registers a [`Metrics`] in it and hands clones of
+//! it to the modules that record (the token manager, the Douyin client, the
+//! gRPC layer). A test that starts a daemon gets that daemon's registry, so
+//! daemons sharing a test binary never add to each other's counters.
+//!
+//! This module knows nothing above `domain`: the label values come from the
+//! modules that own the events (a refresh reason, a fetch failure's cause, a
+//! Douyin code checked against the code table, a gRPC status), and token
+//! gauges are read at scrape time from plain [`AppTokenReading`]s that `app`
+//! builds from the token manager's status, so they are never stale.
 //!
 //! Label cardinality is bounded: apps appear only as client_key fingerprints
 //! (at most [`MAX_APP_LABELS`] of them, later ones as `other`), Douyin codes
-//! only from the set the daemon knows (others as `other`), everything else
-//! from fixed lists.
+//! only from the set the daemon knows (`douyin::codes` labels the rest
+//! `other`), everything else from fixed lists.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt::Write as _;
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::domain::ClientKey;
-use crate::douyin::TransportError;
-use crate::douyin::after_sale::{AfterSaleAnswer, LookupFailure};
-use crate::douyin::codes;
-use crate::douyin::token_endpoint::TokenFetchError;
-use crate::token::{RefreshReason, TokenStatusView};
 
-/// At most this many distinct app labels; apps beyond it share `app="other"`.
+/// At most this many distinct app labels on counters; apps beyond it share
+/// `app="other"`. Counters remember every label they ever saw (removed apps
+/// too), so without a cap the page would only grow.
 pub const MAX_APP_LABELS: usize = 256;
 const OTHER: &str = "other";
 
-/// Douyin's budget for the token endpoint: 500 calls per app per 5 minutes.
-pub const TOKEN_BUDGET_CALLS: u64 = 500;
-pub const TOKEN_BUDGET_WINDOW: Duration = Duration::from_secs(300);
+/// Every series name starts with this (and an underscore).
+const SERIES_PREFIX: &str = "douyin_tokend";
 
 /// Latency buckets in seconds: from a cached-token lookup to Douyin's 10 s timeout.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-static SINK: LazyLock<Sink> = LazyLock::new(Sink::default);
-
-#[derive(Default)]
-struct Sink {
-    state: Mutex<Recorded>,
-    lookups_in_flight: AtomicI64,
+/// A new, empty registry that names every series `douyin_tokend_…`; one per
+/// daemon, owned by `app`.
+pub fn new_registry() -> Registry {
+    Registry::with_prefix(SERIES_PREFIX)
 }
 
-#[derive(Default)]
-struct Recorded {
-    app_labels: BTreeSet<String>,
-    /// (app, reason, result) → count.
-    refreshes: BTreeMap<(String, &'static str, &'static str), u64>,
-    /// (app, cause) → count.
-    fetch_failures: BTreeMap<(String, &'static str), u64>,
-    /// result → token endpoint latency.
-    refresh_duration: BTreeMap<&'static str, Histogram>,
-    /// (endpoint, code) → count.
-    upstream_calls: BTreeMap<(&'static str, String), u64>,
-    /// app → callers that joined a fetch already in flight.
-    coalesced: BTreeMap<String, u64>,
-    /// gRPC code → after-sale lookup latency.
-    lookup_duration: BTreeMap<&'static str, Histogram>,
-    /// app → start times (clock ms) of token endpoint calls within the budget window.
-    token_calls: BTreeMap<String, VecDeque<i64>>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabel {
+    app: String,
 }
 
-#[derive(Default, Clone)]
-struct Histogram {
-    bucket_counts: [u64; LATENCY_BUCKETS.len()],
-    sum_seconds: f64,
-    count: u64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenRefreshLabels {
+    app: String,
+    reason: &'static str,
+    result: &'static str,
 }
 
-impl Histogram {
-    fn observe(&mut self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(&mut self.bucket_counts) {
-            if seconds <= *bound {
-                *count += 1;
-            }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenFetchFailureLabels {
+    app: String,
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamCallLabels {
+    endpoint: &'static str,
+    code: Cow<'static, str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcCodeLabel {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+type HistogramFamily<Labels> = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// Handles to the families the daemon records into. Cheap to clone; clones
+/// record into the same series.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    app_labels: AppLabels,
+    token_refreshes: Family<TokenRefreshLabels, Counter>,
+    token_fetch_failures: Family<TokenFetchFailureLabels, Counter>,
+    token_fetch_duration: HistogramFamily<ResultLabel>,
+    token_requests_coalesced: Family<AppLabel, Counter>,
+    upstream_calls: Family<UpstreamCallLabels, Counter>,
+    lookup_duration: HistogramFamily<GrpcCodeLabel>,
+    lookup_queue_depth: Gauge,
+}
+
+impl Metrics {
+    /// Families in no registry: what they record is never served. For
+    /// benchmarks and unit tests that build parts without a daemon.
+    pub fn unregistered() -> Self {
+        Self {
+            app_labels: AppLabels::default(),
+            token_refreshes: Family::default(),
+            token_fetch_failures: Family::default(),
+            token_fetch_duration: Family::new_with_constructor(latency_histogram),
+            token_requests_coalesced: Family::default(),
+            upstream_calls: Family::default(),
+            lookup_duration: Family::new_with_constructor(latency_histogram),
+            lookup_queue_depth: Gauge::default(),
         }
-        self.sum_seconds += seconds;
-        self.count += 1;
     }
-}
 
-fn recorded() -> std::sync::MutexGuard<'static, Recorded> {
-    // Counters are plain numbers: a panic elsewhere leaves them usable.
-    SINK.state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+    /// New families, registered in `registry` with the running version's
+    /// `build_info`. (The registry adds `_total` to counters and a period to
+    /// each help text.)
+    pub fn register_in(registry: &mut Registry) -> Self {
+        let metrics = Self::unregistered();
+        registry.register(
+            "build",
+            "The running version",
+            Info::new(VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        registry.register(
+            "token_refreshes",
+            "Token fetches by app, reason (startup, scheduled, reactive, forced) and result",
+            metrics.token_refreshes.clone(),
+        );
+        registry.register(
+            "token_fetch_failures",
+            "Failed token fetches by app and cause (credentials_refused, rate_limited, refused, timeout, connect, http_status, malformed_body, stale_repeat)",
+            metrics.token_fetch_failures.clone(),
+        );
+        registry.register(
+            "token_fetch_duration_seconds",
+            "Latency of token fetches by result",
+            metrics.token_fetch_duration.clone(),
+        );
+        registry.register(
+            "token_requests_coalesced",
+            "Callers that joined a token fetch already in flight for their app instead of starting one",
+            metrics.token_requests_coalesced.clone(),
+        );
+        registry.register(
+            "upstream_calls",
+            "Calls to Douyin by endpoint and answered code (0 = success, transport = no usable answer, other = a code the daemon does not know)",
+            metrics.upstream_calls.clone(),
+        );
+        registry.register(
+            "lookup_duration_seconds",
+            "Latency of after-sale lookups over gRPC, by gRPC status code",
+            metrics.lookup_duration.clone(),
+        );
+        registry.register(
+            "lookup_queue_depth",
+            "After-sale lookups accepted and not yet answered (waiting for a token or for Douyin)",
+            metrics.lookup_queue_depth.clone(),
+        );
+        metrics
+    }
 
-impl Recorded {
-    /// The app's label: its fingerprint while under the cap, else "other".
-    fn app_label(&mut self, client_key: &ClientKey) -> String {
-        let fingerprint = client_key.fingerprint();
-        if self.app_labels.contains(&fingerprint) {
-            return fingerprint;
+    /// One token fetch finished after `elapsed`: `reason_label` says why it
+    /// ran, `failure_cause_label` why it failed (`None`: it succeeded).
+    pub fn record_token_fetch(
+        &self,
+        client_key: &ClientKey,
+        reason_label: &'static str,
+        failure_cause_label: Option<&'static str>,
+        elapsed: Duration,
+    ) {
+        let app = self.app_labels.label_of(client_key);
+        let result = if failure_cause_label.is_some() {
+            "failure"
+        } else {
+            "success"
+        };
+        self.token_fetch_duration
+            .get_or_create(&ResultLabel { result })
+            .observe(elapsed.as_secs_f64());
+        if let Some(cause) = failure_cause_label {
+            self.token_fetch_failures
+                .get_or_create(&TokenFetchFailureLabels {
+                    app: app.clone(),
+                    cause,
+                })
+                .inc();
         }
-        if self.app_labels.len() < MAX_APP_LABELS {
-            self.app_labels.insert(fingerprint.clone());
-            return fingerprint;
+        self.token_refreshes
+            .get_or_create(&TokenRefreshLabels {
+                app,
+                reason: reason_label,
+                result,
+            })
+            .inc();
+    }
+
+    /// A caller found a token fetch for its app in flight and waits for it
+    /// instead of starting another.
+    pub fn record_token_request_coalesced(&self, client_key: &ClientKey) {
+        let app = self.app_labels.label_of(client_key);
+        self.token_requests_coalesced
+            .get_or_create(&AppLabel { app })
+            .inc();
+    }
+
+    /// One HTTP call to Douyin's `endpoint_label` answered `code_label` (the
+    /// caller keeps it to `0`, a known code, `other` or `transport`).
+    pub fn record_upstream_call(
+        &self,
+        endpoint_label: &'static str,
+        code_label: Cow<'static, str>,
+    ) {
+        self.upstream_calls
+            .get_or_create(&UpstreamCallLabels {
+                endpoint: endpoint_label,
+                code: code_label,
+            })
+            .inc();
+    }
+
+    /// One after-sale lookup over gRPC answered with `grpc_code_label` after `elapsed`.
+    pub fn record_lookup(&self, grpc_code_label: &'static str, elapsed: Duration) {
+        self.lookup_duration
+            .get_or_create(&GrpcCodeLabel {
+                code: grpc_code_label,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a lookup as queued until the returned guard drops: accepted over
+    /// gRPC and not yet answered (waiting for a token or for Douyin).
+    pub fn lookup_queued(&self) -> QueuedLookup {
+        self.lookup_queue_depth.inc();
+        QueuedLookup {
+            queue_depth: self.lookup_queue_depth.clone(),
         }
-        OTHER.to_owned()
     }
 }
 
-/// A Douyin code as a label: itself when the daemon knows it, else "other".
-pub fn douyin_code_label(code: i64) -> String {
-    if code == 0 || codes::known(code).is_some() {
-        code.to_string()
-    } else {
-        OTHER.to_owned()
-    }
+/// A lookup counted in `lookup_queue_depth` while this lives; a drop (an
+/// answer, or a caller that went away) takes it out again.
+pub struct QueuedLookup {
+    queue_depth: Gauge,
 }
 
-/// Why a refresh ran, as operators read it.
-fn reason_label(reason: RefreshReason, before_first_sweep: bool) -> &'static str {
-    match reason {
-        RefreshReason::Scheduled if before_first_sweep => "startup",
-        RefreshReason::Scheduled => "scheduled",
-        // A caller needed a token and none was valid: after a rejection, an
-        // expiry or a failed proactive refresh.
-        RefreshReason::Demand => "reactive",
-        RefreshReason::Forced => "forced",
-    }
-}
-
-fn transport_cause(error: &TransportError) -> &'static str {
-    match error {
-        TransportError::Timeout { .. } => "timeout",
-        TransportError::Connect { .. } => "connect",
-        TransportError::HttpStatus { .. } => "http_status",
-        TransportError::MalformedBody { .. } => "malformed_body",
-    }
-}
-
-fn fetch_failure_cause(error: &TokenFetchError) -> &'static str {
-    match error {
-        TokenFetchError::Refused { .. } if error.is_permanent() => "credentials_refused",
-        TokenFetchError::Refused { .. } if error.is_rate_limited() => "rate_limited",
-        TokenFetchError::Refused { .. } => "refused",
-        TokenFetchError::Transport(transport) => transport_cause(transport),
-        TokenFetchError::StaleRepeat => "stale_repeat",
-    }
-}
-
-// === recording ===
-
-/// One call to the token endpoint finished, started at `started_at_ms` (the
-/// daemon's clock) and taking `elapsed`.
-pub fn record_token_fetch(
-    client_key: &ClientKey,
-    reason: RefreshReason,
-    before_first_sweep: bool,
-    started_at_ms: i64,
-    outcome: Result<(), &TokenFetchError>,
-    elapsed: Duration,
-) {
-    let mut recorded = recorded();
-    let app = recorded.app_label(client_key);
-    let result = if outcome.is_ok() {
-        "success"
-    } else {
-        "failure"
-    };
-    *recorded
-        .refreshes
-        .entry((
-            app.clone(),
-            reason_label(reason, before_first_sweep),
-            result,
-        ))
-        .or_default() += 1;
-    recorded
-        .refresh_duration
-        .entry(result)
-        .or_default()
-        .observe(elapsed);
-    let code = match outcome {
-        Ok(()) => "0".to_owned(),
-        Err(TokenFetchError::Refused { code, .. }) => douyin_code_label(*code),
-        Err(TokenFetchError::Transport(_)) => "transport".to_owned(),
-        // Douyin answered with success, just with the expired token.
-        Err(TokenFetchError::StaleRepeat) => "0".to_owned(),
-    };
-    *recorded
-        .upstream_calls
-        .entry(("client_token", code))
-        .or_default() += 1;
-    if let Err(error) = outcome {
-        *recorded
-            .fetch_failures
-            .entry((app.clone(), fetch_failure_cause(error)))
-            .or_default() += 1;
-    }
-    let calls = recorded.token_calls.entry(app).or_default();
-    calls.push_back(started_at_ms);
-    prune_budget_window(calls, started_at_ms);
-}
-
-/// A caller found a fetch for its app in flight and waits for it instead of
-/// starting another.
-pub fn record_coalesced(client_key: &ClientKey) {
-    let mut recorded = recorded();
-    let app = recorded.app_label(client_key);
-    *recorded.coalesced.entry(app).or_default() += 1;
-}
-
-/// One call to the after-sale endpoint finished.
-pub fn record_after_sale_call(outcome: &Result<AfterSaleAnswer, LookupFailure>) {
-    let code = match outcome {
-        Ok(_) => "0".to_owned(),
-        Err(LookupFailure::Douyin(error)) => douyin_code_label(error.code),
-        Err(LookupFailure::Transport(_)) => "transport".to_owned(),
-    };
-    *recorded()
-        .upstream_calls
-        .entry(("after_sale", code))
-        .or_default() += 1;
-}
-
-/// One after-sale lookup over gRPC answered with `grpc_code` after `elapsed`.
-pub fn record_lookup(grpc_code: &'static str, elapsed: Duration) {
-    recorded()
-        .lookup_duration
-        .entry(grpc_code)
-        .or_default()
-        .observe(elapsed);
-}
-
-/// Counts a lookup as queued from creation until drop: accepted over gRPC and
-/// not yet answered (waiting for a token or for Douyin).
-pub struct LookupInFlight(());
-
-impl LookupInFlight {
-    pub fn enter() -> Self {
-        SINK.lookups_in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(())
-    }
-}
-
-impl Drop for LookupInFlight {
+impl Drop for QueuedLookup {
     fn drop(&mut self) {
-        SINK.lookups_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.queue_depth.dec();
     }
 }
 
-fn prune_budget_window(calls: &mut VecDeque<i64>, now_ms: i64) {
-    let window_ms = i64::try_from(TOKEN_BUDGET_WINDOW.as_millis()).unwrap_or(i64::MAX);
-    while calls.front().is_some_and(|at| *at <= now_ms - window_ms) {
-        calls.pop_front();
+/// The app fingerprints that have their own label, shared by every clone of
+/// one [`Metrics`].
+#[derive(Clone, Debug, Default)]
+struct AppLabels {
+    fingerprints: Arc<Mutex<HashSet<String>>>,
+}
+
+impl AppLabels {
+    /// The app's label: its fingerprint while under the cap, else "other".
+    fn label_of(&self, client_key: &ClientKey) -> String {
+        let fingerprint = client_key.fingerprint();
+        // A set of strings stays consistent whatever panicked while holding it.
+        let mut fingerprints = self
+            .fingerprints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fingerprints.contains(&fingerprint) {
+            return fingerprint;
+        }
+        if fingerprints.len() < MAX_APP_LABELS {
+            fingerprints.insert(fingerprint.clone());
+            return fingerprint;
+        }
+        OTHER.to_owned()
     }
 }
 
-// === the text format ===
+// === read at scrape time ===
 
-/// The Prometheus text exposition of everything recorded, plus token gauges
-/// from `tokens` (the token manager's status now) at `now_ms`.
+/// One app's token, as the token gauges show it.
+#[derive(Debug, Clone)]
+pub struct AppTokenReading {
+    pub client_key: ClientKey,
+    /// One of valid, expired, invalidated, missing, failed.
+    pub state_label: &'static str,
+    pub generation: i64,
+    /// Negative once expired; `None` without a token.
+    pub expires_in_seconds: Option<i64>,
+    /// `None` without a token.
+    pub age_seconds: Option<i64>,
+    pub consecutive_failures: u32,
+    /// Token endpoint calls left of Douyin's per-app budget, as counted by the daemon.
+    pub douyin_budget_remaining: u64,
+}
+
 /// Gauges and counters kept by other modules, read at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DaemonReadings {
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeTimeReadings {
+    pub app_tokens: Vec<AppTokenReading>,
     /// Token endpoint calls left in the daemon's own budget (all apps).
-    pub token_budget_remaining: usize,
+    pub token_budget_global_remaining: u64,
     /// Lookups served by an identical lookup already in flight.
     pub lookups_coalesced: u64,
     /// Retries after transient upstream failures.
@@ -282,384 +339,313 @@ pub struct DaemonReadings {
     pub lookup_cache_hits: u64,
 }
 
-pub fn render(tokens: &[TokenStatusView], now_ms: i64, readings: &DaemonReadings) -> String {
-    let mut out = String::with_capacity(8 * 1024);
-    let mut recorded = recorded();
+/// Reads [`ScrapeTimeReadings`] on every scrape and encodes them; registered
+/// by `app`, whose closure asks the token manager and the lookup service.
+pub struct ScrapeTimeCollector {
+    read: Box<dyn Fn() -> ScrapeTimeReadings + Send + Sync>,
+}
 
-    family(
-        &mut out,
-        "douyin_tokend_build_info",
-        "gauge",
-        "The running version.",
-    );
-    sample(
-        &mut out,
-        "douyin_tokend_build_info",
-        &[("version", env!("CARGO_PKG_VERSION"))],
-        1,
-    );
-
-    let apps: Vec<(String, &TokenStatusView)> = tokens
-        .iter()
-        .map(|view| (view.client_key.fingerprint(), view))
-        .collect();
-    family(
-        &mut out,
-        "douyin_tokend_token_expires_in_seconds",
-        "gauge",
-        "Seconds until the app's current token expires (negative once expired); absent without a token.",
-    );
-    for (app, view) in &apps {
-        if let Some(expires_at_ms) = view.expires_at_ms {
-            sample(
-                &mut out,
-                "douyin_tokend_token_expires_in_seconds",
-                &[("app", app)],
-                (expires_at_ms - now_ms) / 1000,
-            );
+impl ScrapeTimeCollector {
+    pub fn new(read: impl Fn() -> ScrapeTimeReadings + Send + Sync + 'static) -> Self {
+        Self {
+            read: Box::new(read),
         }
     }
-    family(
-        &mut out,
-        "douyin_tokend_token_age_seconds",
-        "gauge",
-        "Seconds since the app's current token was fetched; absent without a token.",
-    );
-    for (app, view) in &apps {
-        if let Some(fetched_at_ms) = view.fetched_at_ms {
-            sample(
-                &mut out,
-                "douyin_tokend_token_age_seconds",
-                &[("app", app)],
-                (now_ms - fetched_at_ms) / 1000,
-            );
+}
+
+impl std::fmt::Debug for ScrapeTimeCollector {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("ScrapeTimeCollector")
+    }
+}
+
+/// One gauge family with an `app` label, a sample per app that has a value.
+fn encode_app_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    app_tokens: &[AppTokenReading],
+    value_of: impl Fn(&AppTokenReading) -> Option<i64>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for reading in app_tokens {
+        if let Some(value) = value_of(reading) {
+            let labels = AppLabel {
+                app: reading.client_key.fingerprint(),
+            };
+            ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
         }
     }
-    family(
-        &mut out,
-        "douyin_tokend_token_generation",
-        "gauge",
-        "Generation of the app's token: grows by one with every fetch.",
-    );
-    for (app, view) in &apps {
-        sample(
-            &mut out,
-            "douyin_tokend_token_generation",
-            &[("app", app)],
-            view.generation,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_token_state",
-        "gauge",
-        "1 for the app's token state (valid, expired, invalidated, missing, failed).",
-    );
-    for (app, view) in &apps {
-        sample(
-            &mut out,
-            "douyin_tokend_token_state",
-            &[("app", app), ("state", view.state)],
-            1,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_token_consecutive_failures",
-        "gauge",
-        "Token fetches that failed in a row for the app.",
-    );
-    for (app, view) in &apps {
-        sample(
-            &mut out,
-            "douyin_tokend_token_consecutive_failures",
-            &[("app", app)],
-            view.consecutive_failures,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_token_budget_remaining",
-        "gauge",
-        "Token endpoint calls left for the app in Douyin's budget (500 per 5 minutes), counted by the daemon.",
-    );
-    for (app, _) in &apps {
-        let used = recorded.token_calls.get_mut(app).map_or(0, |calls| {
-            prune_budget_window(calls, now_ms);
-            calls.len() as u64
-        });
-        sample(
-            &mut out,
-            "douyin_tokend_token_budget_remaining",
-            &[("app", app)],
-            TOKEN_BUDGET_CALLS.saturating_sub(used),
-        );
-    }
+    Ok(())
+}
 
-    family(
-        &mut out,
-        "douyin_tokend_token_refreshes_total",
-        "counter",
-        "Token fetches by app, reason (startup, scheduled, reactive, forced) and result.",
-    );
-    for ((app, reason, result), count) in &recorded.refreshes {
-        sample(
-            &mut out,
-            "douyin_tokend_token_refreshes_total",
-            &[("app", app), ("reason", reason), ("result", result)],
-            count,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_token_fetch_failures_total",
-        "counter",
-        "Failed token fetches by app and cause (credentials_refused, rate_limited, refused, timeout, connect, http_status, malformed_body).",
-    );
-    for ((app, cause), count) in &recorded.fetch_failures {
-        sample(
-            &mut out,
-            "douyin_tokend_token_fetch_failures_total",
-            &[("app", app), ("cause", cause)],
-            count,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_token_fetch_duration_seconds",
-        "histogram",
-        "Latency of token endpoint calls by result.",
-    );
-    for (result, histogram) in &recorded.refresh_duration {
-        histogram_samples(
-            &mut out,
-            "douyin_tokend_token_fetch_duration_seconds",
-            ("result", result),
-            histogram,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_token_requests_coalesced_total",
-        "counter",
-        "Callers that joined a token fetch already in flight for their app instead of starting one.",
-    );
-    for (app, count) in &recorded.coalesced {
-        sample(
-            &mut out,
-            "douyin_tokend_token_requests_coalesced_total",
-            &[("app", app)],
-            count,
-        );
-    }
-
-    family(
-        &mut out,
-        "douyin_tokend_upstream_calls_total",
-        "counter",
-        "Calls to Douyin by endpoint and answered code (0 = success, transport = no usable answer, other = a code the daemon does not know).",
-    );
-    for ((endpoint, code), count) in &recorded.upstream_calls {
-        sample(
-            &mut out,
-            "douyin_tokend_upstream_calls_total",
-            &[("endpoint", endpoint), ("code", code)],
-            count,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_lookup_duration_seconds",
-        "histogram",
-        "Latency of after-sale lookups over gRPC, by gRPC status code.",
-    );
-    for (code, histogram) in &recorded.lookup_duration {
-        histogram_samples(
-            &mut out,
-            "douyin_tokend_lookup_duration_seconds",
-            ("code", code),
-            histogram,
-        );
-    }
-    family(
-        &mut out,
-        "douyin_tokend_lookup_queue_depth",
-        "gauge",
-        "After-sale lookups accepted and not yet answered (waiting for a token or for Douyin).",
-    );
-    sample(
-        &mut out,
-        "douyin_tokend_lookup_queue_depth",
-        &[],
-        SINK.lookups_in_flight.load(Ordering::Relaxed),
-    );
-    for (name, kind, help, value) in [
-        (
-            "douyin_tokend_token_budget_global_remaining",
-            "gauge",
+impl Collector for ScrapeTimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let readings = (self.read)();
+        // Token gauges are labelled by every registered app's fingerprint,
+        // without the counters' cap: they list only apps registered now, and
+        // two apps sharing "other" would make two samples of one series.
+        let app_tokens = &readings.app_tokens;
+        encode_app_gauge(
+            &mut encoder,
+            "token_expires_in_seconds",
+            "Seconds until the app's current token expires (negative once expired); absent without a token.",
+            app_tokens,
+            |reading| reading.expires_in_seconds,
+        )?;
+        encode_app_gauge(
+            &mut encoder,
+            "token_age_seconds",
+            "Seconds since the app's current token was fetched; absent without a token.",
+            app_tokens,
+            |reading| reading.age_seconds,
+        )?;
+        encode_app_gauge(
+            &mut encoder,
+            "token_generation",
+            "Generation of the app's token: grows by one with every fetch.",
+            app_tokens,
+            |reading| Some(reading.generation),
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "token_state",
+                "1 for the app's token state (valid, expired, invalidated, missing, failed).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for reading in app_tokens {
+                let fingerprint = reading.client_key.fingerprint();
+                let labels = [
+                    ("app", fingerprint.as_str()),
+                    ("state", reading.state_label),
+                ];
+                ConstGauge::new(1_i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        encode_app_gauge(
+            &mut encoder,
+            "token_consecutive_failures",
+            "Token fetches that failed in a row for the app.",
+            app_tokens,
+            |reading| Some(i64::from(reading.consecutive_failures)),
+        )?;
+        encode_app_gauge(
+            &mut encoder,
+            "token_budget_remaining",
+            "Token endpoint calls left for the app in Douyin's budget (500 per 5 minutes), counted by the daemon.",
+            app_tokens,
+            |reading| Some(i64::try_from(reading.douyin_budget_remaining).unwrap_or(i64::MAX)),
+        )?;
+        ConstGauge::new(readings.token_budget_global_remaining).encode(encoder.encode_descriptor(
+            "token_budget_global_remaining",
             "Token endpoint calls left in the daemon's budget across all apps (refresh.budget per refresh.budget_window).",
-            readings.token_budget_remaining as u64,
-        ),
-        (
-            "douyin_tokend_lookups_coalesced_total",
-            "counter",
-            "Lookups answered by an identical lookup already in flight.",
-            readings.lookups_coalesced,
-        ),
-        (
-            "douyin_tokend_lookup_retries_total",
-            "counter",
-            "Retries of lookups after transient upstream failures.",
-            readings.lookup_retries,
-        ),
-        (
-            "douyin_tokend_lookups_not_admitted_total",
-            "counter",
-            "Lookups refused at once because the app's next turn would come too late for their deadline.",
-            readings.lookups_not_admitted,
-        ),
-        (
-            "douyin_tokend_lookup_cache_hits_total",
-            "counter",
-            "Lookups answered from the response cache.",
-            readings.lookup_cache_hits,
-        ),
-    ] {
-        family(&mut out, name, kind, help);
-        sample(&mut out, name, &[], value);
-    }
-    out
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-    out.push_str(name);
-    write_labels(out, labels);
-    let _ = writeln!(out, " {value}");
-}
-
-fn write_labels(out: &mut String, labels: &[(&str, &str)]) {
-    if labels.is_empty() {
-        return;
-    }
-    out.push('{');
-    for (index, (name, value)) in labels.iter().enumerate() {
-        if index > 0 {
-            out.push(',');
+            None,
+            MetricType::Gauge,
+        )?)?;
+        for (name, help, value) in [
+            (
+                "lookups_coalesced",
+                "Lookups answered by an identical lookup already in flight.",
+                readings.lookups_coalesced,
+            ),
+            (
+                "lookup_retries",
+                "Retries of lookups after transient upstream failures.",
+                readings.lookup_retries,
+            ),
+            (
+                "lookups_not_admitted",
+                "Lookups refused at once because the app's next turn would come too late for their deadline.",
+                readings.lookups_not_admitted,
+            ),
+            (
+                "lookup_cache_hits",
+                "Lookups answered from the response cache.",
+                readings.lookup_cache_hits,
+            ),
+        ] {
+            // Counters: the encoder adds `_total` to the name.
+            ConstCounter::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
         }
-        let _ = write!(out, "{name}=\"{}\"", escape_label_value(value));
+        Ok(())
     }
-    out.push('}');
 }
 
-fn histogram_samples(out: &mut String, name: &str, label: (&str, &str), histogram: &Histogram) {
-    let bucket_name = format!("{name}_bucket");
-    for (bound, count) in LATENCY_BUCKETS.iter().zip(&histogram.bucket_counts) {
-        let bound = bound.to_string();
-        sample(out, &bucket_name, &[label, ("le", &bound)], count);
-    }
-    sample(out, &bucket_name, &[label, ("le", "+Inf")], histogram.count);
-    sample(out, &format!("{name}_sum"), &[label], histogram.sum_seconds);
-    sample(out, &format!("{name}_count"), &[label], histogram.count);
+// === the text format and the listener ===
+
+/// The Prometheus text exposition (version 0.0.4) of everything in
+/// `registry`. Writing into a String cannot fail, so an error is a collector's.
+pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut page = String::with_capacity(8 * 1024);
+    prometheus_client::encoding::prometheus_text::encode(&mut page, registry)?;
+    Ok(page)
 }
 
-/// The text format's escapes for label values: backslash, quote, newline.
-fn escape_label_value(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-// === the listener ===
-
-/// Renders the page on each scrape.
-pub type Renderer = Arc<dyn Fn() -> String + Send + Sync>;
-
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+/// Serves `GET /metrics` from `registry` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    renderer: Renderer,
+    registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(renderer);
+        .with_state(registry);
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn scrape(State(renderer): State<Renderer>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        renderer(),
-    )
+async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    match render(&registry) {
+        Ok(page) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            )],
+            page,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "cannot encode the metrics".to_owned(),
+        ),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn unknown_douyin_codes_share_one_label() {
-        assert_eq!(douyin_code_label(0), "0");
-        assert_eq!(douyin_code_label(2119005), "2119005");
-        assert_eq!(douyin_code_label(10013), "10013");
-        assert_eq!(douyin_code_label(4000003), "other");
-        assert_eq!(douyin_code_label(-1), "other");
-    }
-
-    #[test]
-    fn histograms_are_cumulative_and_label_values_escaped() {
-        let mut histogram = Histogram::default();
-        histogram.observe(Duration::from_millis(30));
-        histogram.observe(Duration::from_secs(3));
-        let mut out = String::new();
-        histogram_samples(&mut out, "x_seconds", ("code", "a\"b\\c\nd"), &histogram);
-        assert!(
-            out.contains("x_seconds_bucket{code=\"a\\\"b\\\\c\\nd\",le=\"0.025\"} 0\n"),
-            "{out}"
-        );
-        assert!(out.contains("le=\"0.05\"} 1\n"), "{out}");
-        assert!(out.contains("le=\"2.5\"} 1\n"), "{out}");
-        assert!(out.contains("le=\"5\"} 2\n"), "{out}");
-        assert!(out.contains("le=\"+Inf\"} 2\n"), "{out}");
-        assert!(
-            out.contains("x_seconds_count{code=\"a\\\"b\\\\c\\nd\"} 2\n"),
-            "{out}"
-        );
+    fn client_key(index: usize) -> ClientKey {
+        ClientKey::parse(&format!("awkey{index:08}")).unwrap()
     }
 
     #[test]
     fn app_labels_stop_growing_at_the_cap() {
-        let mut recorded = Recorded::default();
+        let labels = AppLabels::default();
         for index in 0..MAX_APP_LABELS + 10 {
-            let key = ClientKey::parse(&format!("awkey{index:08}")).unwrap();
-            let label = recorded.app_label(&key);
+            let key = client_key(index);
+            let label = labels.label_of(&key);
             if index < MAX_APP_LABELS {
                 assert_eq!(label, key.fingerprint());
             } else {
                 assert_eq!(label, "other");
             }
         }
-        let first = ClientKey::parse("awkey00000000").unwrap();
-        assert_eq!(recorded.app_label(&first), first.fingerprint());
+        assert_eq!(labels.label_of(&client_key(0)), client_key(0).fingerprint());
     }
 
     #[test]
-    fn the_budget_window_forgets_calls_older_than_five_minutes() {
-        let mut calls: VecDeque<i64> = [0, 100_000, 299_999, 300_000].into_iter().collect();
-        prune_budget_window(&mut calls, 300_000);
-        assert_eq!(calls, [100_000, 299_999, 300_000]);
-        prune_budget_window(&mut calls, 600_000);
-        assert!(calls.is_empty());
+    fn histograms_are_cumulative_with_the_family_labels_before_le() {
+        let mut registry = new_registry();
+        let metrics = Metrics::register_in(&mut registry);
+        metrics.record_lookup("OK", Duration::from_millis(30));
+        metrics.record_lookup("OK", Duration::from_secs(3));
+        let page = render(&registry).unwrap();
+        let series = "douyin_tokend_lookup_duration_seconds";
+        for expected in [
+            format!("# TYPE {series} histogram\n"),
+            format!("{series}_bucket{{code=\"OK\",le=\"0.025\"}} 0\n"),
+            format!("{series}_bucket{{code=\"OK\",le=\"0.05\"}} 1\n"),
+            format!("{series}_bucket{{code=\"OK\",le=\"2.5\"}} 1\n"),
+            format!("{series}_bucket{{code=\"OK\",le=\"5\"}} 2\n"),
+            format!("{series}_bucket{{code=\"OK\",le=\"+Inf\"}} 2\n"),
+            format!("{series}_count{{code=\"OK\"}} 2\n"),
+        ] {
+            assert!(page.contains(&expected), "{expected} in {page}");
+        }
+    }
+
+    #[test]
+    fn counters_keep_the_documented_total_names_and_types() {
+        let mut registry = new_registry();
+        let metrics = Metrics::register_in(&mut registry);
+        let key = client_key(1);
+        metrics.record_token_fetch(&key, "forced", Some("timeout"), Duration::from_millis(5));
+        metrics.record_upstream_call("client_token", Cow::Borrowed("transport"));
+        let page = render(&registry).unwrap();
+        let app = key.fingerprint();
+        for expected in [
+            "# TYPE douyin_tokend_token_refreshes_total counter\n".to_owned(),
+            format!(
+                "douyin_tokend_token_refreshes_total{{app=\"{app}\",reason=\"forced\",result=\"failure\"}} 1\n"
+            ),
+            format!(
+                "douyin_tokend_token_fetch_failures_total{{app=\"{app}\",cause=\"timeout\"}} 1\n"
+            ),
+            "douyin_tokend_upstream_calls_total{endpoint=\"client_token\",code=\"transport\"} 1\n"
+                .to_owned(),
+            "# TYPE douyin_tokend_build_info gauge\n".to_owned(),
+            format!(
+                "douyin_tokend_build_info{{version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "douyin_tokend_lookup_queue_depth 0\n".to_owned(),
+        ] {
+            assert!(page.contains(&expected), "{expected} in {page}");
+        }
+        assert!(!page.contains("# EOF"), "{page}");
+    }
+
+    #[test]
+    fn scrape_time_readings_become_gauges_and_counters() {
+        let mut registry = new_registry();
+        let key = client_key(2);
+        registry.register_collector(Box::new(ScrapeTimeCollector::new(move || {
+            ScrapeTimeReadings {
+                app_tokens: vec![AppTokenReading {
+                    client_key: key.clone(),
+                    state_label: "valid",
+                    generation: 3,
+                    expires_in_seconds: Some(7000),
+                    age_seconds: None,
+                    consecutive_failures: 0,
+                    douyin_budget_remaining: 499,
+                }],
+                token_budget_global_remaining: 12,
+                lookup_retries: 4,
+                ..ScrapeTimeReadings::default()
+            }
+        })));
+        let page = render(&registry).unwrap();
+        let app = client_key(2).fingerprint();
+        for expected in [
+            format!("douyin_tokend_token_expires_in_seconds{{app=\"{app}\"}} 7000\n"),
+            format!("douyin_tokend_token_generation{{app=\"{app}\"}} 3\n"),
+            format!("douyin_tokend_token_state{{app=\"{app}\",state=\"valid\"}} 1\n"),
+            format!("douyin_tokend_token_budget_remaining{{app=\"{app}\"}} 499\n"),
+            "douyin_tokend_token_budget_global_remaining 12\n".to_owned(),
+            "# TYPE douyin_tokend_lookup_retries_total counter\n".to_owned(),
+            "douyin_tokend_lookup_retries_total 4\n".to_owned(),
+        ] {
+            assert!(page.contains(&expected), "{expected} in {page}");
+        }
+        assert!(!page.contains("token_age_seconds{"), "{page}");
+    }
+
+    #[test]
+    fn two_registries_do_not_share_counts() {
+        let mut first_registry = new_registry();
+        let mut second_registry = new_registry();
+        let first = Metrics::register_in(&mut first_registry);
+        let _second = Metrics::register_in(&mut second_registry);
+        first.record_lookup("OK", Duration::from_millis(1));
+        assert!(
+            render(&first_registry)
+                .unwrap()
+                .contains("lookup_duration_seconds_count{code=\"OK\"} 1")
+        );
+        assert!(
+            !render(&second_registry)
+                .unwrap()
+                .contains("lookup_duration_seconds_count")
+        );
     }
 }

@@ -13,6 +13,9 @@ pub use super::envelope::LookupFailure;
 
 pub const PATH: &str = "/goodlife/v1/akte/after_sale/order_detail/get/";
 
+/// The `endpoint` label of after-sale calls.
+const ENDPOINT_LABEL: &str = "after_sale";
+
 /// A successful answer: the decoded response and the body it came from.
 pub type AfterSaleAnswer = Decoded<GetAfterSaleOrderDetailResponse>;
 
@@ -40,7 +43,13 @@ impl DouyinClient {
         let answer = self
             .request_after_sale_order_detail(access_token, query, deadline)
             .await;
-        crate::metrics::record_after_sale_call(&answer);
+        let code_label = match &answer {
+            Ok(_) => super::codes::metric_label(0),
+            Err(LookupFailure::Douyin(error)) => super::codes::metric_label(error.code),
+            Err(LookupFailure::Transport(_)) => super::TRANSPORT_CODE_LABEL.into(),
+        };
+        self.metrics
+            .record_upstream_call(ENDPOINT_LABEL, code_label);
         answer
     }
 

@@ -3,6 +3,7 @@
 //! numbers: classification, the gRPC status mapping (`grpc::status`), the
 //! metric label set and README's error table all read it.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// What the daemon does about a non-zero error code from Douyin.
@@ -357,6 +358,18 @@ pub fn known(code: i64) -> Option<&'static KnownCode> {
     TABLE.iter().find(|known| known.code == code)
 }
 
+/// A Douyin code as a metric label: itself for success (0) and for the codes
+/// in [`TABLE`], else "other", so codes Douyin invents cannot grow the label set.
+pub fn metric_label(code: i64) -> Cow<'static, str> {
+    if code == 0 {
+        Cow::Borrowed("0")
+    } else if known(code).is_some() {
+        Cow::Owned(code.to_string())
+    } else {
+        Cow::Borrowed("other")
+    }
+}
+
 /// Classifies a gateway code (never zero) from either envelope.
 pub fn classify_gateway_code(code: i64) -> CodeClass {
     match known(code) {
@@ -419,6 +432,15 @@ impl std::error::Error for DouyinError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_codes_share_one_metric_label() {
+        assert_eq!(metric_label(0), "0");
+        assert_eq!(metric_label(2119005), "2119005");
+        assert_eq!(metric_label(10013), "10013");
+        assert_eq!(metric_label(4000003), "other");
+        assert_eq!(metric_label(-1), "other");
+    }
 
     #[test]
     fn every_code_the_issue_names_has_its_class() {

@@ -9,6 +9,7 @@ pub mod token_endpoint;
 use std::time::Duration;
 
 use crate::config::{DouyinConfig, TokenEndpoint};
+use crate::metrics::Metrics;
 
 pub use codes::{CodeClass, DouyinError};
 
@@ -25,6 +26,21 @@ pub enum TransportError {
     MalformedBody { detail: String, logid: String },
 }
 
+impl TransportError {
+    /// Why no usable answer came, as the `cause` label of failed token fetches.
+    pub fn cause_label(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Connect { .. } => "connect",
+            Self::HttpStatus { .. } => "http_status",
+            Self::MalformedBody { .. } => "malformed_body",
+        }
+    }
+}
+
+/// The `code` label of an upstream call that got no usable answer.
+const TRANSPORT_CODE_LABEL: &str = "transport";
+
 fn logid_suffix(logid: &str) -> String {
     if logid.is_empty() {
         String::new()
@@ -40,10 +56,12 @@ pub struct DouyinClient {
     base_url: String,
     token_endpoint: TokenEndpoint,
     request_timeout: Duration,
+    /// Every HTTP call to Douyin is counted by endpoint and answered code.
+    metrics: Metrics,
 }
 
 impl DouyinClient {
-    pub fn new(config: &DouyinConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &DouyinConfig, metrics: Metrics) -> Result<Self, reqwest::Error> {
         install_tls_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
@@ -55,6 +73,7 @@ impl DouyinClient {
             base_url: config.base_url.trim_end_matches('/').to_owned(),
             token_endpoint: config.token_endpoint,
             request_timeout: config.request_timeout,
+            metrics,
         })
     }
 

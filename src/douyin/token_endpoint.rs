@@ -44,6 +44,17 @@ fn describe(description: &str) -> String {
 }
 
 impl TokenFetchError {
+    /// Why the fetch failed, as the `cause` label of `token_fetch_failures_total`.
+    pub fn cause_label(&self) -> &'static str {
+        match self {
+            Self::Refused { .. } if self.is_permanent() => "credentials_refused",
+            Self::Refused { .. } if self.is_rate_limited() => "rate_limited",
+            Self::Refused { .. } => "refused",
+            Self::Transport(transport) => transport.cause_label(),
+            Self::StaleRepeat => "stale_repeat",
+        }
+    }
+
     /// Permanent failures (bad key or secret) must not be retried on a timer.
     pub fn is_permanent(&self) -> bool {
         matches!(self, Self::Refused { code, .. } if codes::token_code_is_permanent(*code))
@@ -87,8 +98,31 @@ enum ExpiresIn {
 /// No real token lives longer than a day; a bigger value is a garbled answer.
 const LONGEST_PLAUSIBLE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// The `endpoint` label of token endpoint calls (`client_token` and
+/// `stable_client_token` alike: one budget, one series).
+const ENDPOINT_LABEL: &str = "client_token";
+
 impl DouyinClient {
+    /// One call to the token endpoint, counted by the code Douyin answered.
     pub async fn fetch_client_token(
+        &self,
+        client_key: &ClientKey,
+        client_secret: &ClientSecret,
+    ) -> Result<FetchedToken, TokenFetchError> {
+        let fetched = self.request_client_token(client_key, client_secret).await;
+        let code_label = match &fetched {
+            Ok(_) => codes::metric_label(0),
+            Err(TokenFetchError::Refused { code, .. }) => codes::metric_label(*code),
+            Err(TokenFetchError::Transport(_)) => super::TRANSPORT_CODE_LABEL.into(),
+            // Only the token manager concludes this, from successful answers.
+            Err(TokenFetchError::StaleRepeat) => codes::metric_label(0),
+        };
+        self.metrics
+            .record_upstream_call(ENDPOINT_LABEL, code_label);
+        fetched
+    }
+
+    async fn request_client_token(
         &self,
         client_key: &ClientKey,
         client_secret: &ClientSecret,

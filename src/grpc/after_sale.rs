@@ -12,16 +12,18 @@ use crate::domain::AfterSaleQuery;
 use crate::douyin::TransportError;
 use crate::douyin::after_sale::LookupFailure;
 use crate::lookup::{LookupError, LookupService};
+use crate::metrics::Metrics;
 use crate::proto::douyin::goodlife::v1::after_sale_service_server::AfterSaleService;
 use crate::proto::douyin::goodlife::v1::{
     GetAfterSaleOrderDetailRequest, GetAfterSaleOrderDetailResponse,
 };
 use crate::registry::Registry;
-use crate::{metrics, telemetry};
+use crate::telemetry;
 
 pub struct AfterSaleGrpc {
     pub lookup: LookupService,
     pub registry: Registry,
+    pub metrics: Metrics,
 }
 
 #[tonic::async_trait]
@@ -30,14 +32,14 @@ impl AfterSaleService for AfterSaleGrpc {
         &self,
         request: Request<GetAfterSaleOrderDetailRequest>,
     ) -> Result<Response<GetAfterSaleOrderDetailResponse>, Status> {
-        let _queued = metrics::LookupInFlight::enter();
+        let _queued = self.metrics.lookup_queued();
         let started = Instant::now();
         let answer = self.answer(request).await;
         let code = answer
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
         let elapsed = started.elapsed();
-        metrics::record_lookup(code_label(code), elapsed);
+        self.metrics.record_lookup(code_label(code), elapsed);
         let elapsed_ms = elapsed.as_millis();
         match &answer {
             Ok(_) => tracing::debug!(elapsed_ms, "after-sale lookup answered"),

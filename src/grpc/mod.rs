@@ -23,6 +23,7 @@ use crate::access::{ApiClient, Authenticator};
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
 use crate::lookup::LookupService;
+use crate::metrics::Metrics;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::douyin::goodlife::v1::after_sale_service_server::AfterSaleServiceServer;
 use crate::proto::tokend::v1::admin_service_server::AdminServiceServer;
@@ -39,6 +40,7 @@ pub struct GrpcDependencies {
     pub tokens: TokenManager,
     pub clock: SharedClock,
     pub audit: AuditLog,
+    pub metrics: Metrics,
 }
 
 /// The authenticated caller, put in each request's extensions by the interceptor.
@@ -105,6 +107,7 @@ pub async fn serve(
             after_sale::AfterSaleGrpc {
                 lookup: dependencies.lookup.clone(),
                 registry: dependencies.registry.clone(),
+                metrics: dependencies.metrics.clone(),
             },
             authenticate.clone(),
         ))

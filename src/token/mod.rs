@@ -6,7 +6,7 @@
 pub mod budget;
 pub mod policy;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -22,6 +22,7 @@ use crate::config::RefreshConfig;
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
 use crate::douyin::DouyinClient;
 use crate::douyin::token_endpoint::{FetchedToken, TokenFetchError};
+use crate::metrics::{AppTokenReading, Metrics};
 use crate::store::{FetchFailure, NewToken, Store, StoreError};
 
 pub use budget::{FetchPriority, TokenBudget};
@@ -95,6 +96,19 @@ impl RefreshReason {
             Self::Forced => "forced",
         }
     }
+
+    /// Why a fetch ran, as operators read it on `token_refreshes_total`:
+    /// scheduled fetches before the first sweep completed are the start-up's.
+    pub fn metric_label(self, before_first_sweep: bool) -> &'static str {
+        match self {
+            Self::Scheduled if before_first_sweep => "startup",
+            Self::Scheduled => "scheduled",
+            // A caller needed a token and none was valid: after a rejection, an
+            // expiry or a failed proactive refresh.
+            Self::Demand => "reactive",
+            Self::Forced => "forced",
+        }
+    }
 }
 
 /// What a ReportInvalidToken did.
@@ -141,7 +155,35 @@ pub struct TokenStatusView {
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<i64>,
     pub consecutive_failures: u32,
+    /// Token endpoint calls left of Douyin's per-app budget
+    /// ([`DOUYIN_TOKEN_CALLS_PER_WINDOW`]), as counted by the daemon.
+    pub douyin_budget_remaining: u64,
 }
+
+impl TokenStatusView {
+    /// The view as the token gauges show it at `now_ms`.
+    pub fn metric_reading(&self, now_ms: i64) -> AppTokenReading {
+        AppTokenReading {
+            client_key: self.client_key.clone(),
+            state_label: self.state,
+            generation: self.generation,
+            expires_in_seconds: self
+                .expires_at_ms
+                .map(|expires_at_ms| (expires_at_ms - now_ms) / 1000),
+            age_seconds: self
+                .fetched_at_ms
+                .map(|fetched_at_ms| (now_ms - fetched_at_ms) / 1000),
+            consecutive_failures: self.consecutive_failures,
+            douyin_budget_remaining: self.douyin_budget_remaining,
+        }
+    }
+}
+
+/// Douyin's budget for the token endpoint: this many calls per app per
+/// [`DOUYIN_TOKEN_CALL_WINDOW`]. The daemon counts its own calls against it for
+/// operators; the budget it enforces is `refresh.budget` (see [`budget`]).
+pub const DOUYIN_TOKEN_CALLS_PER_WINDOW: u64 = 500;
+pub const DOUYIN_TOKEN_CALL_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How often a stable token that just expired may be answered again before
 /// the fetch counts as failed, and the pause between those asks.
@@ -182,6 +224,9 @@ struct AppState {
     removed: bool,
     /// When a ReportInvalidToken last caused a refresh (they are spaced).
     last_report_refresh_ms: Option<i64>,
+    /// Start times (clock ms) of this app's token endpoint calls within
+    /// [`DOUYIN_TOKEN_CALL_WINDOW`], oldest first.
+    token_endpoint_calls: VecDeque<i64>,
 }
 
 struct AppSlot {
@@ -202,6 +247,7 @@ struct Inner {
     sweeps_completed: watch::Sender<u64>,
     audit: AuditLog,
     report_min_interval_ms: i64,
+    metrics: Metrics,
 }
 
 /// Owns every app's token. Cheap to clone; clones share the same state.
@@ -216,6 +262,26 @@ enum Acquire {
     Refuse(TokenError),
     /// A scheduled refresh the budget cannot afford now.
     Deferred,
+}
+
+/// Notes a token endpoint call starting at `now_ms` and forgets the calls
+/// that left Douyin's window, so the list stays at most one window long.
+fn count_token_endpoint_call(calls: &mut VecDeque<i64>, now_ms: i64) {
+    let window_start_ms = now_ms - duration_ms(DOUYIN_TOKEN_CALL_WINDOW);
+    while calls.front().is_some_and(|at_ms| *at_ms <= window_start_ms) {
+        calls.pop_front();
+    }
+    calls.push_back(now_ms);
+}
+
+/// The app's token endpoint calls within Douyin's window ending at `now_ms`.
+fn token_endpoint_calls_within_window(calls: &VecDeque<i64>, now_ms: i64) -> u64 {
+    let window_start_ms = now_ms - duration_ms(DOUYIN_TOKEN_CALL_WINDOW);
+    let within = calls
+        .iter()
+        .filter(|at_ms| **at_ms > window_start_ms)
+        .count();
+    u64::try_from(within).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -234,6 +300,7 @@ impl TokenManager {
         clock: SharedClock,
         config: &RefreshConfig,
         audit: AuditLog,
+        metrics: Metrics,
     ) -> Result<Self, StoreError> {
         let policy = if douyin.uses_stable_tokens() {
             RefreshPolicy::from(config).for_stable_tokens()
@@ -304,6 +371,7 @@ impl TokenManager {
                 inflight: None,
                 removed: false,
                 last_report_refresh_ms: None,
+                token_endpoint_calls: VecDeque::new(),
             };
             apps.insert(
                 client_key.clone(),
@@ -334,6 +402,7 @@ impl TokenManager {
                 sweeps_completed: watch::channel(0).0,
                 audit,
                 report_min_interval_ms: duration_ms(config.report_min_interval),
+                metrics,
             }),
         })
     }
@@ -398,7 +467,9 @@ impl TokenManager {
             return Acquire::Ready(lease_of(&slot.client_key, held));
         }
         if let Some(fetch) = &state.inflight {
-            crate::metrics::record_coalesced(&slot.client_key);
+            self.inner
+                .metrics
+                .record_token_request_coalesced(&slot.client_key);
             return Acquire::Wait(fetch.clone());
         }
         if reason != RefreshReason::Forced
@@ -489,12 +560,10 @@ impl TokenManager {
             self.fetch_past_stale_repeats(&slot, &secret).await
         };
         let before_first_sweep = *self.inner.sweeps_completed.borrow() == 0;
-        crate::metrics::record_token_fetch(
+        self.inner.metrics.record_token_fetch(
             client_key,
-            reason,
-            before_first_sweep,
-            started_at_ms,
-            fetched.as_ref().map(|_| ()),
+            reason.metric_label(before_first_sweep),
+            fetched.as_ref().err().map(TokenFetchError::cause_label),
             fetch_started.elapsed(),
         );
         let now_ms = self.now_ms();
@@ -656,6 +725,7 @@ impl TokenManager {
     ) -> Result<FetchedToken, TokenFetchError> {
         let mut repeats = 0;
         loop {
+            count_token_endpoint_call(&mut lock(&slot.state).token_endpoint_calls, self.now_ms());
             let fetched = self
                 .inner
                 .douyin
@@ -907,6 +977,7 @@ impl TokenManager {
                     inflight: None,
                     removed: false,
                     last_report_refresh_ms: None,
+                    token_endpoint_calls: VecDeque::new(),
                 };
                 apps.insert(
                     client_key.clone(),
@@ -973,6 +1044,9 @@ impl TokenManager {
                             .failure
                             .as_ref()
                             .map_or(0, |failure| failure.consecutive),
+                        douyin_budget_remaining: DOUYIN_TOKEN_CALLS_PER_WINDOW.saturating_sub(
+                            token_endpoint_calls_within_window(&state.token_endpoint_calls, now_ms),
+                        ),
                     }
                 })
                 .collect();
@@ -1030,5 +1104,24 @@ fn failure_error(client_key: &ClientKey, failure: &Failure, now_ms: i64) -> Toke
             douyin_code: failure.douyin_code,
             retry_in_seconds,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn douyins_window_forgets_token_endpoint_calls_older_than_five_minutes() {
+        let mut calls = VecDeque::new();
+        for at_ms in [0, 100_000, 299_999] {
+            count_token_endpoint_call(&mut calls, at_ms);
+        }
+        assert_eq!(token_endpoint_calls_within_window(&calls, 299_999), 3);
+        // At 300 s the call made at 0 s has left the window.
+        assert_eq!(token_endpoint_calls_within_window(&calls, 300_000), 2);
+        count_token_endpoint_call(&mut calls, 300_000);
+        assert_eq!(calls, [100_000, 299_999, 300_000]);
+        assert_eq!(token_endpoint_calls_within_window(&calls, 600_000), 0);
     }
 }

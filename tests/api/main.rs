@@ -14,6 +14,7 @@ mod check_config;
 mod demo;
 mod failures;
 mod health;
+mod metrics;
 mod request_id;
 mod sealing;
 mod service_lifecycle;

@@ -1,11 +1,7 @@
 //! Prometheus metrics after real traffic (gRPC in, sandbox Douyin out, on the
 //! manual clock): every family is there, and the values match what the
-//! traffic did. A test binary of its own: the metrics sink is process-wide,
-//! and other tests' traffic would add to the counters.
-
-#[allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
+//! traffic did. Each daemon has its own metrics registry, so the other tests
+//! running in this binary at the same time add nothing to these counters.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,7 +11,7 @@ use douyin_tokend::proto::tokend::v1::RefreshTokenRequest;
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use helpers::{ACCOUNT_ID, CLIENT_KEY, TestApp};
+use crate::helpers::{self, ACCOUNT_ID, CLIENT_KEY, TestApp};
 
 /// GET /metrics over plain HTTP/1.1; returns the body.
 async fn scrape(app: &TestApp) -> String {
@@ -228,7 +224,7 @@ async fn metrics_scraped_after_real_traffic_hold_the_expected_series_and_values(
     let rejected = stats.token_rejections();
     assert_eq!(rejected, 1);
     for (code, count) in &stats.lookup_codes {
-        let label = douyin_tokend::metrics::douyin_code_label(*code);
+        let label = douyin_tokend::douyin::codes::metric_label(*code);
         assert_eq!(
             value(
                 &samples,

@@ -65,22 +65,19 @@ impl KeyHash {
         Self(Sha256::digest(api_key.as_bytes()).into())
     }
 
+    /// Reads 64 hex digits (surrounding white space ignored). Decoded by the
+    /// `hex` crate, which checks every character, so text that is not ASCII
+    /// is refused rather than sliced mid-character.
     pub fn parse_hex(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.len() != 64 {
-            return Err("a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned());
-        }
         let mut bytes = [0u8; 32];
-        for (index, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).map_err(|_| {
-                "a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned()
-            })?;
-        }
+        hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| {
+            "a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned()
+        })?;
         Ok(Self(bytes))
     }
 
     pub fn to_hex(self) -> String {
-        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+        hex::encode(self.0)
     }
 }
 
@@ -88,8 +85,7 @@ impl KeyHash {
 pub fn generate_api_key() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("dtk_{hex}")
+    format!("dtk_{}", hex::encode(bytes))
 }
 
 /// A service allowed to call the daemon.
@@ -302,6 +298,17 @@ mod tests {
         let hash = KeyHash::of_key(&key);
         assert_eq!(KeyHash::parse_hex(&hash.to_hex()).unwrap(), hash);
         assert!(KeyHash::parse_hex("xyz").is_err());
+        assert_eq!(
+            KeyHash::parse_hex(&format!("  {}\n", hash.to_hex().to_uppercase())).unwrap(),
+            hash,
+            "white space around and upper-case digits are fine"
+        );
+        assert!(KeyHash::parse_hex(&hash.to_hex()[..62]).is_err());
+        // 64 bytes that are not 64 characters: a byte-offset slice would have
+        // cut 'é' in half and panicked.
+        let not_ascii = format!("{}é{}", "a".repeat(31), "b".repeat(31));
+        assert_eq!(not_ascii.len(), 64);
+        assert!(KeyHash::parse_hex(&not_ascii).is_err());
         let printed = format!("{:?}", client("a", &key, &[]));
         assert!(!printed.contains(&key[4..]));
         assert!(!printed.contains(&hash.to_hex()));

@@ -44,11 +44,7 @@ fn check_identifier(field: &'static str, value: &str, limit: usize) -> Result<()
 /// The first 8 hex digits of a value's SHA-256: enough to tell apps and tokens
 /// apart in logs and errors, useless for recovering the value.
 pub fn fingerprint(value: &str) -> String {
-    let digest = Sha256::digest(value.as_bytes());
-    digest[..4]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex::encode(&Sha256::digest(value.as_bytes())[..4])
 }
 
 // === impl ClientKey ===

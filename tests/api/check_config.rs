@@ -130,6 +130,15 @@ async fn every_broken_config_exits_64_naming_its_key() {
             ),
             "merchants[1].account_id",
         ),
+        (
+            // 64 bytes that are not 64 characters: once a panic (exit 101).
+            format!(
+                "[[clients]]\nname = \"a\"\nkey_sha256 = \"{}é{}\"\nscopes = [\"admin\"]",
+                "a".repeat(31),
+                "b".repeat(31)
+            ),
+            "clients[0].key_sha256",
+        ),
     ];
     let checks = cases.iter().map(|(text, _)| check_config(text, &[]));
     let results = futures::future::join_all(checks).await;

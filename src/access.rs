@@ -7,6 +7,7 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use rand::RngCore;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -50,6 +51,13 @@ impl Scope {
     }
 }
 
+/// Read from the config file (a client's `scopes`).
+impl<'de> Deserialize<'de> for Scope {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The SHA-256 of an API key, as stored. Never the key itself.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash([u8; 32]);
@@ -81,6 +89,13 @@ impl KeyHash {
     }
 }
 
+/// Read from the config file (a client's `key_sha256`).
+impl<'de> Deserialize<'de> for KeyHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::parse_hex(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Makes a new API key: `dtk_` and 64 hex digits of randomness.
 pub fn generate_api_key() -> String {
     let mut bytes = [0u8; 32];
@@ -98,6 +113,60 @@ pub struct ApiClient {
     pub apps: Option<BTreeSet<ClientKey>>,
     /// None: every merchant.
     pub merchants: Option<BTreeSet<AccountId>>,
+}
+
+/// Why a client cannot be declared, whether in the config file or over
+/// AdminService: the two paths share these rules so neither lets through what
+/// the other refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidApiClient {
+    #[error("a client name is 1 to {} characters", ApiClient::MAX_NAME_LENGTH)]
+    Name,
+    #[error("give at least one scope")]
+    NoScope,
+}
+
+impl InvalidApiClient {
+    /// The field of the declaration at fault (`name`, `scopes`), for
+    /// messages that name the config key.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Name => "name",
+            Self::NoScope => "scopes",
+        }
+    }
+}
+
+impl ApiClient {
+    /// Longest name, in bytes: names show in logs, the audit trail and listings.
+    pub const MAX_NAME_LENGTH: usize = 64;
+
+    /// A client that keeps the rules every client keeps: a name of 1 to
+    /// [`Self::MAX_NAME_LENGTH`] bytes (white space around it dropped) and at
+    /// least one scope. The config file and AdminService both declare clients
+    /// through this.
+    pub fn declare(
+        name: &str,
+        key_hash: KeyHash,
+        scopes: BTreeSet<Scope>,
+        apps: Option<BTreeSet<ClientKey>>,
+        merchants: Option<BTreeSet<AccountId>>,
+    ) -> Result<Self, InvalidApiClient> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > Self::MAX_NAME_LENGTH {
+            return Err(InvalidApiClient::Name);
+        }
+        if scopes.is_empty() {
+            return Err(InvalidApiClient::NoScope);
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            key_hash,
+            scopes,
+            apps,
+            merchants,
+        })
+    }
 }
 
 /// Why a call is refused.
@@ -288,6 +357,27 @@ mod tests {
         limited.apps = Some([app.clone()].into());
         assert!(limited.require_merchant(&merchant, &other_app).is_err());
         assert!(limited.require_app(&app).is_ok());
+    }
+
+    #[test]
+    fn every_declared_client_has_a_name_and_a_scope() {
+        let hash = KeyHash::of_key("k");
+        let declared = ApiClient::declare(" ops ", hash, [Scope::Admin].into(), None, None);
+        assert_eq!(
+            declared.unwrap().name,
+            "ops",
+            "white space around is dropped"
+        );
+        for name in ["", "   ", &"n".repeat(65)] {
+            assert_eq!(
+                ApiClient::declare(name, hash, [Scope::Admin].into(), None, None),
+                Err(InvalidApiClient::Name),
+                "{name:?}"
+            );
+        }
+        let no_scope = ApiClient::declare("ops", hash, BTreeSet::new(), None, None).unwrap_err();
+        assert_eq!(no_scope.field(), "scopes");
+        assert_eq!(no_scope, InvalidApiClient::NoScope);
     }
 
     #[test]

@@ -75,6 +75,15 @@ async fn every_broken_config_exits_64_naming_its_key() {
             "refresh.window_start",
         ),
         ("[refresh]\nsweep = \"*/5 * * * *\"".into(), "refresh.sweep"),
+        // Six fields, but not ones the scheduler takes: once passed here and
+        // stopped `serve` with exit 1.
+        ("[refresh]\nsweep = \"a b c d e f\"".into(), "refresh.sweep"),
+        (
+            "[refresh]\nsweep = \"99 * * * * *\"".into(),
+            "refresh.sweep",
+        ),
+        ("[audit]\nprune = \"x y z 1 2 3\"".into(), "audit.prune"),
+        ("unix_socket_mode = \"0999\"".into(), "unix_socket_mode"),
         (
             "[refresh]\nmax_concurrent_fetches = 0".into(),
             "refresh.max_concurrent_fetches",

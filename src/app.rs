@@ -63,6 +63,7 @@ impl App {
     pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
         let declarations = resolve_declarations(&config)?;
         let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        config.check_master_key_file(credentials_directory.as_deref())?;
         let master_key_path = config.master_key_path(credentials_directory.as_deref());
         let (store, key_outcome) = Store::open(&config.database, &master_key_path).await?;
         if let MasterKeyOutcome::Created(path) = key_outcome {
@@ -401,6 +402,7 @@ pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
     if !key_file.exists() {
         anyhow::bail!("no master key at {}; nothing to rotate", key_file.display());
     }
+    config.check_master_key_file(credentials_directory.as_deref())?;
     let (mut store, _) = Store::open(&config.database, &key_file).await?;
     let staged = PathBuf::from(format!("{}.new", key_file.display()));
     if staged.exists() {

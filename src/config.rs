@@ -762,6 +762,25 @@ impl Config {
             (None, _) => beside_database.join("master.key"),
         }
     }
+
+    /// Reads the master key file when there is one, so that a malformed key
+    /// (not 64 hex digits, not even text) or an unreadable file is a config
+    /// error naming `master_key_file`, exit 64 from check-config and serve
+    /// alike, rather than a failure of the store at start (exit 1). A missing
+    /// file is fine here: a new database gets a new key, and the store
+    /// refuses to make one up for a database that already has one.
+    pub fn check_master_key_file(
+        &self,
+        credentials_directory: Option<&Path>,
+    ) -> Result<(), ConfigError> {
+        let path = self.master_key_path(credentials_directory);
+        if !path.exists() {
+            return Ok(());
+        }
+        crate::sealing::MasterKey::read(&path)
+            .map(drop)
+            .map_err(|error| ConfigError::invalid("master_key_file", error.to_string()))
+    }
 }
 
 /// `key: message (line L, column C)`. The key is serde's path to the value
@@ -1005,6 +1024,39 @@ mod tests {
         assert_eq!(declared[0].name, "ops");
         assert_eq!(declared[0].key_hash, KeyHash::of_key("k"));
         assert_eq!(declared[0].scopes, [Scope::TokenRead, Scope::Admin].into());
+    }
+
+    #[test]
+    fn a_malformed_master_key_file_is_a_config_error_naming_the_key() {
+        let directory = tempfile::tempdir().unwrap();
+        let config = Config {
+            database: directory.path().join("tokend.db"),
+            ..Config::default()
+        };
+        config.check_master_key_file(None).unwrap();
+        let key_file = config.master_key_path(None);
+        // 64 bytes that are not 64 characters: once a panic (exit 101).
+        std::fs::write(
+            &key_file,
+            format!("{}é{}\n", "a".repeat(31), "b".repeat(31)),
+        )
+        .unwrap();
+        let error = config.check_master_key_file(None).unwrap_err();
+        assert!(
+            error.to_string().starts_with("master_key_file: "),
+            "{error}"
+        );
+        std::fs::write(&key_file, [0xff, 0xfe, 0x00]).unwrap();
+        let error = config.check_master_key_file(None).unwrap_err();
+        assert!(
+            error.to_string().starts_with("master_key_file: "),
+            "{error}"
+        );
+        std::fs::remove_file(&key_file).unwrap();
+        crate::sealing::MasterKey::generate()
+            .write_new(&key_file)
+            .unwrap();
+        config.check_master_key_file(None).unwrap();
     }
 
     #[test]

@@ -61,6 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 |name| std::env::var(name).ok(),
                 credentials_directory.as_deref(),
             )?;
+            config.check_master_key_file(credentials_directory.as_deref())?;
             println!(
                 "config is valid: {} app(s) with readable secrets, {} merchant(s), {} API client(s)",
                 declarations.apps.len(),

@@ -7,6 +7,7 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use rand::RngCore;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -50,6 +51,13 @@ impl Scope {
     }
 }
 
+/// Read from the config file (a client's `scopes`).
+impl<'de> Deserialize<'de> for Scope {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The SHA-256 of an API key, as stored. Never the key itself.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash([u8; 32]);
@@ -65,22 +73,26 @@ impl KeyHash {
         Self(Sha256::digest(api_key.as_bytes()).into())
     }
 
+    /// Reads 64 hex digits (surrounding white space ignored). Decoded by the
+    /// `hex` crate, which checks every character, so text that is not ASCII
+    /// is refused rather than sliced mid-character.
     pub fn parse_hex(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.len() != 64 {
-            return Err("a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned());
-        }
         let mut bytes = [0u8; 32];
-        for (index, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).map_err(|_| {
-                "a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned()
-            })?;
-        }
+        hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| {
+            "a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned()
+        })?;
         Ok(Self(bytes))
     }
 
     pub fn to_hex(self) -> String {
-        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+        hex::encode(self.0)
+    }
+}
+
+/// Read from the config file (a client's `key_sha256`).
+impl<'de> Deserialize<'de> for KeyHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::parse_hex(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -88,8 +100,7 @@ impl KeyHash {
 pub fn generate_api_key() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("dtk_{hex}")
+    format!("dtk_{}", hex::encode(bytes))
 }
 
 /// A service allowed to call the daemon.
@@ -102,6 +113,60 @@ pub struct ApiClient {
     pub apps: Option<BTreeSet<ClientKey>>,
     /// None: every merchant.
     pub merchants: Option<BTreeSet<AccountId>>,
+}
+
+/// Why a client cannot be declared, whether in the config file or over
+/// AdminService: the two paths share these rules so neither lets through what
+/// the other refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidApiClient {
+    #[error("a client name is 1 to {} characters", ApiClient::MAX_NAME_LENGTH)]
+    Name,
+    #[error("give at least one scope")]
+    NoScope,
+}
+
+impl InvalidApiClient {
+    /// The field of the declaration at fault (`name`, `scopes`), for
+    /// messages that name the config key.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Name => "name",
+            Self::NoScope => "scopes",
+        }
+    }
+}
+
+impl ApiClient {
+    /// Longest name, in bytes: names show in logs, the audit trail and listings.
+    pub const MAX_NAME_LENGTH: usize = 64;
+
+    /// A client that keeps the rules every client keeps: a name of 1 to
+    /// [`Self::MAX_NAME_LENGTH`] bytes (white space around it dropped) and at
+    /// least one scope. The config file and AdminService both declare clients
+    /// through this.
+    pub fn declare(
+        name: &str,
+        key_hash: KeyHash,
+        scopes: BTreeSet<Scope>,
+        apps: Option<BTreeSet<ClientKey>>,
+        merchants: Option<BTreeSet<AccountId>>,
+    ) -> Result<Self, InvalidApiClient> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > Self::MAX_NAME_LENGTH {
+            return Err(InvalidApiClient::Name);
+        }
+        if scopes.is_empty() {
+            return Err(InvalidApiClient::NoScope);
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            key_hash,
+            scopes,
+            apps,
+            merchants,
+        })
+    }
 }
 
 /// Why a call is refused.
@@ -295,6 +360,27 @@ mod tests {
     }
 
     #[test]
+    fn every_declared_client_has_a_name_and_a_scope() {
+        let hash = KeyHash::of_key("k");
+        let declared = ApiClient::declare(" ops ", hash, [Scope::Admin].into(), None, None);
+        assert_eq!(
+            declared.unwrap().name,
+            "ops",
+            "white space around is dropped"
+        );
+        for name in ["", "   ", &"n".repeat(65)] {
+            assert_eq!(
+                ApiClient::declare(name, hash, [Scope::Admin].into(), None, None),
+                Err(InvalidApiClient::Name),
+                "{name:?}"
+            );
+        }
+        let no_scope = ApiClient::declare("ops", hash, BTreeSet::new(), None, None).unwrap_err();
+        assert_eq!(no_scope.field(), "scopes");
+        assert_eq!(no_scope, InvalidApiClient::NoScope);
+    }
+
+    #[test]
     fn keys_are_random_hashes_round_trip_and_debug_shows_no_key() {
         let key = generate_api_key();
         assert!(key.starts_with("dtk_") && key.len() == 68);
@@ -302,6 +388,17 @@ mod tests {
         let hash = KeyHash::of_key(&key);
         assert_eq!(KeyHash::parse_hex(&hash.to_hex()).unwrap(), hash);
         assert!(KeyHash::parse_hex("xyz").is_err());
+        assert_eq!(
+            KeyHash::parse_hex(&format!("  {}\n", hash.to_hex().to_uppercase())).unwrap(),
+            hash,
+            "white space around and upper-case digits are fine"
+        );
+        assert!(KeyHash::parse_hex(&hash.to_hex()[..62]).is_err());
+        // 64 bytes that are not 64 characters: a byte-offset slice would have
+        // cut 'é' in half and panicked.
+        let not_ascii = format!("{}é{}", "a".repeat(31), "b".repeat(31));
+        assert_eq!(not_ascii.len(), 64);
+        assert!(KeyHash::parse_hex(&not_ascii).is_err());
         let printed = format!("{:?}", client("a", &key, &[]));
         assert!(!printed.contains(&key[4..]));
         assert!(!printed.contains(&hash.to_hex()));

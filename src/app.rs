@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
-use crate::config::{Config, ConfigError, ResolvedApp, ResolvedMerchant};
+use crate::config::{Config, ConfigError, Declarations};
 use crate::douyin::DouyinClient;
 use crate::grpc::health::{self, HealthPublisher};
 use crate::grpc::{self, GrpcDependencies};
@@ -25,7 +25,7 @@ use crate::lookup::LookupService;
 use crate::metrics::{self, Metrics, ScrapeTimeCollector, ScrapeTimeReadings};
 use crate::registry::{Registry, ReloadReport};
 use crate::schedule::{ScheduledJob, Schedules};
-use crate::store::{ClientRecord, MasterKeyOutcome, Store};
+use crate::store::{MasterKeyOutcome, Store};
 use crate::systemd_notify::{self, SystemdNotifier, WatchdogFeed};
 use crate::token::TokenManager;
 use crate::transport::{Listener, server_tls};
@@ -65,8 +65,9 @@ impl App {
     /// Opens the database, syncs the config's apps and merchants into it and
     /// loads every stored token. Fetches nothing.
     pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
-        let (apps, merchants, clients) = resolve_config_entries(&config)?;
+        let declarations = resolve_declarations(&config)?;
         let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        config.check_master_key_file(credentials_directory.as_deref())?;
         let master_key_path = config.master_key_path(credentials_directory.as_deref());
         let (store, key_outcome) = Store::open(&config.database, &master_key_path).await?;
         if let MasterKeyOutcome::Created(path) = key_outcome {
@@ -75,7 +76,7 @@ impl App {
                 "created a new master key (mode 0600) for a new database; back it up: without it the stored secrets cannot be read"
             );
         }
-        Registry::sync_config(&store, &apps, &merchants, &clients, clock.now_unix_ms())
+        Registry::sync_config(&store, &declarations, clock.now_unix_ms())
             .await
             .context("cannot sync the config's apps, merchants and clients into the database")?;
         let mut metrics_registry = metrics::new_registry();
@@ -150,7 +151,7 @@ impl App {
         let listener = listener.into();
         let tls = self.config.tls.as_ref().map(server_tls).transpose()?;
         let grpc_address = listener.describe();
-        let sweeping = self.config.refresh.sweep != "off";
+        let sweeping = self.config.refresh.sweep.is_some();
         let schedule = Schedules::start(self.scheduled_jobs())
             .await
             .context("cannot start the scheduled jobs")?;
@@ -298,9 +299,9 @@ impl App {
     /// The periodic jobs: the refresh sweep (unless "off") and audit pruning.
     fn scheduled_jobs(&self) -> Vec<ScheduledJob> {
         let mut jobs = Vec::new();
-        if self.config.refresh.sweep != "off" {
+        if let Some(sweep) = &self.config.refresh.sweep {
             let tokens = self.tokens.clone();
-            jobs.push(ScheduledJob::new(&self.config.refresh.sweep, move || {
+            jobs.push(ScheduledJob::new(sweep, move || {
                 let tokens = tokens.clone();
                 async move {
                     tokens.sweep().await;
@@ -324,9 +325,9 @@ impl App {
     /// (SIGHUP). Other settings take effect at the next restart.
     pub async fn reload_config(&self, config_path: Option<&Path>) -> anyhow::Result<ReloadReport> {
         let config = Config::load(config_path)?;
-        let (apps, merchants, clients) = resolve_config_entries(&config)?;
+        let declarations = resolve_declarations(&config)?;
         self.registry
-            .reload_config(&apps, &merchants, &clients)
+            .reload_config(&declarations)
             .await
             .context("cannot apply the config's apps, merchants and clients")
     }
@@ -402,17 +403,14 @@ fn scrape_time_collector(
     })
 }
 
-type ConfigEntries = (Vec<ResolvedApp>, Vec<ResolvedMerchant>, Vec<ClientRecord>);
-
 /// The config's apps with their secrets read (from `$CREDENTIALS_DIRECTORY`
 /// under systemd), its merchants and its API clients.
-fn resolve_config_entries(config: &Config) -> Result<ConfigEntries, ConfigError> {
+fn resolve_declarations(config: &Config) -> Result<Declarations, ConfigError> {
     let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let apps = config.resolve_apps(
+    config.resolve_declarations(
         |name| std::env::var(name).ok(),
         credentials_directory.as_deref(),
-    )?;
-    Ok((apps, config.resolve_merchants()?, config.resolve_clients()?))
+    )
 }
 
 /// What a master key rotation did.
@@ -432,6 +430,7 @@ pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
     if !key_file.exists() {
         anyhow::bail!("no master key at {}; nothing to rotate", key_file.display());
     }
+    config.check_master_key_file(credentials_directory.as_deref())?;
     let (mut store, _) = Store::open(&config.database, &key_file).await?;
     let staged = PathBuf::from(format!("{}.new", key_file.display()));
     if staged.exists() {

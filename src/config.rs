@@ -2,14 +2,17 @@
 //! overrides, and validation that names the offending key, all done before
 //! anything is opened or bound.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::{ApiClient, KeyHash, Scope};
 use crate::domain::{AccountId, ClientKey, ClientSecret, DouyinApi};
+use crate::schedule::CronSchedule;
 
 /// A configuration problem, always naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +42,8 @@ impl ConfigError {
 pub struct Config {
     /// The gRPC listen address: `127.0.0.1:50051`, or `unix:/path/to/socket`.
     pub listen: ListenAddress,
-    /// Permissions of the Unix socket, octal (only with `listen = "unix:…"`).
-    pub unix_socket_mode: String,
+    /// Permissions of the Unix socket (only with `listen = "unix:…"`).
+    pub unix_socket_mode: UnixSocketMode,
     /// TLS for the gRPC listener; absent means plaintext (fine on loopback or a Unix socket).
     pub tls: Option<TlsConfig>,
     /// The SQLite database file.
@@ -107,8 +110,9 @@ pub struct RefreshConfig {
     /// Never fetch twice for one app within this, unless its token is known dead.
     #[serde(with = "humane_duration")]
     pub min_interval: Duration,
-    /// Six-field cron (seconds first, UTC) of the refresh sweep; "off" disables it.
-    pub sweep: String,
+    /// When the refresh sweep runs; `None` (written "off") disables it.
+    #[serde(deserialize_with = "cron_or_off")]
+    pub sweep: Option<CronSchedule>,
     /// First retry delay after a transient fetch failure; doubles up to `backoff_max`.
     #[serde(with = "humane_duration")]
     pub backoff_initial: Duration,
@@ -143,7 +147,7 @@ pub struct RefreshConfig {
 pub struct LookupConfig {
     /// Rate groups by Douyin API name (`[lookup.rates.after_sale_order_detail]`);
     /// an API not listed runs at the rate its Douyin page documents.
-    pub rates: std::collections::BTreeMap<String, ApiRateConfig>,
+    pub rates: BTreeMap<DouyinApi, ApiRateConfig>,
     /// Lookups in flight to Douyin at once, per app.
     pub max_concurrent_per_app: usize,
     /// The deadline of a request that carries none.
@@ -169,23 +173,22 @@ pub struct LookupConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiRateConfig {
     /// Calls per second per app; absent = the rate Douyin documents for the API.
-    pub per_second: Option<u32>,
+    /// Never zero: an app whose calls must stop loses its merchants instead.
+    pub per_second: Option<NonZeroU32>,
     /// Per-app overrides, keyed by client_key.
-    pub per_app: std::collections::HashMap<String, u32>,
+    pub per_app: HashMap<ClientKey, NonZeroU32>,
 }
 
 impl LookupConfig {
-    /// Sets the calls per second per app of `api` (tests, benchmarks, the demo).
+    /// Sets the calls per second per app of `api` (tests, benchmarks, the
+    /// demo). Zero counts as one, as a rate group cannot stop calls.
     pub fn set_rate_per_second(&mut self, api: DouyinApi, per_second: u32) {
-        self.rates
-            .entry(api.name().to_owned())
-            .or_default()
-            .per_second = Some(per_second);
+        self.rates.entry(api).or_default().per_second = NonZeroU32::new(per_second.max(1));
     }
 
     /// Calls per second allowed to `client_key` on `api`.
-    pub fn rate_per_second(&self, api: DouyinApi, client_key: &str) -> u32 {
-        let group = self.rates.get(api.name());
+    pub fn rate_per_second(&self, api: DouyinApi, client_key: &ClientKey) -> NonZeroU32 {
+        let group = self.rates.get(&api);
         group
             .and_then(|group| group.per_app.get(client_key).copied())
             .or_else(|| group.and_then(|group| group.per_second))
@@ -196,7 +199,7 @@ impl LookupConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppEntry {
-    pub client_key: String,
+    pub client_key: ClientKey,
     /// A file holding the secret; relative paths are looked up in
     /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when it is set.
     pub client_secret_file: Option<PathBuf>,
@@ -259,32 +262,34 @@ pub struct TlsConfig {
 pub struct AuditConfig {
     #[serde(with = "humane_duration")]
     pub retention: Duration,
-    /// Six-field cron of the pruning job.
-    pub prune: String,
+    /// When the pruning job runs.
+    pub prune: CronSchedule,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             retention: Duration::from_secs(90 * 24 * 3600),
-            prune: "0 17 * * * *".to_owned(),
+            prune: CronSchedule::parse("0 17 * * * *").expect("the default prune schedule parses"),
         }
     }
 }
 
 /// An API client declared in the config file: its key's SHA-256 (never the key).
+/// The rules every client keeps (a name, a scope) are `ApiClient::declare`'s,
+/// checked by [`Config::resolve_clients`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientEntry {
     pub name: String,
     /// `douyin-tokend client new-key` prints a key and this hash.
-    pub key_sha256: String,
+    pub key_sha256: KeyHash,
     /// Any of "aftersale.read", "token.read", "token.report", "admin".
-    pub scopes: Vec<String>,
+    pub scopes: BTreeSet<Scope>,
     /// Only these apps (client_key), when given.
-    pub apps: Option<Vec<String>>,
+    pub apps: Option<BTreeSet<ClientKey>>,
     /// Only these merchants (account_id), when given.
-    pub merchants: Option<Vec<String>>,
+    pub merchants: Option<BTreeSet<AccountId>>,
 }
 
 impl ClientEntry {
@@ -293,11 +298,8 @@ impl ClientEntry {
     pub fn with_every_scope(name: &str, api_key: &str) -> Self {
         Self {
             name: name.to_owned(),
-            key_sha256: crate::access::KeyHash::of_key(api_key).to_hex(),
-            scopes: crate::access::Scope::ALL
-                .iter()
-                .map(|scope| scope.as_str().to_owned())
-                .collect(),
+            key_sha256: KeyHash::of_key(api_key),
+            scopes: Scope::ALL.into_iter().collect(),
             apps: None,
             merchants: None,
         }
@@ -307,8 +309,8 @@ impl ClientEntry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MerchantEntry {
-    pub account_id: String,
-    pub client_key: String,
+    pub account_id: AccountId,
+    pub client_key: ClientKey,
 }
 
 /// An app from the config file with its secret read and checked.
@@ -318,18 +320,72 @@ pub struct ResolvedApp {
     pub client_secret: ClientSecret,
 }
 
-/// A merchant from the config file, checked.
+/// Everything the config file declares for the registry: apps with their
+/// secrets read, merchants and API clients, all checked. The registry turns
+/// them into what the store keeps.
 #[derive(Debug, Clone)]
-pub struct ResolvedMerchant {
-    pub account_id: AccountId,
-    pub client_key: ClientKey,
+pub struct Declarations {
+    pub apps: Vec<ResolvedApp>,
+    pub merchants: Vec<MerchantEntry>,
+    pub clients: Vec<ApiClient>,
+}
+
+/// Permission bits of the Unix socket, written in the file as octal text
+/// (`"0660"`) and checked at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixSocketMode(u32);
+
+impl UnixSocketMode {
+    pub fn from_octal(text: &str) -> Result<Self, String> {
+        match u32::from_str_radix(text, 8) {
+            Ok(bits) if bits <= 0o777 => Ok(Self(bits)),
+            _ => Err(format!("{text:?} is not octal permissions like \"0660\"")),
+        }
+    }
+
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for UnixSocketMode {
+    /// The daemon's user and group.
+    fn default() -> Self {
+        Self(0o660)
+    }
+}
+
+impl std::fmt::Display for UnixSocketMode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{:04o}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for UnixSocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::from_octal(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `refresh.sweep`: a cron, or "off" for no sweep at all (tests and
+/// benchmarks that drive the sweep themselves).
+fn cron_or_off<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<CronSchedule>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    CronSchedule::parse_or_else(&text, " or \"off\"")
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ListenAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 50051))),
-            unix_socket_mode: "0660".to_owned(),
+            unix_socket_mode: UnixSocketMode::default(),
             tls: None,
             database: default_database_path(std::env::var_os("STATE_DIRECTORY").as_deref()),
             master_key_file: None,
@@ -363,7 +419,9 @@ impl Default for RefreshConfig {
             window_start: Duration::from_secs(25 * 60),
             window_end: Duration::from_secs(15 * 60),
             min_interval: Duration::from_secs(5 * 60),
-            sweep: "*/15 * * * * *".to_owned(),
+            sweep: Some(
+                CronSchedule::parse("*/15 * * * * *").expect("the default sweep schedule parses"),
+            ),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5 * 60),
             permanent_failure_cooldown: Duration::from_secs(10 * 60),
@@ -380,7 +438,7 @@ impl Default for RefreshConfig {
 impl Default for LookupConfig {
     fn default() -> Self {
         Self {
-            rates: std::collections::BTreeMap::new(),
+            rates: BTreeMap::new(),
             max_concurrent_per_app: 10,
             default_deadline: Duration::from_secs(5),
             upstream_time_reserve: Duration::from_millis(200),
@@ -512,12 +570,6 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if u32::from_str_radix(&self.unix_socket_mode, 8).map_or(true, |mode| mode > 0o777) {
-            return Err(ConfigError::invalid(
-                "unix_socket_mode",
-                "must be octal permissions like \"0660\"",
-            ));
-        }
         if let Some(tls) = &self.tls {
             for (key, file) in [
                 ("tls.cert_file", Some(&tls.cert_file)),
@@ -540,31 +592,8 @@ impl Config {
                 "must be smaller than refresh.budget, which must be at least 1",
             ));
         }
+        // API names and non-zero rates are checked as the file is read.
         let lookup = &self.lookup;
-        for (name, group) in &lookup.rates {
-            if DouyinApi::from_name(name).is_none() {
-                let known: Vec<&str> = DouyinApi::ALL.iter().map(|api| api.name()).collect();
-                return Err(ConfigError::invalid(
-                    format!("lookup.rates.{name}"),
-                    format!(
-                        "is not a Douyin API the daemon calls (known: {})",
-                        known.join(", ")
-                    ),
-                ));
-            }
-            if group.per_second == Some(0) {
-                return Err(ConfigError::invalid(
-                    format!("lookup.rates.{name}.per_second"),
-                    "must be at least 1",
-                ));
-            }
-            if let Some((key, _)) = group.per_app.iter().find(|(_, rate)| **rate == 0) {
-                return Err(ConfigError::invalid(
-                    format!("lookup.rates.{name}.per_app.{key}"),
-                    "must be at least 1 (remove the app's merchants to stop its calls)",
-                ));
-            }
-        }
         if lookup.max_concurrent_per_app == 0 {
             return Err(ConfigError::invalid(
                 "lookup.max_concurrent_per_app",
@@ -583,22 +612,15 @@ impl Config {
                 "must be longer than lookup.upstream_time_reserve",
             ));
         }
-        if refresh.sweep != "off" && refresh.sweep.split_whitespace().count() != 6 {
-            return Err(ConfigError::invalid(
-                "refresh.sweep",
-                format!(
-                    "{:?} is not a six-field cron (seconds first, e.g. \"*/15 * * * * *\") or \"off\"",
-                    refresh.sweep
-                ),
-            ));
-        }
+        // The cron schedules (refresh.sweep, audit.prune) are parsed as the
+        // file is read, with the scheduler's own parser.
         let mut declared_apps = HashSet::new();
         for (index, app) in self.apps.iter().enumerate() {
-            let key = format!("apps[{index}].client_key");
-            ClientKey::parse(&app.client_key)
-                .map_err(|error| ConfigError::invalid(&key, error.to_string()))?;
-            if !declared_apps.insert(app.client_key.as_str()) {
-                return Err(ConfigError::invalid(key, "the same app is declared twice"));
+            if !declared_apps.insert(&app.client_key) {
+                return Err(ConfigError::invalid(
+                    format!("apps[{index}].client_key"),
+                    "the same app is declared twice",
+                ));
             }
             if app.client_secret_file.is_some() == app.client_secret_env.is_some() {
                 return Err(ConfigError::invalid(
@@ -607,25 +629,16 @@ impl Config {
                 ));
             }
         }
-        if self.audit.prune.split_whitespace().count() != 6 {
-            return Err(ConfigError::invalid(
-                "audit.prune",
-                "must be a six-field cron (seconds first)",
-            ));
-        }
         self.resolve_clients()?;
         let mut declared_merchants = HashSet::new();
         for (index, merchant) in self.merchants.iter().enumerate() {
-            AccountId::parse(&merchant.account_id).map_err(|error| {
-                ConfigError::invalid(format!("merchants[{index}].account_id"), error.to_string())
-            })?;
-            if !declared_merchants.insert(merchant.account_id.as_str()) {
+            if !declared_merchants.insert(&merchant.account_id) {
                 return Err(ConfigError::invalid(
                     format!("merchants[{index}].account_id"),
                     "the same merchant is declared twice",
                 ));
             }
-            if !declared_apps.contains(merchant.client_key.as_str()) {
+            if !declared_apps.contains(&merchant.client_key) {
                 return Err(ConfigError::invalid(
                     format!("merchants[{index}].client_key"),
                     "names no app declared under [[apps]]",
@@ -646,9 +659,6 @@ impl Config {
             .iter()
             .enumerate()
             .map(|(index, app)| {
-                let client_key = ClientKey::parse(&app.client_key).map_err(|error| {
-                    ConfigError::invalid(format!("apps[{index}].client_key"), error.to_string())
-                })?;
                 let (key, raw_secret) = match (&app.client_secret_file, &app.client_secret_env) {
                     (Some(file), _) => {
                         let path = match credentials_directory {
@@ -684,64 +694,56 @@ impl Config {
                 let client_secret = ClientSecret::parse(raw_secret.trim_end_matches(['\r', '\n']))
                     .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
                 Ok(ResolvedApp {
-                    client_key,
+                    client_key: app.client_key.clone(),
                     client_secret,
                 })
             })
             .collect()
     }
 
-    /// The declared API clients, checked.
-    pub fn resolve_clients(&self) -> Result<Vec<crate::store::ClientRecord>, ConfigError> {
+    /// The declared API clients, held to the rules every client keeps.
+    pub fn resolve_clients(&self) -> Result<Vec<ApiClient>, ConfigError> {
         let mut names = HashSet::new();
         self.clients
             .iter()
             .enumerate()
             .map(|(index, client)| {
-                let key = |field: &str| format!("clients[{index}].{field}");
-                if client.name.trim().is_empty() || client.name.len() > 64 {
+                let declared = ApiClient::declare(
+                    &client.name,
+                    client.key_sha256,
+                    client.scopes.clone(),
+                    client.apps.clone(),
+                    client.merchants.clone(),
+                )
+                .map_err(|error| {
+                    ConfigError::invalid(
+                        format!("clients[{index}].{}", error.field()),
+                        error.to_string(),
+                    )
+                })?;
+                if !names.insert(declared.name.clone()) {
                     return Err(ConfigError::invalid(
-                        key("name"),
-                        "must be 1 to 64 characters",
-                    ));
-                }
-                if !names.insert(client.name.as_str()) {
-                    return Err(ConfigError::invalid(
-                        key("name"),
+                        format!("clients[{index}].name"),
                         "the same client is declared twice",
                     ));
                 }
-                let hash = crate::access::KeyHash::parse_hex(&client.key_sha256)
-                    .map_err(|message| ConfigError::invalid(key("key_sha256"), message))?;
-                if client.scopes.is_empty() {
-                    return Err(ConfigError::invalid(
-                        key("scopes"),
-                        "give at least one scope",
-                    ));
-                }
-                for scope in &client.scopes {
-                    crate::access::Scope::parse(scope)
-                        .map_err(|message| ConfigError::invalid(key("scopes"), message))?;
-                }
-                for app in client.apps.iter().flatten() {
-                    ClientKey::parse(app)
-                        .map_err(|error| ConfigError::invalid(key("apps"), error.to_string()))?;
-                }
-                for merchant in client.merchants.iter().flatten() {
-                    AccountId::parse(merchant).map_err(|error| {
-                        ConfigError::invalid(key("merchants"), error.to_string())
-                    })?;
-                }
-                Ok(crate::store::ClientRecord {
-                    name: client.name.clone(),
-                    key_sha256: hash.to_hex(),
-                    scopes: client.scopes.clone(),
-                    apps: client.apps.clone(),
-                    merchants: client.merchants.clone(),
-                    source: crate::store::Source::Config,
-                })
+                Ok(declared)
             })
             .collect()
+    }
+
+    /// Everything the file declares for the registry, checked, with the apps'
+    /// secrets read (relative secret files in `credentials_directory`).
+    pub fn resolve_declarations(
+        &self,
+        lookup_env: impl Fn(&str) -> Option<String>,
+        credentials_directory: Option<&Path>,
+    ) -> Result<Declarations, ConfigError> {
+        Ok(Declarations {
+            apps: self.resolve_apps(lookup_env, credentials_directory)?,
+            merchants: self.merchants.clone(),
+            clients: self.resolve_clients()?,
+        })
     }
 
     /// Where the master key lives (see `master_key_file`).
@@ -761,27 +763,23 @@ impl Config {
         }
     }
 
-    pub fn resolve_merchants(&self) -> Result<Vec<ResolvedMerchant>, ConfigError> {
-        self.merchants
-            .iter()
-            .enumerate()
-            .map(|(index, merchant)| {
-                Ok(ResolvedMerchant {
-                    account_id: AccountId::parse(&merchant.account_id).map_err(|error| {
-                        ConfigError::invalid(
-                            format!("merchants[{index}].account_id"),
-                            error.to_string(),
-                        )
-                    })?,
-                    client_key: ClientKey::parse(&merchant.client_key).map_err(|error| {
-                        ConfigError::invalid(
-                            format!("merchants[{index}].client_key"),
-                            error.to_string(),
-                        )
-                    })?,
-                })
-            })
-            .collect()
+    /// Reads the master key file when there is one, so that a malformed key
+    /// (not 64 hex digits, not even text) or an unreadable file is a config
+    /// error naming `master_key_file`, exit 64 from check-config and serve
+    /// alike, rather than a failure of the store at start (exit 1). A missing
+    /// file is fine here: a new database gets a new key, and the store
+    /// refuses to make one up for a database that already has one.
+    pub fn check_master_key_file(
+        &self,
+        credentials_directory: Option<&Path>,
+    ) -> Result<(), ConfigError> {
+        let path = self.master_key_path(credentials_directory);
+        if !path.exists() {
+            return Ok(());
+        }
+        crate::sealing::MasterKey::read(&path)
+            .map(drop)
+            .map_err(|error| ConfigError::invalid("master_key_file", error.to_string()))
     }
 }
 
@@ -889,7 +887,12 @@ mod tests {
         assert_eq!(config.refresh.window_start, Duration::from_secs(1500));
         assert_eq!(config.refresh.window_end, Duration::from_secs(900));
         assert_eq!(config.refresh.min_interval, Duration::from_secs(300));
-        assert_eq!(config.refresh.sweep, "*/15 * * * * *");
+        assert_eq!(
+            config.refresh.sweep.as_ref().map(CronSchedule::as_str),
+            Some("*/15 * * * * *")
+        );
+        assert_eq!(config.audit.prune.as_str(), "0 17 * * * *");
+        assert_eq!(config.unix_socket_mode.bits(), 0o660);
         config.validate().unwrap();
     }
 
@@ -922,7 +925,6 @@ mod tests {
                 "[refresh]\nwindow_start = \"10m\"\nwindow_end = \"15m\"",
                 "refresh.window_start",
             ),
-            ("[refresh]\nsweep = \"*/5 * * * *\"", "refresh.sweep"),
             ("[douyin]\nbase_url = \"ftp://example\"", "douyin.base_url"),
             (
                 "[[apps]]\nclient_key = \"k\"\n[[merchants]]\naccount_id = \"1\"\nclient_key = \"other\"",
@@ -937,6 +939,124 @@ mod tests {
             let error = Config::from_toml_str(text).unwrap().validate().unwrap_err();
             assert!(error.to_string().starts_with(key), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn schedules_rates_and_modes_are_typed_as_the_file_is_read() {
+        let off = Config::from_toml_str("[refresh]\nsweep = \"off\"").unwrap();
+        assert_eq!(off.refresh.sweep, None);
+        let typed = Config::from_toml_str(
+            "unix_socket_mode = \"0600\"\n[audit]\nprune = \"0 0 3 * * *\"\n\
+             [lookup.rates.after_sale_order_detail]\nper_second = 4\nper_app = { awslow = 1 }",
+        )
+        .unwrap();
+        assert_eq!(typed.unix_socket_mode.bits(), 0o600);
+        assert_eq!(typed.unix_socket_mode.to_string(), "0600");
+        assert_eq!(typed.audit.prune.as_str(), "0 0 3 * * *");
+        let detail = DouyinApi::AfterSaleOrderDetail;
+        let slow = ClientKey::parse("awslow").unwrap();
+        let other = ClientKey::parse("awother").unwrap();
+        assert_eq!(typed.lookup.rate_per_second(detail, &slow).get(), 1);
+        assert_eq!(typed.lookup.rate_per_second(detail, &other).get(), 4);
+        let cases = [
+            ("[refresh]\nsweep = \"*/5 * * * *\"", "refresh.sweep"),
+            ("[refresh]\nsweep = \"a b c d e f\"", "refresh.sweep"),
+            ("[refresh]\nsweep = \"99 * * * * *\"", "refresh.sweep"),
+            ("[audit]\nprune = \"x y z 1 2 3\"", "audit.prune"),
+            ("unix_socket_mode = \"0999\"", "unix_socket_mode"),
+            ("unix_socket_mode = \"1777\"", "unix_socket_mode"),
+            (
+                "[lookup.rates.after_sale_order_detail]\nper_second = 0",
+                "lookup.rates.after_sale_order_detail.per_second",
+            ),
+            (
+                "[lookup.rates.after_sale_order_detail]\nper_app = { awslow = 0 }",
+                "lookup.rates.after_sale_order_detail.per_app.awslow",
+            ),
+            ("[lookup.rates.order_list]\nper_second = 1", "lookup.rates"),
+            (
+                "[[clients]]\nname = \"a\"\nkey_sha256 = \"00\"\nscopes = [\"admin\"]",
+                "clients[0].key_sha256",
+            ),
+            (
+                "[[clients]]\nname = \"a\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nscopes = [\"root\"]",
+                "clients[0].scopes",
+            ),
+            (
+                "[[merchants]]\naccount_id = \"1 2\"\nclient_key = \"a\"",
+                "merchants[0].account_id",
+            ),
+        ];
+        for (text, key) in cases {
+            let error = Config::from_toml_str(text).unwrap_err();
+            assert!(error.starts_with(key), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn clients_keep_the_rules_every_client_keeps() {
+        let hash = KeyHash::of_key("k").to_hex();
+        let client = |name: &str, scopes: &str| {
+            format!(
+                "[[clients]]\nname = \"{name}\"\nkey_sha256 = \"{hash}\"\nscopes = [{scopes}]\n"
+            )
+        };
+        let cases = [
+            (client("", "\"admin\""), "clients[0].name"),
+            (client(&"n".repeat(65), "\"admin\""), "clients[0].name"),
+            (client("a", ""), "clients[0].scopes"),
+            (
+                client("a", "\"admin\"") + &client(" a ", "\"admin\""),
+                "clients[1].name",
+            ),
+        ];
+        for (text, key) in cases {
+            let error = Config::from_toml_str(&text)
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(error.to_string().starts_with(key), "{text}: {error}");
+        }
+        let declared = Config::from_toml_str(&client("ops", "\"token.read\", \"admin\""))
+            .unwrap()
+            .resolve_clients()
+            .unwrap();
+        assert_eq!(declared[0].name, "ops");
+        assert_eq!(declared[0].key_hash, KeyHash::of_key("k"));
+        assert_eq!(declared[0].scopes, [Scope::TokenRead, Scope::Admin].into());
+    }
+
+    #[test]
+    fn a_malformed_master_key_file_is_a_config_error_naming_the_key() {
+        let directory = tempfile::tempdir().unwrap();
+        let config = Config {
+            database: directory.path().join("tokend.db"),
+            ..Config::default()
+        };
+        config.check_master_key_file(None).unwrap();
+        let key_file = config.master_key_path(None);
+        // 64 bytes that are not 64 characters: once a panic (exit 101).
+        std::fs::write(
+            &key_file,
+            format!("{}é{}\n", "a".repeat(31), "b".repeat(31)),
+        )
+        .unwrap();
+        let error = config.check_master_key_file(None).unwrap_err();
+        assert!(
+            error.to_string().starts_with("master_key_file: "),
+            "{error}"
+        );
+        std::fs::write(&key_file, [0xff, 0xfe, 0x00]).unwrap();
+        let error = config.check_master_key_file(None).unwrap_err();
+        assert!(
+            error.to_string().starts_with("master_key_file: "),
+            "{error}"
+        );
+        std::fs::remove_file(&key_file).unwrap();
+        crate::sealing::MasterKey::generate()
+            .write_new(&key_file)
+            .unwrap();
+        config.check_master_key_file(None).unwrap();
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! the secret.
 
 use std::fmt;
+use std::num::NonZeroU32;
 
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 /// Why an identifier given by a caller or an operator was refused.
@@ -44,11 +46,7 @@ fn check_identifier(field: &'static str, value: &str, limit: usize) -> Result<()
 /// The first 8 hex digits of a value's SHA-256: enough to tell apps and tokens
 /// apart in logs and errors, useless for recovering the value.
 pub fn fingerprint(value: &str) -> String {
-    let digest = Sha256::digest(value.as_bytes());
-    digest[..4]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex::encode(&Sha256::digest(value.as_bytes())[..4])
 }
 
 // === impl ClientKey ===
@@ -73,6 +71,15 @@ impl ClientKey {
 
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.0)
+    }
+}
+
+/// Read from the config file (`[[apps]] client_key`, a client's `apps`, a
+/// rate's `per_app` keys) with the same checks as at every other edge; the
+/// error never repeats the key.
+impl<'de> Deserialize<'de> for ClientKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -165,6 +172,14 @@ impl AccountId {
     }
 }
 
+/// Read from the config file (`[[merchants]] account_id`, a client's
+/// `merchants`) with the same checks as at every other edge.
+impl<'de> Deserialize<'de> for AccountId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for AccountId {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(&self.0)
@@ -225,12 +240,26 @@ impl DouyinApi {
     }
 
     /// Calls per second per app that Douyin's page allows: the default rate.
-    pub fn documented_rate_per_second(self) -> u32 {
+    pub fn documented_rate_per_second(self) -> NonZeroU32 {
         match self {
             // 售后单详情查询: "可承载最大qps 10", read per app (client_key),
             // the conservative reading of a page that does not say per what.
-            Self::AfterSaleOrderDetail => 10,
+            Self::AfterSaleOrderDetail => NonZeroU32::new(10).expect("ten is not zero"),
         }
+    }
+}
+
+/// Read from the config file by name (`[lookup.rates.<name>]`).
+impl<'de> Deserialize<'de> for DouyinApi {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Self::from_name(&name).ok_or_else(|| {
+            let known: Vec<&str> = Self::ALL.iter().map(|api| api.name()).collect();
+            serde::de::Error::custom(format!(
+                "{name:?} is not a Douyin API the daemon calls (known: {})",
+                known.join(", ")
+            ))
+        })
     }
 }
 

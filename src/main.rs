@@ -57,17 +57,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             credentials_directory,
         } => {
             let config = Config::load(cli.config.as_deref())?;
-            let apps = config.resolve_apps(
+            let declarations = config.resolve_declarations(
                 |name| std::env::var(name).ok(),
                 credentials_directory.as_deref(),
             )?;
-            let merchants = config.resolve_merchants()?;
-            let clients = config.resolve_clients()?;
+            config.check_master_key_file(credentials_directory.as_deref())?;
             println!(
                 "config is valid: {} app(s) with readable secrets, {} merchant(s), {} API client(s)",
-                apps.len(),
-                merchants.len(),
-                clients.len()
+                declarations.apps.len(),
+                declarations.merchants.len(),
+                declarations.clients.len()
             );
             Ok(())
         }
@@ -170,7 +169,7 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
     let app = App::start(config, clock).await?;
     let served = async {
         let listener =
-            douyin_tokend::transport::Listener::bind(&listen, &app.config.unix_socket_mode).await?;
+            douyin_tokend::transport::Listener::bind(&listen, app.config.unix_socket_mode).await?;
         let metrics_listener = match metrics_listen {
             Some(address) => Some(
                 tokio::net::TcpListener::bind(address)

@@ -1,13 +1,15 @@
 //! The directory of apps, merchants and API clients: writes them to SQLite,
 //! keeps the merchant → app map and the client list in memory for the request
-//! path, and tells the token manager about apps that come, change or go.
+//! path, and tells the token manager about apps that come, change or go. It
+//! turns the config file's declarations into the store's records: `config`
+//! knows nothing of the store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use crate::access::{ApiClient, Authenticator, KeyHash, Scope};
 use crate::clock::SharedClock;
-use crate::config::{ResolvedApp, ResolvedMerchant};
+use crate::config::Declarations;
 use crate::domain::{AccountId, ClientKey, ClientSecret};
 use crate::store::{AppRecord, ClientRecord, MerchantRecord, Source, Store, StoreError};
 use crate::token::TokenManager;
@@ -56,20 +58,25 @@ impl Registry {
     /// file; runs before the token manager loads.
     pub async fn sync_config(
         store: &Store,
-        apps: &[ResolvedApp],
-        merchants: &[ResolvedMerchant],
-        clients: &[ClientRecord],
+        declarations: &Declarations,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let apps: Vec<(ClientKey, ClientSecret)> = apps
+        let apps: Vec<(ClientKey, ClientSecret)> = declarations
+            .apps
             .iter()
             .map(|app| (app.client_key.clone(), app.client_secret.clone()))
             .collect();
-        let merchants: Vec<(AccountId, ClientKey)> = merchants
+        let merchants: Vec<(AccountId, ClientKey)> = declarations
+            .merchants
             .iter()
             .map(|merchant| (merchant.account_id.clone(), merchant.client_key.clone()))
             .collect();
-        store.sync_config(&apps, &merchants, clients, now_ms).await
+        let clients: Vec<ClientRecord> = declarations
+            .clients
+            .iter()
+            .map(|client| client_record(client, Source::Config))
+            .collect();
+        store.sync_config(&apps, &merchants, &clients, now_ms).await
     }
 
     pub async fn load(
@@ -129,26 +136,29 @@ impl Registry {
     ) -> Result<String, RegistryError> {
         let _serialized = self.writes.lock().await;
         let api_key = crate::access::generate_api_key();
-        let record = ClientRecord {
-            name: name.trim().to_owned(),
-            key_sha256: KeyHash::of_key(&api_key).to_hex(),
-            scopes: scopes.to_vec(),
-            apps: (!apps.is_empty()).then(|| apps.to_vec()),
-            merchants: (!merchants.is_empty()).then(|| merchants.to_vec()),
-            source: Source::Admin,
-        };
-        if record.name.is_empty() || record.name.len() > 64 {
-            return Err(RegistryError::InvalidClient(
-                "a client name is 1 to 64 characters".to_owned(),
-            ));
-        }
-        if record.scopes.is_empty() {
-            return Err(RegistryError::InvalidClient(
-                "give at least one scope".to_owned(),
-            ));
-        }
-        api_client_from_record(&record)
-            .map_err(|error| RegistryError::InvalidClient(error.to_string()))?;
+        let invalid = |message: String| RegistryError::InvalidClient(message);
+        let scopes: BTreeSet<Scope> = scopes
+            .iter()
+            .map(|scope| Scope::parse(scope))
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?;
+        // An empty list over the wire means no bound, as an absent one does in the file.
+        let apps: Option<BTreeSet<ClientKey>> = (!apps.is_empty())
+            .then(|| apps.iter().map(|app| ClientKey::parse(app)).collect())
+            .transpose()
+            .map_err(|error| invalid(error.to_string()))?;
+        let merchants: Option<BTreeSet<AccountId>> = (!merchants.is_empty())
+            .then(|| {
+                merchants
+                    .iter()
+                    .map(|merchant| AccountId::parse(merchant))
+                    .collect()
+            })
+            .transpose()
+            .map_err(|error| invalid(error.to_string()))?;
+        let client = ApiClient::declare(name, KeyHash::of_key(&api_key), scopes, apps, merchants)
+            .map_err(|error| invalid(error.to_string()))?;
+        let record = client_record(&client, Source::Admin);
         if !self
             .store
             .clients()
@@ -184,19 +194,10 @@ impl Registry {
     /// rebuilds the merchant map from the database.
     pub async fn reload_config(
         &self,
-        apps: &[ResolvedApp],
-        merchants: &[ResolvedMerchant],
-        clients: &[ClientRecord],
+        declarations: &Declarations,
     ) -> Result<ReloadReport, StoreError> {
         let _serialized = self.writes.lock().await;
-        Self::sync_config(
-            &self.store,
-            apps,
-            merchants,
-            clients,
-            self.clock.now_unix_ms(),
-        )
-        .await?;
+        Self::sync_config(&self.store, declarations, self.clock.now_unix_ms()).await?;
         self.reload_clients().await?;
         let stored_apps = self.store.apps().list().await?;
         let stored_merchants: HashMap<AccountId, ClientKey> = self
@@ -349,6 +350,32 @@ impl Registry {
 
     pub async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, RegistryError> {
         Ok(self.store.merchants().list().await?)
+    }
+}
+
+/// What the store keeps of a client: its key's hash in hex, and scopes and
+/// bounds as the text the config file and the CLI use.
+fn client_record(client: &ApiClient, source: Source) -> ClientRecord {
+    ClientRecord {
+        name: client.name.clone(),
+        key_sha256: client.key_hash.to_hex(),
+        scopes: client
+            .scopes
+            .iter()
+            .map(|scope| scope.as_str().to_owned())
+            .collect(),
+        apps: client.apps.as_ref().map(|apps| {
+            apps.iter()
+                .map(|client_key| client_key.expose().to_owned())
+                .collect()
+        }),
+        merchants: client.merchants.as_ref().map(|merchants| {
+            merchants
+                .iter()
+                .map(|account_id| account_id.as_str().to_owned())
+                .collect()
+        }),
+        source,
     }
 }
 

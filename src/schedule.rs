@@ -7,25 +7,75 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use croner::parser::{CronParser, Seconds};
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 
 type JobFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// A job: a six-field cron (seconds first, UTC) and the work it triggers.
+/// A cron expression the scheduler accepts: six fields, seconds first, UTC.
+///
+/// Checked when the config loads, with the very parser tokio-cron-scheduler
+/// 0.15 runs in `Job::new_async` (croner, seconds required, day of month and
+/// day of week both honoured), so `check-config` refuses exactly what the
+/// scheduler would refuse at start: a schedule that only the scheduler
+/// rejects would pass the check and then stop `serve` with exit 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronSchedule(String);
+
+impl CronSchedule {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_or_else(text, "")
+    }
+
+    /// Like [`Self::parse`], with the error naming what else the setting
+    /// takes (`or "off"`).
+    pub fn parse_or_else(text: &str, alternative: &str) -> Result<Self, String> {
+        CronParser::builder()
+            .seconds(Seconds::Required)
+            .dom_and_dow(true)
+            .build()
+            .parse(text)
+            .map_err(|error| {
+                format!(
+                    "{text:?} is not a six-field cron (seconds first, e.g. \"*/15 * * * * *\"){alternative}: {error}"
+                )
+            })?;
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CronSchedule {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CronSchedule {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A job: when it runs and the work it triggers.
 pub struct ScheduledJob {
-    pub cron: String,
+    pub cron: CronSchedule,
     pub work: Arc<dyn Fn() -> JobFuture + Send + Sync>,
 }
 
 impl ScheduledJob {
-    pub fn new<F, Fut>(cron: &str, work: F) -> Self
+    pub fn new<F, Fut>(cron: &CronSchedule, work: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         Self {
-            cron: cron.to_owned(),
+            cron: cron.clone(),
             work: Arc::new(move || Box::pin(work())),
         }
     }
@@ -70,5 +120,36 @@ impl Schedules {
         if let Err(error) = self.scheduler.shutdown().await {
             tracing::warn!(%error, "the scheduler did not shut down cleanly");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_parses_exactly_when_the_scheduler_takes_it() {
+        let cases = [
+            ("*/15 * * * * *", true),
+            ("0 17 * * * *", true),
+            ("0 0 0 1 1 *", true),
+            ("0 */2 * * * MON-FRI", true),
+            ("a b c d e f", false),
+            ("99 * * * * *", false),
+            ("x y z 1 2 3", false),
+            ("*/5 * * * *", false),
+            ("", false),
+        ];
+        for (text, valid) in cases {
+            assert_eq!(CronSchedule::parse(text).is_ok(), valid, "{text:?}");
+            let scheduler_takes_it =
+                Job::new_async(text, |_id, _scheduler| Box::pin(async {})).is_ok();
+            assert_eq!(scheduler_takes_it, valid, "the scheduler on {text:?}");
+        }
+        let error = CronSchedule::parse("99 * * * * *").unwrap_err();
+        assert!(
+            error.starts_with("\"99 * * * * *\" is not a six-field cron"),
+            "{error}"
+        );
     }
 }

@@ -73,15 +73,10 @@ impl MasterKey {
         let malformed = || SealError::Malformed {
             path: path.to_owned(),
         };
-        let hex = text.trim();
-        if hex.len() != 64 {
-            return Err(malformed());
-        }
+        // The `hex` crate checks every character, so a file that is not ASCII
+        // is refused as malformed rather than sliced mid-character.
         let mut bytes = [0u8; 32];
-        for (index, byte) in bytes.iter_mut().enumerate() {
-            *byte =
-                u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).map_err(|_| malformed())?;
-        }
+        hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| malformed())?;
         Ok(Self::from_bytes(bytes))
     }
 
@@ -97,12 +92,7 @@ impl MasterKey {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path).map_err(create_error)?;
-        let hex: String = self
-            .bytes
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
-        file.write_all(format!("{hex}\n").as_bytes())
+        file.write_all(format!("{}\n", hex::encode(self.bytes)).as_bytes())
             .map_err(create_error)?;
         file.sync_all().map_err(create_error)?;
         Ok(())
@@ -205,11 +195,19 @@ mod tests {
             "v"
         );
         assert!(key.write_new(&path).is_err(), "never overwrites");
-        std::fs::write(&path, "not hex").unwrap();
-        assert!(matches!(
-            MasterKey::read(&path),
-            Err(SealError::Malformed { .. })
-        ));
+        for malformed in [
+            "not hex".to_owned(),
+            "ab".repeat(31),
+            // 64 bytes that are not 64 characters: a byte-offset slice would
+            // have cut 'é' in half and panicked.
+            format!("{}é{}", "a".repeat(31), "b".repeat(31)),
+        ] {
+            std::fs::write(&path, &malformed).unwrap();
+            assert!(
+                matches!(MasterKey::read(&path), Err(SealError::Malformed { .. })),
+                "{malformed:?}"
+            );
+        }
         assert_eq!(format!("{key:?}"), "MasterKey(<redacted>)");
     }
 }

@@ -11,7 +11,7 @@ use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
 };
 
-use crate::config::{ListenAddress, TlsConfig};
+use crate::config::{ListenAddress, TlsConfig, UnixSocketMode};
 
 /// A bound listener, ready to serve.
 pub enum Listener {
@@ -27,9 +27,9 @@ impl From<TcpListener> for Listener {
 }
 
 impl Listener {
-    /// Binds `address`. A Unix socket gets `mode` (octal text like "0660");
-    /// a stale socket file left by a crashed run is replaced.
-    pub async fn bind(address: &ListenAddress, mode: &str) -> anyhow::Result<Self> {
+    /// Binds `address`. A Unix socket gets `mode`; a stale socket file left
+    /// by a crashed run is replaced.
+    pub async fn bind(address: &ListenAddress, mode: UnixSocketMode) -> anyhow::Result<Self> {
         match address {
             ListenAddress::Tcp(address) => {
                 let listener = TcpListener::bind(address)
@@ -41,8 +41,7 @@ impl Listener {
                 remove_stale_socket(path)?;
                 let listener = UnixListener::bind(path)
                     .with_context(|| format!("cannot listen on {}", path.display()))?;
-                let mode = u32::from_str_radix(mode, 8).context("unix_socket_mode is not octal")?;
-                set_mode(path, mode)?;
+                set_mode(path, mode.bits())?;
                 Ok(Self::Unix(listener, path.clone()))
             }
         }

@@ -269,7 +269,7 @@ pub async fn run_simulated(plan: &SoakPlan) -> anyhow::Result<SoakReport> {
     };
     config.douyin.base_url = sandbox.base_url();
     config.clients.push(crate::bench::bench_client());
-    config.refresh.sweep = "off".to_owned();
+    config.refresh.sweep = None;
     config
         .lookup
         .set_rate_per_second(crate::domain::DouyinApi::AfterSaleOrderDetail, 1_000);

@@ -82,7 +82,7 @@ impl Admission {
         if let Some(gate) = gates.get(&key) {
             return Arc::clone(gate);
         }
-        let rate = self.config.rate_per_second(api, client_key.expose()).max(1);
+        let rate = self.config.rate_per_second(api, client_key).get();
         let gate = Arc::new(AppGate {
             schedule: Mutex::new(Gcra::new(
                 Duration::from_secs_f64(JITTER_HEADROOM / f64::from(rate)),
@@ -143,6 +143,8 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use super::*;
 
     const DETAIL: DouyinApi = DouyinApi::AfterSaleOrderDetail;
@@ -203,10 +205,10 @@ mod tests {
         let mut config = LookupConfig::default();
         config
             .rates
-            .entry(DETAIL.name().to_owned())
+            .entry(DETAIL)
             .or_default()
             .per_app
-            .insert("slow".to_owned(), 1);
+            .insert(ClientKey::parse("slow").unwrap(), NonZeroU32::MIN);
         let admission = Admission::new(&config);
         let slow = ClientKey::parse("slow").unwrap();
         let start = Instant::now();

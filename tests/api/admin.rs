@@ -1,6 +1,7 @@
 //! AdminService and TokenService over gRPC: apps, merchants, token status,
 //! forced refresh, and what happens to merchants when their app goes.
 
+use douyin_tokend::domain::{AccountId, ClientKey};
 use douyin_tokend::proto::tokend::v1::*;
 use tonic::Code;
 
@@ -208,13 +209,13 @@ async fn apps_and_merchants_from_the_config_file_are_synced_at_start_up() {
     std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).unwrap();
     let app = TestApp::spawn_with(|config, _| {
         config.apps.push(douyin_tokend::config::AppEntry {
-            client_key: CLIENT_KEY.to_owned(),
+            client_key: ClientKey::parse(CLIENT_KEY).unwrap(),
             client_secret_file: Some(secret_file.clone()),
             client_secret_env: None,
         });
         config.merchants.push(douyin_tokend::config::MerchantEntry {
-            account_id: ACCOUNT_ID.to_owned(),
-            client_key: CLIENT_KEY.to_owned(),
+            account_id: AccountId::parse(ACCOUNT_ID).unwrap(),
+            client_key: ClientKey::parse(CLIENT_KEY).unwrap(),
         });
     })
     .await;

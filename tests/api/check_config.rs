@@ -14,6 +14,12 @@ async fn check_config(text: &str, environment: &[(&str, &str)]) -> Checked {
     let path = directory.path().join("config.toml");
     std::fs::write(&path, text).unwrap();
     std::fs::write(directory.path().join("readable-secret"), "s3cret\n").unwrap();
+    // 64 bytes that are not 64 characters: once a panic (exit 101).
+    std::fs::write(
+        directory.path().join("non-ascii-master-key"),
+        format!("{}é{}\n", "a".repeat(31), "b".repeat(31)),
+    )
+    .unwrap();
     let output = tokio::process::Command::new(BINARY)
         .arg("--config")
         .arg(&path)
@@ -75,6 +81,19 @@ async fn every_broken_config_exits_64_naming_its_key() {
             "refresh.window_start",
         ),
         ("[refresh]\nsweep = \"*/5 * * * *\"".into(), "refresh.sweep"),
+        // Six fields, but not ones the scheduler takes: once passed here and
+        // stopped `serve` with exit 1.
+        ("[refresh]\nsweep = \"a b c d e f\"".into(), "refresh.sweep"),
+        (
+            "[refresh]\nsweep = \"99 * * * * *\"".into(),
+            "refresh.sweep",
+        ),
+        ("[audit]\nprune = \"x y z 1 2 3\"".into(), "audit.prune"),
+        ("unix_socket_mode = \"0999\"".into(), "unix_socket_mode"),
+        (
+            "master_key_file = \"non-ascii-master-key\"".into(),
+            "master_key_file",
+        ),
         (
             "[refresh]\nmax_concurrent_fetches = 0".into(),
             "refresh.max_concurrent_fetches",
@@ -130,6 +149,15 @@ async fn every_broken_config_exits_64_naming_its_key() {
             ),
             "merchants[1].account_id",
         ),
+        (
+            // 64 bytes that are not 64 characters: once a panic (exit 101).
+            format!(
+                "[[clients]]\nname = \"a\"\nkey_sha256 = \"{}é{}\"\nscopes = [\"admin\"]",
+                "a".repeat(31),
+                "b".repeat(31)
+            ),
+            "clients[0].key_sha256",
+        ),
     ];
     let checks = cases.iter().map(|(text, _)| check_config(text, &[]));
     let results = futures::future::join_all(checks).await;
@@ -179,4 +207,42 @@ async fn good_configs_exit_zero_and_say_what_they_declare() {
         "{}",
         from_environment.stderr
     );
+}
+
+#[tokio::test]
+async fn serve_refuses_a_malformed_master_key_file_with_64_before_opening_the_database() {
+    let directory = tempfile::tempdir().unwrap();
+    let key_file = directory.path().join("master.key");
+    // 64 bytes that are not 64 characters: once a panic (exit 101).
+    std::fs::write(
+        &key_file,
+        format!("{}é{}\n", "a".repeat(31), "b".repeat(31)),
+    )
+    .unwrap();
+    let database = directory.path().join("tokend.db");
+    let config = directory.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nmaster_key_file = \"{}\"\n",
+            database.display(),
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let output = tokio::process::Command::new(BINARY)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("DOUYIN_TOKEND_LISTEN")
+        .env_remove("DOUYIN_TOKEND_DATABASE")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("master_key_file: "), "{stderr}");
+    assert!(!database.exists(), "nothing is created for a bad config");
 }

@@ -96,7 +96,7 @@ impl TestApp {
             database: directory.path().join("tokend.db"),
             ..Config::default()
         };
-        config.refresh.sweep = "off".to_owned();
+        config.refresh.sweep = None;
         config
             .clients
             .push(ClientEntry::with_every_scope("test-admin", ADMIN_API_KEY));

@@ -6,6 +6,7 @@ use std::time::Duration;
 use douyin_tokend::config::TokenEndpoint;
 use douyin_tokend::proto::tokend::v1::RefreshTokenRequest;
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
+use douyin_tokend::schedule::CronSchedule;
 use tonic::Code;
 
 use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, CLIENT_SECRET, TestApp, after_sale_request};
@@ -322,8 +323,10 @@ async fn the_sweep_fetches_for_apps_without_a_token_before_anyone_asks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cron_schedule_triggers_the_sweep() {
-    let app =
-        TestApp::spawn_with(|config, _| config.refresh.sweep = "* * * * * *".to_owned()).await;
+    let app = TestApp::spawn_with(|config, _| {
+        config.refresh.sweep = CronSchedule::parse("* * * * * *").ok()
+    })
+    .await;
     app.register_default().await;
     let mut heartbeat = app.app.tokens.sweep_heartbeat();
     let start = *heartbeat.borrow_and_update();

@@ -146,7 +146,7 @@ async fn the_unix_socket_listener_serves_with_its_permissions_and_cleans_up() {
         listen: ListenAddress::Unix(socket.clone()),
         ..douyin_tokend::config::Config::default()
     };
-    config.refresh.sweep = "off".to_owned();
+    config.refresh.sweep = None;
     config
         .clients
         .push(douyin_tokend::config::ClientEntry::with_every_scope(
@@ -155,7 +155,7 @@ async fn the_unix_socket_listener_serves_with_its_permissions_and_cleans_up() {
         ));
     let clock: SharedClock = ManualClock::starting_at(START_UNIX_MS);
     let app = App::start(config.clone(), clock).await.unwrap();
-    let listener = Listener::bind(&config.listen, &config.unix_socket_mode)
+    let listener = Listener::bind(&config.listen, config.unix_socket_mode)
         .await
         .unwrap();
     let stop = CancellationToken::new();

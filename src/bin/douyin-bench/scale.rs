@@ -105,7 +105,7 @@ impl Bench {
         };
         config.clients.push(douyin_tokend::bench::bench_client());
         config.douyin.base_url = setup.sandbox.base_url();
-        config.refresh.sweep = "off".to_owned();
+        config.refresh.sweep = None;
         let app = App::start(config, shared_clock).await?;
         let step = Duration::from_secs(15);
         let steps = usize::try_from(hours * 3600 / 15)?;

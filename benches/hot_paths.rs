@@ -56,8 +56,7 @@ fn token_look_up(criterion: &mut Criterion) {
         )
         .await
         .expect("a store");
-        let (audit, _writer) =
-            douyin_tokend::audit::AuditLog::start(store.clone(), Arc::clone(&shared_clock));
+        let audit = douyin_tokend::audit::AuditLog::start(store.clone(), Arc::clone(&shared_clock));
         store
             .apps()
             .put(
@@ -86,6 +85,7 @@ fn token_look_up(criterion: &mut Criterion) {
             &RefreshConfig::default(),
             audit,
             Metrics::unregistered(),
+            tokio_util::task::TaskTracker::new(),
         )
         .await
         .expect("the token manager")

@@ -13,6 +13,7 @@ use futures::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
@@ -59,6 +60,9 @@ pub struct App {
     pub metrics: Metrics,
     /// This daemon's metrics and scrape-time readings, served on `metrics_listen`.
     pub metrics_registry: Arc<prometheus_client::registry::Registry>,
+    /// Work started on tasks of its own (the first sweep, token fetches,
+    /// lookup flights): `close` waits for it before the pool closes.
+    tasks: TaskTracker,
 }
 
 impl App {
@@ -83,7 +87,8 @@ impl App {
         let metrics = Metrics::register_in(&mut metrics_registry);
         let douyin = DouyinClient::new(&config.douyin, metrics.clone())
             .context("cannot build the HTTP client")?;
-        let (audit, _audit_writer) = AuditLog::start(store.clone(), clock.clone());
+        let audit = AuditLog::start(store.clone(), clock.clone());
+        let tasks = TaskTracker::new();
         let tokens = TokenManager::load(
             store.clone(),
             douyin.clone(),
@@ -91,16 +96,24 @@ impl App {
             &config.refresh,
             audit.clone(),
             metrics.clone(),
+            tasks.clone(),
         )
         .await?;
         let registry = Registry::load(store.clone(), tokens.clone(), clock.clone()).await?;
-        let lookup = LookupService::new(registry.clone(), tokens.clone(), douyin, &config.lookup);
+        let lookup = LookupService::new(
+            registry.clone(),
+            tokens.clone(),
+            douyin,
+            &config.lookup,
+            tasks.clone(),
+        );
         metrics_registry.register_collector(Box::new(scrape_time_collector(
             tokens.clone(),
             lookup.clone(),
             clock.clone(),
         )));
         Ok(Self {
+            tasks,
             config: Arc::new(config),
             clock,
             store,
@@ -158,7 +171,7 @@ impl App {
         if sweeping {
             // Apps without a valid token get one now rather than at the first tick.
             let tokens = self.tokens.clone();
-            tokio::spawn(async move { tokens.sweep().await });
+            self.tasks.spawn(async move { tokens.sweep().await });
         }
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -367,9 +380,22 @@ impl App {
         }
     }
 
-    /// Writes the last audit lines and closes the database; call after `serve` returned.
+    /// Waits (up to `COMPONENT_STOP_TIMEOUT`) for the work still running on
+    /// its own tasks (a sweep, token fetches, lookup flights) so a token
+    /// fetched during shutdown is still stored, then writes the last audit
+    /// lines and closes the database. Call after `serve` returned.
     pub async fn close(&self) {
-        self.audit.flush().await;
+        self.tasks.close();
+        if tokio::time::timeout(COMPONENT_STOP_TIMEOUT, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "work still running after the stop timeout is dropped; the database closes under it"
+            );
+        }
+        self.audit.stop().await;
         self.store.close().await;
     }
 }

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
 use crate::domain::{AccessToken, ClientKey};
@@ -43,6 +42,8 @@ const MAX_BATCH: usize = 1000;
 enum Command {
     Record(AuditRecord),
     Flush(oneshot::Sender<()>),
+    /// Write what is held, answer, and end: shutdown, before the pool closes.
+    Stop(oneshot::Sender<()>),
 }
 
 /// Where audit lines go. Cheap to clone; recording never waits for the disk.
@@ -54,19 +55,25 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Starts the writer; it ends once every `AuditLog` is dropped, after
-    /// writing what it holds.
-    pub fn start(store: Store, clock: SharedClock) -> (Self, JoinHandle<()>) {
+    /// Starts the writer; it ends at [`AuditLog::stop`], or once every
+    /// `AuditLog` is dropped, after writing what it holds.
+    pub fn start(store: Store, clock: SharedClock) -> Self {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_batches(store.clone(), receiver));
-        (
-            Self {
-                sender,
-                clock,
-                store,
-            },
-            writer,
-        )
+        tokio::spawn(write_batches(store.clone(), receiver));
+        Self {
+            sender,
+            clock,
+            store,
+        }
+    }
+
+    /// Writes what the writer holds and ends it; lines recorded later are
+    /// dropped. Returns once the writer is done with the database.
+    pub async fn stop(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.sender.send(Command::Stop(done)).is_ok() {
+            let _ = stopped.await;
+        }
     }
 
     pub fn record(
@@ -163,6 +170,10 @@ async fn write_batches(store: Store, mut receiver: mpsc::UnboundedReceiver<Comma
             WriterEvent::Command(Command::Flush(done)) => {
                 waiting.push(done);
                 (false, true)
+            }
+            WriterEvent::Command(Command::Stop(done)) => {
+                waiting.push(done);
+                (true, true)
             }
             WriterEvent::TimeToWrite => (false, true),
             WriterEvent::Closed => (true, true),

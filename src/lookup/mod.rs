@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use rand::Rng;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::LookupConfig;
@@ -111,6 +112,8 @@ struct Inner {
     in_flight: Mutex<HashMap<LookupKey, Flight>>,
     cache: Mutex<HashMap<LookupKey, (Instant, AfterSaleAnswer)>>,
     counters: LookupCounters,
+    /// Lookup flights run here, so shutdown waits for them before the pool closes.
+    tasks: TaskTracker,
 }
 
 impl LookupService {
@@ -119,9 +122,11 @@ impl LookupService {
         tokens: TokenManager,
         douyin: DouyinClient,
         config: &LookupConfig,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                tasks,
                 registry,
                 tokens,
                 douyin,
@@ -199,7 +204,7 @@ impl LookupService {
         }
         let service = self.clone();
         let task_key = key.clone();
-        let task = tokio::spawn(
+        let task = self.inner.tasks.spawn(
             async move {
                 let result = service
                     .execute(&task_key.0, &task_key.1, deadline)

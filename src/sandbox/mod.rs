@@ -178,6 +178,43 @@ pub struct SandboxState {
     clock: SharedClock,
     config: Mutex<SandboxConfig>,
     world: Mutex<World>,
+    token_gate: Mutex<Option<Arc<Gate>>>,
+    lookup_gate: Mutex<Option<Arc<Gate>>>,
+}
+
+/// Holds every request of one endpoint until the test releases them, and
+/// tells the test when they arrive: tests wait on events, not on time.
+#[derive(Debug)]
+pub struct Gate {
+    arrivals: tokio::sync::watch::Sender<usize>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            arrivals: tokio::sync::watch::channel(0).0,
+            open: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Completes once `count` requests have arrived at the gate in all.
+    pub async fn arrived(&self, count: usize) {
+        let mut arrivals = self.arrivals.subscribe();
+        // The sender lives as long as the gate, so waiting cannot fail.
+        let _ = arrivals.wait_for(|arrived| *arrived >= count).await;
+    }
+
+    /// Lets every held request, and every later one, through.
+    pub fn release(&self) {
+        self.open.send_replace(true);
+    }
+
+    async fn pass(&self) {
+        let mut open = self.open.subscribe();
+        self.arrivals.send_modify(|arrived| *arrived += 1);
+        let _ = open.wait_for(|open| *open).await;
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -198,6 +235,8 @@ impl SandboxState {
             clock,
             config: Mutex::new(config),
             world: Mutex::new(world),
+            token_gate: Mutex::new(None),
+            lookup_gate: Mutex::new(None),
         })
     }
 
@@ -232,6 +271,20 @@ impl SandboxState {
 
     pub fn configure(&self, change: impl FnOnce(&mut SandboxConfig)) {
         change(&mut lock(&self.config));
+    }
+
+    /// From now on, token endpoint calls wait at the returned gate.
+    pub fn gate_token_endpoint(&self) -> Arc<Gate> {
+        let gate = Gate::new();
+        *lock(&self.token_gate) = Some(Arc::clone(&gate));
+        gate
+    }
+
+    /// From now on, after-sale lookups wait at the returned gate.
+    pub fn gate_lookups(&self) -> Arc<Gate> {
+        let gate = Gate::new();
+        *lock(&self.lookup_gate) = Some(Arc::clone(&gate));
+        gate
     }
 
     pub fn stats(&self) -> SandboxStats {
@@ -384,6 +437,10 @@ async fn token_endpoint(state: &SandboxState, body: &[u8], stable: bool) -> Resp
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
+    let gate = lock(&state.token_gate).clone();
+    if let Some(gate) = gate {
+        gate.pass().await;
+    }
     let fault = {
         let mut world = lock(&state.world);
         world.stats.token_calls += 1;
@@ -428,6 +485,10 @@ async fn after_sale_order_detail(
     let config = lock(&state.config).clone();
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
+    }
+    let gate = lock(&state.lookup_gate).clone();
+    if let Some(gate) = gate {
+        gate.pass().await;
     }
     let fault = {
         let mut world = lock(&state.world);

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt};
 use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use subtle::ConstantTimeEq;
@@ -248,6 +249,8 @@ struct Inner {
     audit: AuditLog,
     report_min_interval_ms: i64,
     metrics: Metrics,
+    /// Fetch tasks run here, so shutdown waits for them before the pool closes.
+    tasks: TaskTracker,
 }
 
 /// Owns every app's token. Cheap to clone; clones share the same state.
@@ -301,6 +304,7 @@ impl TokenManager {
         config: &RefreshConfig,
         audit: AuditLog,
         metrics: Metrics,
+        tasks: TaskTracker,
     ) -> Result<Self, StoreError> {
         let policy = if douyin.uses_stable_tokens() {
             RefreshPolicy::from(config).for_stable_tokens()
@@ -403,6 +407,7 @@ impl TokenManager {
                 audit,
                 report_min_interval_ms: duration_ms(config.report_min_interval),
                 metrics,
+                tasks,
             }),
         })
     }
@@ -523,7 +528,7 @@ impl TokenManager {
         let client_key = slot.client_key.clone();
         // In the span of whoever caused the fetch (a lookup's RPC span, so its
         // request id is on the fetch's log lines; the sweep has none).
-        let task = tokio::spawn(
+        let task = self.inner.tasks.spawn(
             async move {
                 manager
                     .run_fetch(task_slot, secret, generation, reason, now_ms)

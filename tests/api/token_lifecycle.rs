@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use douyin_tokend::config::TokenEndpoint;
-use douyin_tokend::proto::tokend::v1::RefreshTokenRequest;
+use douyin_tokend::proto::tokend::v1::get_access_token_request::Selector;
+use douyin_tokend::proto::tokend::v1::{GetAccessTokenRequest, RefreshTokenRequest};
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use douyin_tokend::schedule::CronSchedule;
 use tonic::Code;
@@ -27,6 +28,49 @@ async fn a_restart_with_a_valid_stored_token_fetches_nothing() {
     assert_eq!(after.access_token, before.access_token);
     assert_eq!(after.generation, before.generation);
     assert_eq!(after.expires_at_unix_ms, before.expires_at_unix_ms);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_fetch_still_running_at_shutdown_is_stored_before_the_database_closes() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    let gate = app.sandbox.state().gate_token_endpoint();
+    // A caller starts the fetch, then goes away: the fetch runs on without it.
+    let mut client = app.token_client();
+    let caller = tokio::spawn(async move {
+        client
+            .get_access_token(GetAccessTokenRequest {
+                selector: Some(Selector::AccountId(ACCOUNT_ID.to_owned())),
+            })
+            .await
+    });
+    gate.arrived(1).await;
+    caller.abort();
+
+    let stopped = app.stop_daemon();
+    tokio::pin!(stopped);
+    // Shutdown waits for the fetch instead of closing the database under it.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut stopped)
+            .await
+            .is_err(),
+        "the daemon stopped while a token fetch was still running"
+    );
+    gate.release();
+    let app = stopped
+        .await
+        .start()
+        .await
+        .map_err(|(error, _)| error)
+        .unwrap();
+    let token = app.access_token_for(ACCOUNT_ID).await.unwrap();
+    assert_eq!(token.generation, 1);
+    assert_eq!(
+        app.sandbox.state().stats().token_calls,
+        1,
+        "the token fetched during shutdown was stored and reused"
+    );
     app.stop().await;
 }
 
@@ -348,28 +392,19 @@ async fn the_cron_schedule_triggers_the_sweep() {
 async fn a_caller_that_gives_up_does_not_cancel_the_token_fetch() {
     let app = TestApp::spawn().await;
     app.register_default().await;
-    app.sandbox
-        .state()
-        .push_token_faults([Fault::Delay(Duration::from_millis(300))]);
-
-    let mut impatient =
-        tonic::Request::new(douyin_tokend::proto::tokend::v1::GetAccessTokenRequest {
-            selector: Some(
-                douyin_tokend::proto::tokend::v1::get_access_token_request::Selector::AccountId(
-                    ACCOUNT_ID.to_owned(),
-                ),
-            ),
-        });
-    impatient.set_timeout(Duration::from_millis(50));
-    let gave_up = app
-        .token_client()
-        .get_access_token(impatient)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(gave_up.code(), Code::Cancelled | Code::DeadlineExceeded),
-        "{gave_up:?}"
-    );
+    let gate = app.sandbox.state().gate_token_endpoint();
+    let mut client = app.token_client();
+    let impatient = tokio::spawn(async move {
+        client
+            .get_access_token(GetAccessTokenRequest {
+                selector: Some(Selector::AccountId(ACCOUNT_ID.to_owned())),
+            })
+            .await
+    });
+    // The fetch is at Douyin; the caller hangs up (its stream is reset).
+    gate.arrived(1).await;
+    impatient.abort();
+    gate.release();
 
     // The fetch went on: the next caller joins it (or finds its result) instead of fetching again.
     let lease = app.access_token_for(ACCOUNT_ID).await.unwrap();

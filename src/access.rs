@@ -4,7 +4,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use rand::RngCore;
 use serde::Deserialize;
@@ -257,10 +259,7 @@ impl Authenticator {
 
     pub fn replace(&self, clients: Vec<ApiClient>) {
         let clients = Arc::new(clients.into_iter().map(Arc::new).collect());
-        *self
-            .clients
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = clients;
+        *self.clients.write() = clients;
     }
 
     /// Finds the client holding `authorization`'s bearer key. Every stored hash
@@ -279,12 +278,7 @@ impl Authenticator {
             .filter(|key| !key.is_empty())
             .ok_or(AccessDenied::MissingKey)?;
         let presented = KeyHash::of_key(presented);
-        let clients = Arc::clone(
-            &self
-                .clients
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let clients = Arc::clone(&self.clients.read());
         let mut found = None;
         for client in clients.iter() {
             if bool::from(client.key_hash.0.ct_eq(&presented.0)) {

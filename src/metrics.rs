@@ -23,7 +23,9 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use axum::Router;
@@ -291,10 +293,7 @@ impl AppLabels {
     fn label_of(&self, client_key: &ClientKey) -> String {
         let fingerprint = client_key.fingerprint();
         // A set of strings stays consistent whatever panicked while holding it.
-        let mut fingerprints = self
-            .fingerprints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut fingerprints = self.fingerprints.lock();
         if fingerprints.contains(&fingerprint) {
             return fingerprint;
         }

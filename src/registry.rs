@@ -5,7 +5,9 @@
 //! knows nothing of the store.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use crate::access::{ApiClient, Authenticator, KeyHash, Scope};
 use crate::clock::SharedClock;
@@ -231,10 +233,7 @@ impl Registry {
                 self.tokens.app_removed(client_key);
             }
         }
-        let mut merchants_in_memory = self
-            .merchants
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut merchants_in_memory = self.merchants.write();
         report.merchants_added = stored_merchants
             .keys()
             .filter(|account_id| !merchants_in_memory.contains_key(*account_id))
@@ -250,10 +249,7 @@ impl Registry {
 
     /// The app serving a merchant, from memory.
     pub fn app_for_merchant(&self, account_id: &AccountId) -> Result<ClientKey, RegistryError> {
-        let merchants = self
-            .merchants
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let merchants = self.merchants.read();
         merchants
             .get(account_id)
             .cloned()
@@ -292,10 +288,7 @@ impl Registry {
                 client_key: client_key.clone(),
             }
         })?;
-        self.merchants
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|_, app| app != client_key);
+        self.merchants.write().retain(|_, app| app != client_key);
         self.tokens.app_removed(client_key);
         tracing::info!(app = %client_key, merchants_removed = removed, "app removed");
         Ok(removed)
@@ -327,7 +320,6 @@ impl Registry {
             })?;
         self.merchants
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(account_id.clone(), client_key.clone());
         tracing::info!(merchant = %account_id, app = %client_key, created, "merchant stored");
         Ok(created)
@@ -340,10 +332,7 @@ impl Registry {
                 account_id: account_id.clone(),
             });
         }
-        self.merchants
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(account_id);
+        self.merchants.write().remove(account_id);
         tracing::info!(merchant = %account_id, "merchant removed");
         Ok(())
     }

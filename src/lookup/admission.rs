@@ -10,7 +10,9 @@
 //! which governor does not offer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -74,10 +76,7 @@ impl Admission {
     }
 
     fn gate(&self, client_key: &ClientKey, api: DouyinApi) -> Arc<AppGate> {
-        let mut gates = self
-            .gates
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut gates = self.gates.lock();
         let key = (client_key.clone(), api);
         if let Some(gate) = gates.get(&key) {
             return Arc::clone(gate);
@@ -111,10 +110,7 @@ impl Admission {
         }
         let gate = self.gate(client_key, api);
         let turn = {
-            let mut schedule = gate
-                .schedule
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut schedule = gate.schedule.lock();
             let turn_us = schedule
                 .reserve(
                     gate.micros_since_epoch(now),

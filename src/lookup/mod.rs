@@ -8,8 +8,10 @@
 pub mod admission;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -190,11 +192,7 @@ impl LookupService {
     /// Joins the identical lookup in flight, or starts one on a task of its own
     /// (so it outlives impatient callers) in the caller's span.
     fn join_or_start_flight(&self, key: &LookupKey, deadline: Instant) -> Flight {
-        let mut in_flight = self
-            .inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut in_flight = self.inner.in_flight.lock();
         if let Some(flight) = in_flight.get(key) {
             self.inner
                 .counters
@@ -237,11 +235,7 @@ impl LookupService {
         if self.inner.config.cache_ttl.is_zero() {
             return None;
         }
-        let cache = self
-            .inner
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cache = self.inner.cache.lock();
         cache
             .get(key)
             .filter(|(stored_at, _)| stored_at.elapsed() < self.inner.config.cache_ttl)
@@ -254,19 +248,11 @@ impl LookupService {
         if let Ok(answer) = result
             && !ttl.is_zero()
         {
-            let mut cache = self
-                .inner
-                .cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut cache = self.inner.cache.lock();
             cache.retain(|_, (stored_at, _)| stored_at.elapsed() < ttl);
             cache.insert(key.clone(), (Instant::now(), answer.clone()));
         }
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
+        self.inner.in_flight.lock().remove(key);
     }
 
     async fn execute(

@@ -9,7 +9,9 @@ mod rules;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use axum::Router;
@@ -217,12 +219,6 @@ impl Gate {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl SandboxState {
     pub fn new(clock: SharedClock, config: SandboxConfig) -> Arc<Self> {
         let mut world = World::default();
@@ -241,13 +237,14 @@ impl SandboxState {
     }
 
     pub fn add_app(&self, client_key: &str, client_secret: &str) {
-        let mut world = lock(&self.world);
+        let mut world = self.world.lock();
         world.apps.entry(client_key.to_owned()).or_default().secret = client_secret.to_owned();
     }
 
     /// Lets `client_key` act for merchant `account_id` (else lookups get 2119005).
     pub fn authorize_merchant(&self, account_id: &str, client_key: &str) {
-        lock(&self.world)
+        self.world
+            .lock()
             .authorized
             .entry(account_id.to_owned())
             .or_default()
@@ -256,47 +253,48 @@ impl SandboxState {
 
     /// The whole response body served for `order_id` (any authorised merchant).
     pub fn put_order_response(&self, order_id: &str, body: Value) {
-        lock(&self.world)
+        self.world
+            .lock()
             .order_responses
             .insert(order_id.to_owned(), body);
     }
 
     pub fn push_lookup_faults(&self, faults: impl IntoIterator<Item = Fault>) {
-        lock(&self.world).lookup_faults.extend(faults);
+        self.world.lock().lookup_faults.extend(faults);
     }
 
     pub fn push_token_faults(&self, faults: impl IntoIterator<Item = Fault>) {
-        lock(&self.world).token_faults.extend(faults);
+        self.world.lock().token_faults.extend(faults);
     }
 
     pub fn configure(&self, change: impl FnOnce(&mut SandboxConfig)) {
-        change(&mut lock(&self.config));
+        change(&mut self.config.lock());
     }
 
     /// From now on, token endpoint calls wait at the returned gate.
     pub fn gate_token_endpoint(&self) -> Arc<Gate> {
         let gate = Gate::new();
-        *lock(&self.token_gate) = Some(Arc::clone(&gate));
+        *self.token_gate.lock() = Some(Arc::clone(&gate));
         gate
     }
 
     /// From now on, after-sale lookups wait at the returned gate.
     pub fn gate_lookups(&self) -> Arc<Gate> {
         let gate = Gate::new();
-        *lock(&self.lookup_gate) = Some(Arc::clone(&gate));
+        *self.lookup_gate.lock() = Some(Arc::clone(&gate));
         gate
     }
 
     pub fn stats(&self) -> SandboxStats {
-        lock(&self.world).stats.clone()
+        self.world.lock().stats.clone()
     }
 
     /// Issues a token as if another service fetched one with the app's key
     /// behind the daemon's back. Returns the token.
     pub fn issue_token_out_of_band(&self, client_key: &str) -> Option<String> {
-        let config = lock(&self.config).clone();
+        let config = self.config.lock().clone();
         let now_ms = self.clock.now_unix_ms();
-        let mut world = lock(&self.world);
+        let mut world = self.world.lock();
         world
             .apps
             .contains_key(client_key)
@@ -305,8 +303,8 @@ impl SandboxState {
 
     /// How the sandbox judges a token right now.
     pub fn judge_token(&self, token: &str) -> TokenVerdict {
-        let config = lock(&self.config).clone();
-        let world = lock(&self.world);
+        let config = self.config.lock().clone();
+        let world = self.world.lock();
         rules::judge_token(&world, token, &config, self.clock.now_unix_ms())
     }
 }
@@ -433,16 +431,16 @@ async fn stable_client_token(State(state): State<Arc<SandboxState>>, body: Bytes
 }
 
 async fn token_endpoint(state: &SandboxState, body: &[u8], stable: bool) -> Response {
-    let config = lock(&state.config).clone();
+    let config = state.config.lock().clone();
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
-    let gate = lock(&state.token_gate).clone();
+    let gate = state.token_gate.lock().clone();
     if let Some(gate) = gate {
         gate.pass().await;
     }
     let fault = {
-        let mut world = lock(&state.world);
+        let mut world = state.world.lock();
         world.stats.token_calls += 1;
         world.token_faults.pop_front()
     };
@@ -452,7 +450,7 @@ async fn token_endpoint(state: &SandboxState, body: &[u8], stable: bool) -> Resp
         return response;
     }
     let now_ms = state.clock.now_unix_ms();
-    let mut world = lock(&state.world);
+    let mut world = state.world.lock();
     let outcome = rules::grant_token(&mut world, body, &config, now_ms, stable);
     match outcome {
         Ok(token) => {
@@ -482,16 +480,16 @@ async fn after_sale_order_detail(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let config = lock(&state.config).clone();
+    let config = state.config.lock().clone();
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
-    let gate = lock(&state.lookup_gate).clone();
+    let gate = state.lookup_gate.lock().clone();
     if let Some(gate) = gate {
         gate.pass().await;
     }
     let fault = {
-        let mut world = lock(&state.world);
+        let mut world = state.world.lock();
         world.stats.lookups += 1;
         world.stats.last_lookup_query = query.clone().into_iter().collect();
         world.lookup_faults.pop_front()
@@ -500,7 +498,9 @@ async fn after_sale_order_detail(
         match fault {
             Fault::ErrorCode(code) => return error_envelope(&state, code, "injected fault"),
             Fault::GatewayEnvelope(code) | Fault::CodeInDataOnly(code) => {
-                *lock(&state.world)
+                *state
+                    .world
+                    .lock()
                     .stats
                     .lookup_codes
                     .entry(code)
@@ -511,7 +511,7 @@ async fn after_sale_order_detail(
         let counted = matches!(fault, Fault::GatewayEnvelope(_) | Fault::CodeInDataOnly(_));
         if let Some(response) = fault_response(&state, fault).await {
             if !counted {
-                lock(&state.world).stats.lookup_faults += 1;
+                state.world.lock().stats.lookup_faults += 1;
             }
             return response;
         }
@@ -519,7 +519,7 @@ async fn after_sale_order_detail(
     if config.busy_fraction > 0.0 {
         let fraction = config.busy_fraction.clamp(0.0, 1.0);
         let busy = {
-            let mut world = lock(&state.world);
+            let mut world = state.world.lock();
             world.busy_counter += 1;
             let n = world.busy_counter as f64;
             (n * fraction).floor() > ((n - 1.0) * fraction).floor()
@@ -534,14 +534,14 @@ async fn after_sale_order_detail(
         .unwrap_or_default();
     let now_ms = state.clock.now_unix_ms();
     let verdict = {
-        let mut world = lock(&state.world);
+        let mut world = state.world.lock();
         rules::admit_lookup(&mut world, token, &query, &config, now_ms)
     };
     match verdict {
         Err((code, description)) => error_envelope(&state, code, description),
         Ok(()) => {
             let order_id = query.get("order_id").cloned().unwrap_or_default();
-            let mut world = lock(&state.world);
+            let mut world = state.world.lock();
             *world.stats.lookup_codes.entry(0).or_default() += 1;
             let body = match world.order_responses.get(&order_id) {
                 Some(body) => body.clone(),
@@ -567,7 +567,7 @@ fn next_logid(world: &mut World) -> String {
 fn error_envelope(state: &SandboxState, code: i64, description: &str) -> Response {
     let now_ms = state.clock.now_unix_ms();
     let logid = {
-        let mut world = lock(&state.world);
+        let mut world = state.world.lock();
         *world.stats.lookup_codes.entry(code).or_default() += 1;
         next_logid(&mut world)
     };
@@ -585,7 +585,7 @@ fn error_envelope(state: &SandboxState, code: i64, description: &str) -> Respons
 async fn fault_response(state: &SandboxState, fault: Fault) -> Option<Response> {
     match fault {
         Fault::GatewayEnvelope(code) => {
-            let log_id = next_logid(&mut lock(&state.world));
+            let log_id = next_logid(&mut state.world.lock());
             Some(
                 axum::Json(json!({"err_no": code, "err_msg": "injected fault", "log_id": log_id}))
                     .into_response(),

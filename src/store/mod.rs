@@ -116,7 +116,7 @@ pub struct Store {
     pool: SqlitePool,
     master_key: Arc<MasterKey>,
     /// An exclusive lock on `<database>.lock`, held until `close`: one owner per token store.
-    owner_lock: Arc<std::sync::Mutex<Option<std::fs::File>>>,
+    owner_lock: Arc<parking_lot::Mutex<Option<std::fs::File>>>,
 }
 
 impl Store {
@@ -170,7 +170,7 @@ impl Store {
                 Self {
                     pool,
                     master_key: Arc::new(master_key),
-                    owner_lock: Arc::new(std::sync::Mutex::new(Some(owner_lock))),
+                    owner_lock: Arc::new(parking_lot::Mutex::new(Some(owner_lock))),
                 },
                 outcome,
             )),
@@ -250,11 +250,7 @@ impl Store {
     /// Closes the pool and gives up ownership of the database.
     pub async fn close(&self) {
         self.pool.close().await;
-        let lock = self
-            .owner_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let lock = self.owner_lock.lock().take();
         drop(lock);
     }
 

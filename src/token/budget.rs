@@ -3,8 +3,8 @@
 //! fetches may use, scheduled fetches spread evenly over the window, and a
 //! pause of scheduled refreshes after Douyin says 10020.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::clock::duration_ms;
@@ -65,12 +65,6 @@ impl TokenBudget {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn forget_old(&self, state: &mut BudgetState, now_ms: i64) {
         while state
             .spent_at_ms
@@ -83,7 +77,7 @@ impl TokenBudget {
 
     /// Spends one fetch, or says when one may be spent again.
     pub fn try_spend(&self, priority: FetchPriority, now_ms: i64) -> Result<(), Duration> {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         self.forget_old(&mut state, now_ms);
         if priority == FetchPriority::Scheduled && now_ms < state.scheduled_paused_until_ms {
             return Err(Duration::from_millis(
@@ -116,12 +110,12 @@ impl TokenBudget {
 
     /// Douyin said we fetch too often: hold scheduled refreshes back for a while.
     pub fn douyin_rate_limited(&self, now_ms: i64) {
-        self.lock().scheduled_paused_until_ms = now_ms + self.pause_ms;
+        self.state.lock().scheduled_paused_until_ms = now_ms + self.pause_ms;
     }
 
     /// Fetches still allowed in the current window (urgent ones included).
     pub fn remaining(&self, now_ms: i64) -> usize {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         self.forget_old(&mut state, now_ms);
         self.limit.saturating_sub(state.spent_at_ms.len())
     }

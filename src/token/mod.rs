@@ -7,7 +7,9 @@ pub mod budget;
 pub mod policy;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt};
@@ -287,13 +289,6 @@ fn token_endpoint_calls_within_window(calls: &VecDeque<i64>, now_ms: i64) -> u64
     u64::try_from(within).unwrap_or(u64::MAX)
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data behind; keep serving.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl TokenManager {
     /// Loads every app and its stored token. Valid stored tokens are used as
     /// they are: a restart fetches nothing for them.
@@ -389,7 +384,7 @@ impl TokenManager {
             apps = apps.len(),
             valid_tokens = apps
                 .values()
-                .filter(|slot| lock(&slot.state).current.is_some())
+                .filter(|slot| slot.state.lock().current.is_some())
                 .count(),
             "token state loaded"
         );
@@ -413,11 +408,7 @@ impl TokenManager {
     }
 
     fn slot(&self, client_key: &ClientKey) -> Option<Arc<AppSlot>> {
-        let apps = self
-            .inner
-            .apps
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let apps = self.inner.apps.read();
         apps.get(client_key).cloned()
     }
 
@@ -464,7 +455,7 @@ impl TokenManager {
 
     fn acquire(&self, slot: &Arc<AppSlot>, reason: RefreshReason) -> Acquire {
         let now_ms = self.now_ms();
-        let mut state = lock(&slot.state);
+        let mut state = slot.state.lock();
         if reason == RefreshReason::Demand
             && let Some(held) = &state.current
             && self.inner.policy.is_servable(held.expires_at_ms, now_ms)
@@ -583,7 +574,7 @@ impl TokenManager {
                 // stable_client_token answered the token already held: the same
                 // generation, and its expiry stays the one counted from the
                 // first fetch (a repeat's expires_in is not documented).
-                let mut state = lock(&slot.state);
+                let mut state = slot.state.lock();
                 state.failure = None;
                 state.inflight = None;
                 let held = state
@@ -618,7 +609,7 @@ impl TokenManager {
                     .await;
                 if let Err(error) = saved {
                     tracing::error!(app = %client_key, %error, "fetched token not stored; it will not be used");
-                    let mut state = lock(&slot.state);
+                    let mut state = slot.state.lock();
                     state.inflight = None;
                     return Err(TokenError::StoreFailed {
                         client_key: client_key.clone(),
@@ -631,7 +622,7 @@ impl TokenManager {
                     &mut rand::rng(),
                 );
                 let lease = lease_of(client_key, &held);
-                let mut state = lock(&slot.state);
+                let mut state = slot.state.lock();
                 tracing::info!(
                     app = %client_key,
                     token = %held.access_token,
@@ -658,7 +649,7 @@ impl TokenManager {
             }
             Err(cause) => {
                 let (failure, error) = {
-                    let mut state = lock(&slot.state);
+                    let mut state = slot.state.lock();
                     let consecutive = state
                         .failure
                         .as_ref()
@@ -730,7 +721,7 @@ impl TokenManager {
     ) -> Result<FetchedToken, TokenFetchError> {
         let mut repeats = 0;
         loop {
-            count_token_endpoint_call(&mut lock(&slot.state).token_endpoint_calls, self.now_ms());
+            count_token_endpoint_call(&mut slot.state.lock().token_endpoint_calls, self.now_ms());
             let fetched = self
                 .inner
                 .douyin
@@ -757,7 +748,8 @@ impl TokenManager {
 
     /// True when `token` is the app's current token (whatever its expiry).
     fn holds_token(&self, slot: &AppSlot, token: &AccessToken) -> bool {
-        lock(&slot.state)
+        slot.state
+            .lock()
             .current
             .as_ref()
             .is_some_and(|held| held.access_token == *token)
@@ -766,7 +758,7 @@ impl TokenManager {
     /// True when `token` is the app's current token and no longer servable.
     fn holds_expired_token(&self, slot: &AppSlot, token: &AccessToken) -> bool {
         let now_ms = self.now_ms();
-        lock(&slot.state).current.as_ref().is_some_and(|held| {
+        slot.state.lock().current.as_ref().is_some_and(|held| {
             held.access_token == *token
                 && !self.inner.policy.is_servable(held.expires_at_ms, now_ms)
         })
@@ -781,7 +773,7 @@ impl TokenManager {
             return false;
         };
         {
-            let mut state = lock(&slot.state);
+            let mut state = slot.state.lock();
             match &state.current {
                 Some(held) if held.generation == generation => {
                     state.current = None;
@@ -820,7 +812,7 @@ impl TokenManager {
         let slot = self.registered_slot(client_key)?;
         let now_ms = self.now_ms();
         let (outcome, generation) = {
-            let mut state = lock(&slot.state);
+            let mut state = slot.state.lock();
             let current_generation = state
                 .current
                 .as_ref()
@@ -880,11 +872,7 @@ impl TokenManager {
     pub async fn sweep(&self) -> SweepReport {
         let now_ms = self.now_ms();
         let slots: Vec<Arc<AppSlot>> = {
-            let apps = self
-                .inner
-                .apps
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let apps = self.inner.apps.read();
             apps.values().cloned().collect()
         };
         let mut report = SweepReport {
@@ -896,7 +884,7 @@ impl TokenManager {
         let mut due: Vec<(i64, Arc<AppSlot>)> = slots
             .into_iter()
             .filter_map(|slot| {
-                let state = lock(&slot.state);
+                let state = slot.state.lock();
                 self.due(&state, now_ms)?;
                 let urgency = state
                     .current
@@ -958,14 +946,10 @@ impl TokenManager {
     /// Registers a new app or a new secret. A new secret clears a failure so the
     /// next demand or sweep tries again at once.
     pub fn app_put(&self, client_key: &ClientKey, secret: ClientSecret) {
-        let mut apps = self
-            .inner
-            .apps
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut apps = self.inner.apps.write();
         match apps.get(client_key) {
             Some(slot) => {
-                let mut state = lock(&slot.state);
+                let mut state = slot.state.lock();
                 if state.secret != secret {
                     state.secret = secret;
                     state.failure = None;
@@ -996,13 +980,9 @@ impl TokenManager {
     }
 
     pub fn app_removed(&self, client_key: &ClientKey) {
-        let mut apps = self
-            .inner
-            .apps
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut apps = self.inner.apps.write();
         if let Some(slot) = apps.remove(client_key) {
-            let mut state = lock(&slot.state);
+            let mut state = slot.state.lock();
             state.removed = true;
             state.current = None;
         }
@@ -1011,15 +991,11 @@ impl TokenManager {
     /// Every app's token state, sorted by fingerprint; no secret included.
     pub fn status(&self) -> Vec<TokenStatusView> {
         let now_ms = self.now_ms();
-        let apps = self
-            .inner
-            .apps
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let apps = self.inner.apps.read();
         let mut views: Vec<TokenStatusView> =
             apps.values()
                 .map(|slot| {
-                    let state = lock(&slot.state);
+                    let state = slot.state.lock();
                     let servable = state.current.as_ref().is_some_and(|held| {
                         self.inner.policy.is_servable(held.expires_at_ms, now_ms)
                     });
@@ -1062,14 +1038,11 @@ impl TokenManager {
     /// True when at least one app holds a valid token (or no app is registered).
     pub fn any_token_servable(&self) -> bool {
         let now_ms = self.now_ms();
-        let apps = self
-            .inner
-            .apps
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let apps = self.inner.apps.read();
         apps.is_empty()
             || apps.values().any(|slot| {
-                lock(&slot.state)
+                slot.state
+                    .lock()
                     .current
                     .as_ref()
                     .is_some_and(|held| self.inner.policy.is_servable(held.expires_at_ms, now_ms))

@@ -267,10 +267,6 @@ impl SandboxState {
         self.world.lock().token_faults.extend(faults);
     }
 
-    pub fn configure(&self, change: impl FnOnce(&mut SandboxConfig)) {
-        change(&mut self.config.lock());
-    }
-
     /// From now on, token endpoint calls wait at the returned gate.
     pub fn gate_token_endpoint(&self) -> Arc<Gate> {
         let gate = Gate::new();

@@ -93,9 +93,31 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn components_that_ignore_shutdown_are_aborted_after_the_wait() {
+        /// Notes that the future holding it was dropped, i.e. aborted.
+        struct DroppedFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for DroppedFlag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let aborted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = DroppedFlag(std::sync::Arc::clone(&aborted));
         let mut components = Components::new();
-        components.spawn("stubborn", std::future::pending());
+        components.spawn("stubborn", async move {
+            let _flag = flag;
+            std::future::pending().await
+        });
         components.spawn("prompt", async { Ok(()) });
+        let started = tokio::time::Instant::now();
         components.wait_for_all(Duration::from_secs(5)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5),
+            "it waited the full time"
+        );
+        assert!(
+            aborted.load(std::sync::atomic::Ordering::SeqCst),
+            "the stubborn component was aborted"
+        );
     }
 }

@@ -109,9 +109,37 @@ async fn reflection_lists_every_service_so_grpcurl_needs_no_proto_files() {
             "douyin.goodlife.v1.AfterSaleService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
             "tokend.v1.AdminService",
             "tokend.v1.TokenService",
         ]
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_v1alpha_answers_older_tools_too() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let app = TestApp::spawn().await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "tokend.v1.TokenService".to_owned(),
+        )),
+    };
+    let mut answers = ServerReflectionClient::new(app.channel())
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = answer.message_response else {
+        panic!("not a file descriptor answer: {answer:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
     app.stop().await;
 }

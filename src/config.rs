@@ -223,10 +223,29 @@ impl std::str::FromStr for ListenAddress {
             Some(_) => Err(format!("{text:?}: a Unix socket path must be absolute, like unix:/run/douyin-tokend/grpc.sock")),
             None => text
                 .parse()
+                .ok()
+                .or_else(|| resolve_host_and_port(text))
                 .map(Self::Tcp)
-                .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:50051 or unix:/run/douyin-tokend/grpc.sock")),
+                .ok_or_else(|| format!("{text:?} is not an address like 127.0.0.1:50051, localhost:50051 or unix:/run/douyin-tokend/grpc.sock")),
         }
     }
+}
+
+/// `host:port` with a host name (`localhost:50051`, as the CLI's `--daemon`
+/// takes it), resolved once at load; an IPv4 address is preferred, since
+/// `localhost` often lists `::1` first and IPv4-only clients would miss it.
+fn resolve_host_and_port(text: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = text.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return None;
+    }
+    let addresses: Vec<SocketAddr> = text.to_socket_addrs().ok()?.collect();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or_else(|| addresses.first())
+        .copied()
 }
 
 impl std::fmt::Display for ListenAddress {
@@ -883,6 +902,11 @@ mod tests {
             ListenAddress::Unix(PathBuf::from("/run/x.sock"))
         );
         assert!(Config::from_toml_str("listen = \"unix:relative.sock\"").is_err());
+        // The form the CLI's --daemon takes is accepted for listen too.
+        let named = Config::from_toml_str("listen = \"localhost:50051\"").unwrap();
+        assert_eq!(named.listen.to_string(), "127.0.0.1:50051");
+        assert!(Config::from_toml_str("listen = \"localhost\"").is_err());
+        assert!(Config::from_toml_str("listen = \"localhost:port\"").is_err());
         assert_eq!(config.douyin.base_url, "https://open.douyin.com");
         assert_eq!(config.refresh.window_start, Duration::from_secs(1500));
         assert_eq!(config.refresh.window_end, Duration::from_secs(900));

@@ -381,8 +381,22 @@ impl std::fmt::Display for UnixSocketMode {
 }
 
 impl<'de> Deserialize<'de> for UnixSocketMode {
+    /// Octal text (`"0660"`) or a TOML octal integer (`0o660`).
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Self::from_octal(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Bits(u32),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Text(text) => Self::from_octal(&text),
+            Written::Bits(bits) if bits <= 0o777 => Ok(Self(bits)),
+            Written::Bits(bits) => Err(format!(
+                "{bits:#o} is not permission bits like \"0660\" or 0o660"
+            )),
+        }
+        .map_err(serde::de::Error::custom)
     }
 }
 
@@ -812,6 +826,14 @@ fn describe_toml_error(text: &str, path: Option<String>, error: &toml::de::Error
         .or_else(|| position.and_then(|position| key_written_at(text, position)))
         .unwrap_or_else(|| "config".to_owned());
     let message = error.message().trim_end();
+    // TOML has no leading-zero integers: `unix_socket_mode = 0660` fails to parse.
+    let hint = if message.contains("leading zero") {
+        " (TOML writes octal as 0o660; or quote it: \"0660\")"
+    } else {
+        ""
+    };
+    let message = format!("{message}{hint}");
+    let message = message.as_str();
     // A missing field's path is its table; name the field itself.
     let key = match message
         .strip_prefix("missing field `")
@@ -906,6 +928,12 @@ mod tests {
         let named = Config::from_toml_str("listen = \"localhost:50051\"").unwrap();
         assert_eq!(named.listen.to_string(), "127.0.0.1:50051");
         assert!(Config::from_toml_str("listen = \"localhost\"").is_err());
+        let octal = Config::from_toml_str("unix_socket_mode = 0o640").unwrap();
+        assert_eq!(octal.unix_socket_mode.bits(), 0o640);
+        let leading_zero = Config::from_toml_str("unix_socket_mode = 0660").unwrap_err();
+        assert!(leading_zero.contains("unix_socket_mode"), "{leading_zero}");
+        assert!(leading_zero.contains("0o660"), "{leading_zero}");
+        assert!(Config::from_toml_str("unix_socket_mode = 0o1777").is_err());
         assert!(Config::from_toml_str("listen = \"localhost:port\"").is_err());
         assert_eq!(config.douyin.base_url, "https://open.douyin.com");
         assert_eq!(config.refresh.window_start, Duration::from_secs(1500));

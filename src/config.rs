@@ -737,6 +737,9 @@ impl Config {
     /// The declared API clients, held to the rules every client keeps.
     pub fn resolve_clients(&self) -> Result<Vec<ApiClient>, ConfigError> {
         let mut names = HashSet::new();
+        // One key authenticates one client: a second entry with the same hash
+        // would make the caller's scopes depend on which entry is found first.
+        let mut key_hashes = HashSet::new();
         self.clients
             .iter()
             .enumerate()
@@ -758,6 +761,12 @@ impl Config {
                     return Err(ConfigError::invalid(
                         format!("clients[{index}].name"),
                         "the same client is declared twice",
+                    ));
+                }
+                if !key_hashes.insert(client.key_sha256.to_hex()) {
+                    return Err(ConfigError::invalid(
+                        format!("clients[{index}].key_sha256"),
+                        "another client already has this key; each client needs a key of its own",
                     ));
                 }
                 Ok(declared)
@@ -1060,6 +1069,10 @@ mod tests {
             (
                 client("a", "\"admin\"") + &client(" a ", "\"admin\""),
                 "clients[1].name",
+            ),
+            (
+                client("a", "\"admin\"") + &client("b", "\"token.read\""),
+                "clients[1].key_sha256",
             ),
         ];
         for (text, key) in cases {

@@ -158,6 +158,16 @@ async fn every_broken_config_exits_64_naming_its_key() {
             ),
             "clients[0].key_sha256",
         ),
+        (
+            // Two clients with one key: whose scopes would a caller get?
+            format!(
+                "[[clients]]\nname = \"a\"\nkey_sha256 = \"{0}\"\nscopes = [\"admin\"]\n[[clients]]\nname = \"b\"\nkey_sha256 = \"{0}\"\nscopes = [\"token.read\"]",
+                "c".repeat(64)
+            ),
+            "clients[1].key_sha256",
+        ),
+        ("listen = \"localhost\"".into(), "listen"),
+        ("unix_socket_mode = 0660".into(), "unix_socket_mode"),
     ];
     let checks = cases.iter().map(|(text, _)| check_config(text, &[]));
     let results = futures::future::join_all(checks).await;

@@ -429,6 +429,22 @@ fn scrape_time_collector(
     })
 }
 
+/// Proves the `[tls]` files (certificates and key parse, the key belongs to
+/// the certificate, the client CA parses), naming the config key when one
+/// cannot serve: check-config and serve reject the same files, before
+/// anything is created on disk.
+pub fn check_tls_files(config: &Config) -> Result<(), ConfigError> {
+    match &config.tls {
+        Some(tls) => server_tls(tls)
+            .map(drop)
+            .map_err(|error| ConfigError::Invalid {
+                key: error.key.to_owned(),
+                message: error.message,
+            }),
+        None => Ok(()),
+    }
+}
+
 /// The config's apps with their secrets read (from `$CREDENTIALS_DIRECTORY`
 /// under systemd), its merchants and its API clients.
 fn resolve_declarations(config: &Config) -> Result<Declarations, ConfigError> {

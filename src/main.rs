@@ -62,6 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 credentials_directory.as_deref(),
             )?;
             config.check_master_key_file(credentials_directory.as_deref())?;
+            douyin_tokend::app::check_tls_files(&config)?;
             println!(
                 "config is valid: {} app(s) with readable secrets, {} merchant(s), {} API client(s)",
                 declarations.apps.len(),
@@ -164,20 +165,22 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
     let shutdown = shutdown_signal()?;
     let reload_requests = reload_signal()?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let listen = config.listen.clone();
-    let metrics_listen = config.metrics_listen;
+    // Everything that can be refused is refused before the database or a
+    // master key is created: the TLS files, then the listeners (a port in use
+    // must not leave a new database behind).
+    douyin_tokend::app::check_tls_files(&config)?;
+    let listener =
+        douyin_tokend::transport::Listener::bind(&config.listen, config.unix_socket_mode).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?,
+        ),
+        None => None,
+    };
     let app = App::start(config, clock).await?;
     let served = async {
-        let listener =
-            douyin_tokend::transport::Listener::bind(&listen, app.config.unix_socket_mode).await?;
-        let metrics_listener = match metrics_listen {
-            Some(address) => Some(
-                tokio::net::TcpListener::bind(address)
-                    .await
-                    .with_context(|| format!("cannot listen for metrics on {address}"))?,
-            ),
-            None => None,
-        };
         let options = ServeOptions {
             metrics_listener,
             notifier,

@@ -81,25 +81,48 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set the permissions of {}", path.display()))
 }
 
+/// A `[tls]` file that cannot serve, with the config key that names it.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct TlsFileError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn tls_error(key: &'static str, message: impl Into<String>) -> TlsFileError {
+    TlsFileError {
+        key,
+        message: message.into(),
+    }
+}
+
 /// The server side of `[tls]`, with its files proven: the certificate chain
 /// and the key parse, the key matches the certificate, and the client CA (if
 /// any) parses. tonic would only find out when the server starts, after
 /// systemd already heard READY=1.
-pub fn server_tls(config: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
-    let read = |path: &Path| {
-        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+pub fn server_tls(config: &TlsConfig) -> Result<ServerTlsConfig, TlsFileError> {
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read(path)
+            .map_err(|error| tls_error(key, format!("cannot read {}: {error}", path.display())))
     };
-    let certificate_pem = read(&config.cert_file)?;
-    let key_pem = read(&config.key_file)?;
+    let certificate_pem = read("tls.cert_file", &config.cert_file)?;
+    let key_pem = read("tls.key_file", &config.key_file)?;
     prove_identity(&certificate_pem, &key_pem, config)?;
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(certificate_pem, key_pem));
     if let Some(client_ca) = &config.client_ca_file {
-        let client_ca_pem = read(client_ca)?;
-        let roots = parse_certificates(&client_ca_pem, client_ca)?;
+        let client_ca_pem = read("tls.client_ca_file", client_ca)?;
+        let roots = parse_certificates(&client_ca_pem, client_ca)
+            .map_err(|message| tls_error("tls.client_ca_file", message))?;
         let mut store = rustls::RootCertStore::empty();
         for root in roots {
-            store.add(root).with_context(|| {
-                format!("{}: a certificate is not a usable CA", client_ca.display())
+            store.add(root).map_err(|error| {
+                tls_error(
+                    "tls.client_ca_file",
+                    format!(
+                        "{}: a certificate is not a usable CA: {error}",
+                        client_ca.display()
+                    ),
+                )
             })?;
         }
         tls = tls.client_ca_root(Certificate::from_pem(client_ca_pem));
@@ -112,28 +135,35 @@ fn prove_identity(
     certificate_pem: &[u8],
     key_pem: &[u8],
     config: &TlsConfig,
-) -> anyhow::Result<()> {
+) -> Result<(), TlsFileError> {
     use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject;
 
-    let chain = parse_certificates(certificate_pem, &config.cert_file)?;
+    let chain = parse_certificates(certificate_pem, &config.cert_file)
+        .map_err(|message| tls_error("tls.cert_file", message))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| {
-        anyhow::anyhow!(
-            "{} holds no usable PEM private key: {error}",
-            config.key_file.display()
+        tls_error(
+            "tls.key_file",
+            format!(
+                "{} holds no usable PEM private key: {error}",
+                config.key_file.display()
+            ),
         )
     })?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("the TLS provider offers no protocol version")?
+        .map_err(|error| tls_error("tls", format!("the TLS provider offers no protocol version: {error}")))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a TLS identity (does the key belong to the certificate?)",
-                config.cert_file.display(),
-                config.key_file.display()
+        .map_err(|error| {
+            tls_error(
+                "tls.key_file",
+                format!(
+                    "{} and {} do not make a TLS identity (does the key belong to the certificate?): {error}",
+                    config.cert_file.display(),
+                    config.key_file.display()
+                ),
             )
         })?;
     Ok(())
@@ -143,15 +173,15 @@ fn prove_identity(
 fn parse_certificates(
     pem: &[u8],
     path: &Path,
-) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
     let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| anyhow::anyhow!("{} is not PEM certificates: {error}", path.display()))?;
+        .map_err(|error| format!("{} is not PEM certificates: {error}", path.display()))?;
     if certificates.is_empty() {
-        anyhow::bail!("{} holds no PEM certificate", path.display());
+        return Err(format!("{} holds no PEM certificate", path.display()));
     }
     Ok(certificates)
 }

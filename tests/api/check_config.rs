@@ -167,6 +167,15 @@ async fn every_broken_config_exits_64_naming_its_key() {
             "clients[1].key_sha256",
         ),
         ("listen = \"localhost\"".into(), "listen"),
+        (
+            "[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\""
+                .into(),
+            "tls.cert_file",
+        ),
+        (
+            "[tls]\ncert_file = \"/etc/passwd\"\nkey_file = \"/etc/passwd\"".into(),
+            "tls.cert_file",
+        ),
         ("unix_socket_mode = 0660".into(), "unix_socket_mode"),
     ];
     let checks = cases.iter().map(|(text, _)| check_config(text, &[]));

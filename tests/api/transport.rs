@@ -191,11 +191,21 @@ async fn serve_with_tls_files(
     directory: &std::path::Path,
     tls_table: &str,
 ) -> (Option<i32>, Vec<String>, String) {
+    serve_once(directory, "127.0.0.1:0", tls_table).await
+}
+
+/// Runs `serve` on `listen` with `rest` of the config and a notify socket;
+/// returns the exit code, what systemd heard and the daemon's stderr.
+async fn serve_once(
+    directory: &std::path::Path,
+    listen: &str,
+    rest: &str,
+) -> (Option<i32>, Vec<String>, String) {
     let config_path = directory.join("config.toml");
     std::fs::write(
         &config_path,
         format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\n{tls_table}\n",
+            "listen = \"{listen}\"\ndatabase = \"{}\"\n{rest}\n",
             directory.join("tokend.db").display()
         ),
     )
@@ -232,7 +242,7 @@ async fn serve_with_tls_files(
 }
 
 #[tokio::test]
-async fn unusable_tls_files_stop_serve_before_it_tells_systemd_it_is_ready() {
+async fn unusable_tls_files_stop_serve_with_exit_64_before_ready_and_before_the_database() {
     let pki = TestPki::new();
     let other = TestPki::new();
     let directory = pki.directory.path();
@@ -285,11 +295,34 @@ async fn unusable_tls_files_stop_serve_before_it_tells_systemd_it_is_ready() {
     ] {
         let run = tempfile::tempdir().unwrap();
         let (code, heard, stderr) = serve_with_tls_files(run.path(), &tls_table).await;
-        assert_eq!(code, Some(1), "{tls_table}\n{stderr}");
+        assert_eq!(code, Some(64), "a bad config: {tls_table}\n{stderr}");
+        assert!(
+            !run.path().join("tokend.db").exists(),
+            "nothing is created before the refusal"
+        );
         assert!(
             !heard.iter().any(|message| message.contains("READY=1")),
             "{tls_table}: systemd heard {heard:?}"
         );
         assert!(stderr.contains(expected), "{tls_table}: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn a_port_in_use_stops_serve_before_it_creates_a_database_or_a_master_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let (code, heard, stderr) = serve_once(run.path(), &listen, "").await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert!(heard.iter().all(|message| !message.contains("READY=1")));
+    assert!(
+        !run.path().join("tokend.db").exists(),
+        "a database was created"
+    );
+    assert!(
+        !run.path().join("master.key").exists(),
+        "a master key was created"
+    );
 }

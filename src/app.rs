@@ -466,6 +466,62 @@ pub struct KeyRotation {
 /// master key and replaces the key file. The new key is written beside the old
 /// one first (`<file>.new`) and renamed over it only after the database
 /// committed, so a crash leaves either the old pair or the new key ready to rename.
+/// The old key file's owner, group and mode, which the new key takes over so
+/// the service user can still read it (run as root, a plain write would leave
+/// `root:root 0600` and the next start would fail with Permission denied).
+struct KeyFileOwnership {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+impl KeyFileOwnership {
+    /// Reads the key file's ownership and refuses when the database's owner
+    /// (the service user, who created it) could not read a key with it.
+    fn of(key_file: &Path, database: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let key = std::fs::metadata(key_file)
+            .with_context(|| format!("cannot read the ownership of {}", key_file.display()))?;
+        let ownership = Self {
+            uid: key.uid(),
+            gid: key.gid(),
+            mode: key.mode() & 0o777,
+        };
+        if let Ok(database) = std::fs::metadata(database) {
+            let service_uid = database.uid();
+            let readable = service_uid == 0
+                || (service_uid == ownership.uid && ownership.mode & 0o400 != 0)
+                || (database.gid() == ownership.gid && ownership.mode & 0o040 != 0)
+                || ownership.mode & 0o004 != 0;
+            if !readable {
+                anyhow::bail!(
+                    "{} ({}:{} mode {:04o}) is not readable by uid {service_uid}, which owns the database; a key written like it would stop the next start. Fix its owner or mode first (e.g. chown {service_uid} {}); nothing was changed",
+                    key_file.display(),
+                    ownership.uid,
+                    ownership.gid,
+                    ownership.mode,
+                    key_file.display()
+                );
+            }
+        }
+        Ok(ownership)
+    }
+
+    fn apply_to(&self, file: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(file, Some(self.uid), Some(self.gid)).with_context(|| {
+            format!(
+                "cannot give {} the old key's owner {}:{}",
+                file.display(),
+                self.uid,
+                self.gid
+            )
+        })?;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(self.mode))
+            .with_context(|| format!("cannot give {} the old key's mode", file.display()))
+    }
+}
+
 pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
     let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     let key_file = config.master_key_path(credentials_directory.as_deref());
@@ -473,6 +529,7 @@ pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
         anyhow::bail!("no master key at {}; nothing to rotate", key_file.display());
     }
     config.check_master_key_file(credentials_directory.as_deref())?;
+    let ownership = KeyFileOwnership::of(&key_file, &config.database)?;
     let (mut store, _) = Store::open(&config.database, &key_file).await?;
     let staged = PathBuf::from(format!("{}.new", key_file.display()));
     if staged.exists() {
@@ -483,6 +540,7 @@ pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
     new_key.write_new(&staged).context(
         "cannot write the new key beside the old one; if the key is a systemd credential, rotate with --config naming a master_key_file at the credential's writable source",
     )?;
+    ownership.apply_to(&staged)?;
     let values_resealed = store.rotate_master_key(new_key).await?;
     std::fs::rename(&staged, &key_file).with_context(|| {
         format!(

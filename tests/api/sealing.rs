@@ -140,3 +140,61 @@ async fn a_second_daemon_on_the_same_database_is_refused() {
     );
     app.stop().await;
 }
+
+/// The uid this test runs as (root in CI), from /proc.
+fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+        .expect("a Uid line")
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_key_files_owner_group_and_mode_and_refuses_an_unreadable_layout() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    let stopped = app.stop_daemon().await;
+    let key_file = stopped.config.master_key_path(None);
+    // The service user: nobody when the test runs as root (as CI does), else ourselves.
+    let service = if current_uid() == 0 {
+        65534
+    } else {
+        current_uid()
+    };
+    for file in stopped.database_files() {
+        std::os::unix::fs::chown(&file, Some(service), Some(service)).unwrap();
+    }
+    std::os::unix::fs::chown(&key_file, Some(service), Some(service)).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    douyin_tokend::app::rotate_master_key(&stopped.config)
+        .await
+        .unwrap();
+    let rotated = std::fs::metadata(&key_file).unwrap();
+    assert_eq!(
+        (rotated.uid(), rotated.gid(), rotated.mode() & 0o777),
+        (service, service, 0o640),
+        "the new key has the old one's owner, group and mode"
+    );
+
+    if current_uid() == 0 {
+        // A key only root can read, beside a database the service user owns:
+        // refused, and the key stays as it was.
+        std::os::unix::fs::chown(&key_file, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let before = std::fs::read(&key_file).unwrap();
+        let error = douyin_tokend::app::rotate_master_key(&stopped.config)
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("not readable by uid 65534"),
+            "{error:#}"
+        );
+        assert_eq!(std::fs::read(&key_file).unwrap(), before);
+    }
+}

@@ -47,7 +47,7 @@ impl Listener {
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Self::Tcp(listener) => listener
                 .local_addr()
@@ -85,7 +85,7 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
 /// and the key parse, the key matches the certificate, and the client CA (if
 /// any) parses. tonic would only find out when the server starts, after
 /// systemd already heard READY=1.
-pub fn server_tls(config: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+pub(crate) fn server_tls(config: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
     let read = |path: &Path| {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
     };

@@ -40,7 +40,7 @@ pub struct DaemonProcess {
     pub grpc_address: SocketAddr,
     /// Where metrics are served, when the config asked for them.
     pub metrics_address: Option<SocketAddr>,
-    pub log_path: PathBuf,
+    pub(crate) log_path: PathBuf,
 }
 
 /// Variables a parent environment may hold that would override the config file.
@@ -150,7 +150,7 @@ impl DaemonProcess {
     }
 
     /// Ends the process at once (SIGKILL) and reaps it.
-    pub async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
 

@@ -9,7 +9,7 @@ use super::{DouyinClient, logid_header, transport_error};
 use crate::domain::{AccessToken, AfterSaleQuery};
 use crate::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailResponse;
 
-pub use super::envelope::LookupFailure;
+pub(crate) use super::envelope::LookupFailure;
 
 pub const PATH: &str = "/goodlife/v1/akte/after_sale/order_detail/get/";
 
@@ -17,7 +17,7 @@ pub const PATH: &str = "/goodlife/v1/akte/after_sale/order_detail/get/";
 const ENDPOINT_LABEL: &str = "after_sale";
 
 /// A successful answer: the decoded response and the body it came from.
-pub type AfterSaleAnswer = Decoded<GetAfterSaleOrderDetailResponse>;
+pub(crate) type AfterSaleAnswer = Decoded<GetAfterSaleOrderDetailResponse>;
 
 impl GoodlifeResponse for GetAfterSaleOrderDetailResponse {
     fn has_data(&self) -> bool {
@@ -34,7 +34,7 @@ impl GoodlifeResponse for GetAfterSaleOrderDetailResponse {
 
 impl DouyinClient {
     /// One upstream call; `deadline` (the caller's remaining time) bounds its timeout.
-    pub async fn get_after_sale_order_detail(
+    pub(crate) async fn get_after_sale_order_detail(
         &self,
         access_token: &AccessToken,
         query: &AfterSaleQuery,

@@ -4,7 +4,7 @@
 pub mod after_sale;
 pub mod codes;
 pub mod envelope;
-pub mod token_endpoint;
+pub(crate) mod token_endpoint;
 
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ pub enum TransportError {
 
 impl TransportError {
     /// Why no usable answer came, as the `cause` label of failed token fetches.
-    pub fn cause_label(&self) -> &'static str {
+    pub(crate) fn cause_label(&self) -> &'static str {
         match self {
             Self::Timeout { .. } => "timeout",
             Self::Connect { .. } => "connect",
@@ -78,7 +78,7 @@ impl DouyinClient {
     }
 
     /// True when tokens come from `stable_client_token`.
-    pub fn uses_stable_tokens(&self) -> bool {
+    pub(crate) fn uses_stable_tokens(&self) -> bool {
         self.token_endpoint == TokenEndpoint::StableClientToken
     }
 

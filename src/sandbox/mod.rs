@@ -104,14 +104,14 @@ pub struct SandboxStats {
     /// Calls to the token endpoints, whatever their outcome.
     pub token_calls: u64,
     /// Tokens issued, per client_key.
-    pub tokens_issued: HashMap<String, u64>,
+    pub(crate) tokens_issued: HashMap<String, u64>,
     /// Token endpoint refusals by code.
     pub token_refusals: BTreeMap<i64, u64>,
     pub lookups: u64,
     /// Lookup answers by Douyin code (0 = success).
     pub lookup_codes: BTreeMap<i64, u64>,
     /// Lookups answered with an injected fault that carries no code.
-    pub lookup_faults: u64,
+    pub(crate) lookup_faults: u64,
     /// Lookups that found their app's one-second window already full (each
     /// answered 2119003): how often the daemon overran Douyin's rate.
     pub lookup_window_overruns: u64,
@@ -220,7 +220,7 @@ impl Gate {
 }
 
 impl SandboxState {
-    pub fn new(clock: SharedClock, config: SandboxConfig) -> Arc<Self> {
+    pub(crate) fn new(clock: SharedClock, config: SandboxConfig) -> Arc<Self> {
         let mut world = World::default();
         let documented: Value =
             serde_json::from_str(DOCUMENTED_EXAMPLE).expect("the documented example is JSON");
@@ -275,7 +275,7 @@ impl SandboxState {
     }
 
     /// From now on, after-sale lookups wait at the returned gate.
-    pub fn gate_lookups(&self) -> Arc<Gate> {
+    pub(crate) fn gate_lookups(&self) -> Arc<Gate> {
         let gate = Gate::new();
         *self.lookup_gate.lock() = Some(Arc::clone(&gate));
         gate
@@ -388,7 +388,7 @@ impl Sandbox {
         format!("http://{}", self.address)
     }
 
-    pub fn address(&self) -> SocketAddr {
+    pub(crate) fn address(&self) -> SocketAddr {
         self.address
     }
 

@@ -251,12 +251,6 @@ pub(crate) struct Authenticator {
 }
 
 impl Authenticator {
-    pub(crate) fn new(clients: Vec<ApiClient>) -> Self {
-        let authenticator = Self::default();
-        authenticator.replace(clients);
-        authenticator
-    }
-
     pub(crate) fn replace(&self, clients: Vec<ApiClient>) {
         let clients = Arc::new(clients.into_iter().map(Arc::new).collect());
         *self.clients.write() = clients;
@@ -305,7 +299,8 @@ mod tests {
 
     #[test]
     fn bearer_keys_find_their_client_and_nothing_else() {
-        let authenticator = Authenticator::new(vec![
+        let authenticator = Authenticator::default();
+        authenticator.replace(vec![
             client("a", "key-a", &[Scope::TokenRead]),
             client("b", "key-b", &[Scope::Admin]),
         ]);

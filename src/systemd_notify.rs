@@ -38,13 +38,9 @@ impl SystemdNotifier {
         Self::from_variables(|name| std::env::var(name).ok(), std::process::id())
     }
 
-    /// Talks to nothing: for tests and for running outside systemd.
-    pub(crate) fn disabled() -> Self {
-        Self::default()
-    }
-
     /// Talks to the socket at `path`, with a watchdog when one is given; for tests.
-    pub(crate) fn to_socket(path: impl Into<PathBuf>, watchdog_timeout: Option<Duration>) -> Self {
+    #[cfg(test)]
+    fn to_socket(path: impl Into<PathBuf>, watchdog_timeout: Option<Duration>) -> Self {
         Self {
             socket: Some(NotifySocket::Path(path.into())),
             watchdog_timeout,
@@ -72,11 +68,6 @@ impl SystemdNotifier {
         }
     }
 
-    /// True when a notify socket is configured.
-    pub(crate) fn is_enabled(&self) -> bool {
-        self.socket.is_some()
-    }
-
     /// `WatchdogSec=` as systemd passed it, when the watchdog is on.
     pub(crate) fn watchdog_timeout(&self) -> Option<Duration> {
         self.watchdog_timeout
@@ -96,10 +87,6 @@ impl SystemdNotifier {
     /// Shutdown began.
     pub(crate) fn stopping(&self, status: &str) {
         self.send_logged(&format!("STOPPING=1\nSTATUS={}", one_line(status)));
-    }
-
-    pub(crate) fn status(&self, status: &str) {
-        self.send_logged(&format!("STATUS={}", one_line(status)));
     }
 
     /// Tells systemd the daemon is alive.
@@ -267,7 +254,7 @@ mod tests {
 
         let outside_systemd =
             SystemdNotifier::from_variables(variables(&[("WATCHDOG_USEC", "1000")]), 42);
-        assert!(!outside_systemd.is_enabled());
+        assert_eq!(outside_systemd.socket, None);
         assert_eq!(outside_systemd.watchdog_timeout(), None);
         outside_systemd.send("READY=1").unwrap();
     }

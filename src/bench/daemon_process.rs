@@ -149,11 +149,6 @@ impl DaemonProcess {
             .ok()
     }
 
-    /// Ends the process at once (SIGKILL) and reaps it.
-    pub(crate) async fn kill(&mut self) {
-        let _ = self.child.kill().await;
-    }
-
     /// Everything the daemon logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -27,12 +27,6 @@ pub struct LatencySummary {
 }
 
 impl Latencies {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
-        Self {
-            micros: Vec::with_capacity(capacity),
-        }
-    }
-
     pub fn record(&mut self, latency: Duration) {
         self.micros
             .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
@@ -40,14 +34,6 @@ impl Latencies {
 
     pub fn extend(&mut self, other: Latencies) {
         self.micros.extend(other.micros);
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.micros.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.micros.is_empty()
     }
 
     /// Nearest-rank percentiles.

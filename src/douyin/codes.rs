@@ -47,16 +47,6 @@ pub enum Envelope {
     TokenEndpoint,
 }
 
-impl Envelope {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Goodlife => "goodlife",
-            Self::OpenApiGateway => "open-API gateway",
-            Self::TokenEndpoint => "token endpoint",
-        }
-    }
-}
-
 /// One code Douyin answers, as the daemon understands it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KnownCode {

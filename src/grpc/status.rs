@@ -333,6 +333,11 @@ fn douyin_code_table_markdown() -> String {
             CodeClass::Offline => "offline",
             CodeClass::Business => "business",
         };
+        let envelope = match known.envelope {
+            Envelope::Goodlife => "goodlife",
+            Envelope::OpenApiGateway => "open-API gateway",
+            Envelope::TokenEndpoint => "token endpoint",
+        };
         let documented = if known.class_documented {
             "documented"
         } else {
@@ -372,10 +377,8 @@ fn douyin_code_table_markdown() -> String {
             (daemon, caller)
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {class} ({documented}) | {daemon} | {caller} |\n",
-            known.code,
-            known.envelope.as_str(),
-            known.meaning,
+            "| {} | {envelope} | {} | {class} ({documented}) | {daemon} | {caller} |\n",
+            known.code, known.meaning,
         ));
     }
     table

@@ -388,10 +388,6 @@ impl Sandbox {
         format!("http://{}", self.address)
     }
 
-    pub(crate) fn address(&self) -> SocketAddr {
-        self.address
-    }
-
     pub fn state(&self) -> &Arc<SandboxState> {
         &self.state
     }

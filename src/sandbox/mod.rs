@@ -181,7 +181,6 @@ pub struct SandboxState {
     config: Mutex<SandboxConfig>,
     world: Mutex<World>,
     token_gate: Mutex<Option<Arc<Gate>>>,
-    lookup_gate: Mutex<Option<Arc<Gate>>>,
 }
 
 /// Holds every request of one endpoint until the test releases them, and
@@ -232,7 +231,6 @@ impl SandboxState {
             config: Mutex::new(config),
             world: Mutex::new(world),
             token_gate: Mutex::new(None),
-            lookup_gate: Mutex::new(None),
         })
     }
 
@@ -271,13 +269,6 @@ impl SandboxState {
     pub fn gate_token_endpoint(&self) -> Arc<Gate> {
         let gate = Gate::new();
         *self.token_gate.lock() = Some(Arc::clone(&gate));
-        gate
-    }
-
-    /// From now on, after-sale lookups wait at the returned gate.
-    pub(crate) fn gate_lookups(&self) -> Arc<Gate> {
-        let gate = Gate::new();
-        *self.lookup_gate.lock() = Some(Arc::clone(&gate));
         gate
     }
 
@@ -475,10 +466,6 @@ async fn after_sale_order_detail(
     let config = state.config.lock().clone();
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
-    }
-    let gate = state.lookup_gate.lock().clone();
-    if let Some(gate) = gate {
-        gate.pass().await;
     }
     let fault = {
         let mut world = state.world.lock();

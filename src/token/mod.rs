@@ -233,9 +233,36 @@ struct AppState {
     token_endpoint_calls: VecDeque<i64>,
 }
 
+impl AppState {
+    /// An app with no token, no failure and no history.
+    fn new(secret: ClientSecret) -> Self {
+        Self {
+            secret,
+            current: None,
+            generation: 0,
+            refresh_at_ms: None,
+            failure: None,
+            invalidated: false,
+            inflight: None,
+            removed: false,
+            last_report_refresh_ms: None,
+            token_endpoint_calls: VecDeque::new(),
+        }
+    }
+}
+
 struct AppSlot {
     client_key: ClientKey,
     state: Mutex<AppState>,
+}
+
+impl AppSlot {
+    fn new(client_key: ClientKey, state: AppState) -> Arc<Self> {
+        Arc::new(Self {
+            client_key,
+            state: Mutex::new(state),
+        })
+    }
 }
 
 struct Inner {
@@ -362,24 +389,14 @@ impl TokenManager {
                 }
             });
             let state = AppState {
-                secret,
                 invalidated: record.invalidated_at_ms.is_some(),
                 current,
                 generation: record.generation,
                 refresh_at_ms,
                 failure,
-                inflight: None,
-                removed: false,
-                last_report_refresh_ms: None,
-                token_endpoint_calls: VecDeque::new(),
+                ..AppState::new(secret)
             };
-            apps.insert(
-                client_key.clone(),
-                Arc::new(AppSlot {
-                    client_key,
-                    state: Mutex::new(state),
-                }),
-            );
+            apps.insert(client_key.clone(), AppSlot::new(client_key, state));
         }
         tracing::info!(
             apps = apps.len(),
@@ -964,24 +981,9 @@ impl TokenManager {
                 }
             }
             None => {
-                let state = AppState {
-                    secret,
-                    current: None,
-                    generation: 0,
-                    refresh_at_ms: None,
-                    failure: None,
-                    invalidated: false,
-                    inflight: None,
-                    removed: false,
-                    last_report_refresh_ms: None,
-                    token_endpoint_calls: VecDeque::new(),
-                };
                 apps.insert(
                     client_key.clone(),
-                    Arc::new(AppSlot {
-                        client_key: client_key.clone(),
-                        state: Mutex::new(state),
-                    }),
+                    AppSlot::new(client_key.clone(), AppState::new(secret)),
                 );
             }
         }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::envelope::{Decoded, GoodlifeResponse, decode_goodlife_answer};
-use super::{DouyinClient, logid_header, transport_error};
+use super::{DouyinClient, read_answer, transport_error};
 use crate::domain::{AccessToken, AfterSaleQuery};
 use crate::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailResponse;
 
@@ -77,19 +77,7 @@ impl DouyinClient {
             .send()
             .await
             .map_err(|error| transport_error(&error, timeout))?;
-        let status = response.status().as_u16();
-        let logid = logid_header(&response);
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|error| transport_error(&error, timeout))?;
-        decode_after_sale_answer(status, &body, &content_type, logid)
+        read_answer(response, timeout, decode_after_sale_answer).await
     }
 }
 

@@ -107,6 +107,28 @@ fn install_tls_provider() {
 }
 
 /// Douyin's log id for an answer, from the `X-Tt-Logid` header.
+/// Reads an HTTP answer whole and hands `decode` its status, body, content
+/// type and `x-tt-logid`: the one reader for both endpoints.
+async fn read_answer<T, E: From<TransportError>>(
+    response: reqwest::Response,
+    timeout: Duration,
+    decode: impl FnOnce(u16, &[u8], &str, String) -> Result<T, E>,
+) -> Result<T, E> {
+    let status = response.status().as_u16();
+    let logid = logid_header(&response);
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|error| transport_error(&error, timeout))?;
+    decode(status, &body, &content_type, logid)
+}
+
 fn logid_header(response: &reqwest::Response) -> String {
     response
         .headers()

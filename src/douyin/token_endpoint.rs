@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    DouyinClient, TransportError, codes, describe_unparseable, logid_header, transport_error,
+    DouyinClient, TransportError, codes, describe_unparseable, read_answer, transport_error,
 };
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
 
@@ -141,19 +141,7 @@ impl DouyinClient {
             .send()
             .await
             .map_err(|error| transport_error(&error, timeout))?;
-        let status = response.status();
-        let logid = logid_header(&response);
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|error| transport_error(&error, timeout))?;
-        parse_token_answer(status.as_u16(), &bytes, &content_type, logid)
+        read_answer(response, timeout, parse_token_answer).await
     }
 }
 

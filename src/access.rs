@@ -17,7 +17,7 @@ use crate::domain::{AccountId, ClientKey};
 
 /// What a client may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Scope {
+pub(crate) enum Scope {
     /// GetAfterSaleOrderDetail.
     AfterSaleRead,
     /// GetAccessToken.
@@ -29,14 +29,14 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [
+    pub(crate) const ALL: [Scope; 4] = [
         Self::AfterSaleRead,
         Self::TokenRead,
         Self::TokenReport,
         Self::Admin,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::AfterSaleRead => "aftersale.read",
             Self::TokenRead => "token.read",
@@ -45,7 +45,7 @@ impl Scope {
         }
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         Self::ALL
             .into_iter()
             .find(|scope| scope.as_str() == text)
@@ -78,7 +78,7 @@ impl KeyHash {
     /// Reads 64 hex digits (surrounding white space ignored). Decoded by the
     /// `hex` crate, which checks every character, so text that is not ASCII
     /// is refused rather than sliced mid-character.
-    pub fn parse_hex(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse_hex(text: &str) -> Result<Self, String> {
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| {
             "a key hash is 64 hexadecimal digits (the SHA-256 of the key)".to_owned()
@@ -99,7 +99,7 @@ impl<'de> Deserialize<'de> for KeyHash {
 }
 
 /// Makes a new API key: `dtk_` and 64 hex digits of randomness.
-pub fn generate_api_key() -> String {
+pub(crate) fn generate_api_key() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     format!("dtk_{}", hex::encode(bytes))
@@ -108,20 +108,20 @@ pub fn generate_api_key() -> String {
 /// A service allowed to call the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiClient {
-    pub name: String,
-    pub key_hash: KeyHash,
-    pub scopes: BTreeSet<Scope>,
+    pub(crate) name: String,
+    pub(crate) key_hash: KeyHash,
+    pub(crate) scopes: BTreeSet<Scope>,
     /// None: every app.
-    pub apps: Option<BTreeSet<ClientKey>>,
+    pub(crate) apps: Option<BTreeSet<ClientKey>>,
     /// None: every merchant.
-    pub merchants: Option<BTreeSet<AccountId>>,
+    pub(crate) merchants: Option<BTreeSet<AccountId>>,
 }
 
 /// Why a client cannot be declared, whether in the config file or over
 /// AdminService: the two paths share these rules so neither lets through what
 /// the other refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidApiClient {
+pub(crate) enum InvalidApiClient {
     #[error("a client name is 1 to {} characters", ApiClient::MAX_NAME_LENGTH)]
     Name,
     #[error("give at least one scope")]
@@ -131,7 +131,7 @@ pub enum InvalidApiClient {
 impl InvalidApiClient {
     /// The field of the declaration at fault (`name`, `scopes`), for
     /// messages that name the config key.
-    pub fn field(&self) -> &'static str {
+    pub(crate) fn field(&self) -> &'static str {
         match self {
             Self::Name => "name",
             Self::NoScope => "scopes",
@@ -141,13 +141,13 @@ impl InvalidApiClient {
 
 impl ApiClient {
     /// Longest name, in bytes: names show in logs, the audit trail and listings.
-    pub const MAX_NAME_LENGTH: usize = 64;
+    pub(crate) const MAX_NAME_LENGTH: usize = 64;
 
     /// A client that keeps the rules every client keeps: a name of 1 to
     /// [`Self::MAX_NAME_LENGTH`] bytes (white space around it dropped) and at
     /// least one scope. The config file and AdminService both declare clients
     /// through this.
-    pub fn declare(
+    pub(crate) fn declare(
         name: &str,
         key_hash: KeyHash,
         scopes: BTreeSet<Scope>,
@@ -173,7 +173,7 @@ impl ApiClient {
 
 /// Why a call is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AccessDenied {
+pub(crate) enum AccessDenied {
     #[error(
         "no API key: send \"authorization: Bearer <key>\" (create one with `douyin-tokend client create`)"
     )]
@@ -187,7 +187,7 @@ pub enum AccessDenied {
 }
 
 impl ApiClient {
-    pub fn require(&self, scope: Scope) -> Result<(), AccessDenied> {
+    pub(crate) fn require(&self, scope: Scope) -> Result<(), AccessDenied> {
         if self.scopes.contains(&scope) {
             Ok(())
         } else {
@@ -199,7 +199,7 @@ impl ApiClient {
     }
 
     /// Whether the client may act for this merchant, served by this app.
-    pub fn require_merchant(
+    pub(crate) fn require_merchant(
         &self,
         account_id: &AccountId,
         client_key: &ClientKey,
@@ -219,7 +219,7 @@ impl ApiClient {
 
     /// Whether the client may name this app directly. A client bounded to some
     /// merchants reaches apps only through them, unless its apps are listed too.
-    pub fn require_app_by_key(&self, client_key: &ClientKey) -> Result<(), AccessDenied> {
+    pub(crate) fn require_app_by_key(&self, client_key: &ClientKey) -> Result<(), AccessDenied> {
         if self.merchants.is_some() && self.apps.is_none() {
             return Err(AccessDenied::OutOfBounds {
                 client: self.name.clone(),
@@ -229,7 +229,7 @@ impl ApiClient {
         self.require_app(client_key)
     }
 
-    pub fn require_app(&self, client_key: &ClientKey) -> Result<(), AccessDenied> {
+    pub(crate) fn require_app(&self, client_key: &ClientKey) -> Result<(), AccessDenied> {
         if self
             .apps
             .as_ref()
@@ -246,25 +246,19 @@ impl ApiClient {
 
 /// The clients in force, swapped whole when the set changes.
 #[derive(Clone, Default)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     clients: Arc<RwLock<Arc<Vec<Arc<ApiClient>>>>>,
 }
 
 impl Authenticator {
-    pub fn new(clients: Vec<ApiClient>) -> Self {
-        let authenticator = Self::default();
-        authenticator.replace(clients);
-        authenticator
-    }
-
-    pub fn replace(&self, clients: Vec<ApiClient>) {
+    pub(crate) fn replace(&self, clients: Vec<ApiClient>) {
         let clients = Arc::new(clients.into_iter().map(Arc::new).collect());
         *self.clients.write() = clients;
     }
 
     /// Finds the client holding `authorization`'s bearer key. Every stored hash
     /// is compared, in constant time, whether or not one already matched.
-    pub fn authenticate(
+    pub(crate) fn authenticate(
         &self,
         authorization: Option<&str>,
     ) -> Result<Arc<ApiClient>, AccessDenied> {
@@ -305,7 +299,8 @@ mod tests {
 
     #[test]
     fn bearer_keys_find_their_client_and_nothing_else() {
-        let authenticator = Authenticator::new(vec![
+        let authenticator = Authenticator::default();
+        authenticator.replace(vec![
             client("a", "key-a", &[Scope::TokenRead]),
             client("b", "key-b", &[Scope::Admin]),
         ]);

@@ -50,16 +50,16 @@ pub struct ServeOptions {
 #[derive(Clone)]
 pub struct App {
     pub config: Arc<Config>,
-    pub clock: SharedClock,
-    pub store: Store,
+    pub(crate) clock: SharedClock,
+    pub(crate) store: Store,
     pub tokens: TokenManager,
-    pub registry: Registry,
+    pub(crate) registry: Registry,
     pub lookup: LookupService,
     pub audit: AuditLog,
     /// Handles to the metric families, as the recording modules hold them.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// This daemon's metrics and scrape-time readings, served on `metrics_listen`.
-    pub metrics_registry: Arc<prometheus_client::registry::Registry>,
+    pub(crate) metrics_registry: Arc<prometheus_client::registry::Registry>,
     /// Work started on tasks of its own (the first sweep, token fetches,
     /// lookup flights): `close` waits for it before the pool closes.
     tasks: TaskTracker,
@@ -336,7 +336,10 @@ impl App {
 
     /// Re-reads the config file and applies its apps, merchants and clients
     /// (SIGHUP). Other settings take effect at the next restart.
-    pub async fn reload_config(&self, config_path: Option<&Path>) -> anyhow::Result<ReloadReport> {
+    pub(crate) async fn reload_config(
+        &self,
+        config_path: Option<&Path>,
+    ) -> anyhow::Result<ReloadReport> {
         let config = Config::load(config_path)?;
         let declarations = resolve_declarations(&config)?;
         self.registry

@@ -14,7 +14,7 @@ use crate::store::{AuditRecord, Store, StoreError};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuditAction {
+pub(crate) enum AuditAction {
     TokenFetch,
     ForcedRefresh,
     TokenHandout,
@@ -22,7 +22,7 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::TokenFetch => "token_fetch",
             Self::ForcedRefresh => "forced_refresh",
@@ -33,7 +33,7 @@ impl AuditAction {
 }
 
 /// The client name used for the daemon's own actions.
-pub const DAEMON: &str = "daemon";
+pub(crate) const DAEMON: &str = "daemon";
 
 /// How long the writer gathers lines before writing them.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
@@ -69,14 +69,14 @@ impl AuditLog {
 
     /// Writes what the writer holds and ends it; lines recorded later are
     /// dropped. Returns once the writer is done with the database.
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         let (done, stopped) = oneshot::channel();
         if self.sender.send(Command::Stop(done)).is_ok() {
             let _ = stopped.await;
         }
     }
 
-    pub fn record(
+    pub(crate) fn record(
         &self,
         client: &str,
         action: AuditAction,
@@ -98,14 +98,18 @@ impl AuditLog {
     }
 
     /// Waits until everything recorded so far is on disk.
-    pub async fn flush(&self) {
+    pub(crate) async fn flush(&self) {
         let (done, written) = oneshot::channel();
         if self.sender.send(Command::Flush(done)).is_ok() {
             let _ = written.await;
         }
     }
 
-    pub async fn list(&self, since_ms: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+    pub(crate) async fn list(
+        &self,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         self.flush().await;
         self.store.audit().list(since_ms, limit).await
     }

@@ -28,15 +28,15 @@ pub struct Cli {
     pub api_key_file: Option<PathBuf>,
     /// Speak TLS to the daemon, trusting this CA (PEM).
     #[arg(long, global = true, env = "DOUYIN_TOKEND_TLS_CA_FILE")]
-    pub tls_ca_file: Option<PathBuf>,
+    pub(crate) tls_ca_file: Option<PathBuf>,
     /// Client certificate and key (PEM) for a daemon that requires mutual TLS.
     #[arg(long, global = true, requires = "tls_key_file")]
-    pub tls_cert_file: Option<PathBuf>,
+    pub(crate) tls_cert_file: Option<PathBuf>,
     #[arg(long, global = true, requires = "tls_cert_file")]
-    pub tls_key_file: Option<PathBuf>,
+    pub(crate) tls_key_file: Option<PathBuf>,
     /// The name in the daemon's certificate, when it differs from the address's host.
     #[arg(long, global = true)]
-    pub tls_domain: Option<String>,
+    pub(crate) tls_domain: Option<String>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -501,7 +501,7 @@ pub async fn run_token_command(
 }
 
 /// The token status table the CLI and the demo print. Holds no token.
-pub fn format_token_table(tokens: &[TokenStatus]) -> String {
+pub(crate) fn format_token_table(tokens: &[TokenStatus]) -> String {
     let mut out = format!(
         "{:<28} {:<11} {:>4} {:>10} {:<20} {:<20} {}\n",
         "CLIENT_KEY", "STATE", "GEN", "EXPIRES_IN", "LAST_REFRESH", "NEXT_REFRESH", "LAST_ERROR"

@@ -54,6 +54,6 @@ impl Clock for ManualClock {
 }
 
 /// A duration in whole milliseconds, saturating instead of wrapping.
-pub fn duration_ms(duration: Duration) -> i64 {
+pub(crate) fn duration_ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

@@ -75,9 +75,9 @@ pub struct DouyinConfig {
     pub base_url: String,
     /// Upper bound of one upstream HTTP request.
     #[serde(with = "humane_duration")]
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     #[serde(with = "humane_duration")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// `client_token` (default) or `stable_client_token`.
     pub token_endpoint: TokenEndpoint,
 }
@@ -90,7 +90,7 @@ pub enum TokenEndpoint {
 }
 
 impl TokenEndpoint {
-    pub fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         match self {
             Self::ClientToken => "/oauth/client_token/",
             Self::StableClientToken => "/oauth/stable_client_token/",
@@ -121,21 +121,21 @@ pub struct RefreshConfig {
     /// After a permanent failure (bad secret, unknown app), wait this long before
     /// trying again on its own; updating the app's secret retries at once.
     #[serde(with = "humane_duration")]
-    pub permanent_failure_cooldown: Duration,
+    pub(crate) permanent_failure_cooldown: Duration,
     /// How many token fetches run at once, across all apps.
-    pub max_concurrent_fetches: usize,
+    pub(crate) max_concurrent_fetches: usize,
     /// Token endpoint calls allowed across all apps per `budget_window`
     /// (Douyin allows 500 per 5 minutes).
     pub budget: usize,
     #[serde(with = "humane_duration")]
-    pub budget_window: Duration,
+    pub(crate) budget_window: Duration,
     /// Part of the budget that only urgent fetches (a caller waiting, a
     /// rejected token, an operator's forced refresh) may use.
     pub budget_reserve: usize,
     /// After Douyin answers 10020 (too many token calls), scheduled refreshes
     /// pause this long.
     #[serde(with = "humane_duration")]
-    pub rate_limited_pause: Duration,
+    pub(crate) rate_limited_pause: Duration,
     /// ReportInvalidToken refreshes an app at most once per this interval.
     #[serde(with = "humane_duration")]
     pub report_min_interval: Duration,
@@ -147,18 +147,18 @@ pub struct RefreshConfig {
 pub struct LookupConfig {
     /// Rate groups by Douyin API name (`[lookup.rates.after_sale_order_detail]`);
     /// an API not listed runs at the rate its Douyin page documents.
-    pub rates: BTreeMap<DouyinApi, ApiRateConfig>,
+    pub(crate) rates: BTreeMap<DouyinApi, ApiRateConfig>,
     /// Lookups in flight to Douyin at once, per app.
-    pub max_concurrent_per_app: usize,
+    pub(crate) max_concurrent_per_app: usize,
     /// The deadline of a request that carries none.
     #[serde(with = "humane_duration")]
     pub default_deadline: Duration,
     /// Time a queued request must still have for the upstream call itself;
     /// a request whose deadline leaves less is refused at once.
     #[serde(with = "humane_duration")]
-    pub upstream_time_reserve: Duration,
+    pub(crate) upstream_time_reserve: Duration,
     /// Tries in all for a transient failure (busy codes, 5xx, timeouts, connection errors).
-    pub max_tries: u32,
+    pub(crate) max_tries: u32,
     #[serde(with = "humane_duration")]
     pub retry_backoff_initial: Duration,
     #[serde(with = "humane_duration")]
@@ -171,12 +171,12 @@ pub struct LookupConfig {
 /// One Douyin API's rate group: calls per second per app.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ApiRateConfig {
+pub(crate) struct ApiRateConfig {
     /// Calls per second per app; absent = the rate Douyin documents for the API.
     /// Never zero: an app whose calls must stop loses its merchants instead.
-    pub per_second: Option<NonZeroU32>,
+    pub(crate) per_second: Option<NonZeroU32>,
     /// Per-app overrides, keyed by client_key.
-    pub per_app: HashMap<ClientKey, NonZeroU32>,
+    pub(crate) per_app: HashMap<ClientKey, NonZeroU32>,
 }
 
 impl LookupConfig {
@@ -187,7 +187,7 @@ impl LookupConfig {
     }
 
     /// Calls per second allowed to `client_key` on `api`.
-    pub fn rate_per_second(&self, api: DouyinApi, client_key: &ClientKey) -> NonZeroU32 {
+    pub(crate) fn rate_per_second(&self, api: DouyinApi, client_key: &ClientKey) -> NonZeroU32 {
         let group = self.rates.get(&api);
         group
             .and_then(|group| group.per_app.get(client_key).copied())
@@ -280,9 +280,9 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     #[serde(with = "humane_duration")]
-    pub retention: Duration,
+    pub(crate) retention: Duration,
     /// When the pruning job runs.
-    pub prune: CronSchedule,
+    pub(crate) prune: CronSchedule,
 }
 
 impl Default for AuditConfig {
@@ -300,15 +300,15 @@ impl Default for AuditConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientEntry {
-    pub name: String,
+    pub(crate) name: String,
     /// `douyin-tokend client new-key` prints a key and this hash.
-    pub key_sha256: KeyHash,
+    pub(crate) key_sha256: KeyHash,
     /// Any of "aftersale.read", "token.read", "token.report", "admin".
-    pub scopes: BTreeSet<Scope>,
+    pub(crate) scopes: BTreeSet<Scope>,
     /// Only these apps (client_key), when given.
-    pub apps: Option<BTreeSet<ClientKey>>,
+    pub(crate) apps: Option<BTreeSet<ClientKey>>,
     /// Only these merchants (account_id), when given.
-    pub merchants: Option<BTreeSet<AccountId>>,
+    pub(crate) merchants: Option<BTreeSet<AccountId>>,
 }
 
 impl ClientEntry {
@@ -335,8 +335,8 @@ pub struct MerchantEntry {
 /// An app from the config file with its secret read and checked.
 #[derive(Debug, Clone)]
 pub struct ResolvedApp {
-    pub client_key: ClientKey,
-    pub client_secret: ClientSecret,
+    pub(crate) client_key: ClientKey,
+    pub(crate) client_secret: ClientSecret,
 }
 
 /// Everything the config file declares for the registry: apps with their
@@ -355,14 +355,14 @@ pub struct Declarations {
 pub struct UnixSocketMode(u32);
 
 impl UnixSocketMode {
-    pub fn from_octal(text: &str) -> Result<Self, String> {
+    pub(crate) fn from_octal(text: &str) -> Result<Self, String> {
         match u32::from_str_radix(text, 8) {
             Ok(bits) if bits <= 0o777 => Ok(Self(bits)),
             _ => Err(format!("{text:?} is not octal permissions like \"0660\"")),
         }
     }
 
-    pub fn bits(self) -> u32 {
+    pub(crate) fn bits(self) -> u32 {
         self.0
     }
 }
@@ -504,7 +504,7 @@ impl Config {
         Ok(config)
     }
 
-    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -517,7 +517,7 @@ impl Config {
 
     /// Parses a config document. Every error starts with the dotted key it is
     /// about (`refresh.window_end: …`), then says where it is.
-    pub fn from_toml_str(text: &str) -> Result<Self, String> {
+    pub(crate) fn from_toml_str(text: &str) -> Result<Self, String> {
         let deserializer = toml::Deserializer::parse(text)
             .map_err(|error| describe_toml_error(text, None, &error))?;
         serde_path_to_error::deserialize(deserializer).map_err(|error| {
@@ -528,7 +528,7 @@ impl Config {
 
     /// `DOUYIN_TOKEND_LISTEN`, `DOUYIN_TOKEND_DATABASE` and
     /// `DOUYIN_TOKEND_DOUYIN_BASE_URL` override the file.
-    pub fn apply_environment(
+    pub(crate) fn apply_environment(
         &mut self,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
@@ -546,7 +546,7 @@ impl Config {
         Ok(())
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let base_url = reqwest::Url::parse(&self.douyin.base_url).map_err(|error| {
             ConfigError::invalid("douyin.base_url", format!("not a URL: {error}"))
         })?;
@@ -683,7 +683,7 @@ impl Config {
 
     /// Reads every declared app's secret. Relative secret files resolve against
     /// `credentials_directory` (systemd's `$CREDENTIALS_DIRECTORY`) when given.
-    pub fn resolve_apps(
+    pub(crate) fn resolve_apps(
         &self,
         lookup_env: impl Fn(&str) -> Option<String>,
         credentials_directory: Option<&Path>,
@@ -735,7 +735,7 @@ impl Config {
     }
 
     /// The declared API clients, held to the rules every client keeps.
-    pub fn resolve_clients(&self) -> Result<Vec<ApiClient>, ConfigError> {
+    pub(crate) fn resolve_clients(&self) -> Result<Vec<ApiClient>, ConfigError> {
         let mut names = HashSet::new();
         // One key authenticates one client: a second entry with the same hash
         // would make the caller's scopes depend on which entry is found first.
@@ -909,7 +909,9 @@ mod humane_duration {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text).map_err(|error| {
             serde::de::Error::custom(format!(

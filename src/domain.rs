@@ -45,7 +45,7 @@ fn check_identifier(field: &'static str, value: &str, limit: usize) -> Result<()
 
 /// The first 8 hex digits of a value's SHA-256: enough to tell apps and tokens
 /// apart in logs and errors, useless for recovering the value.
-pub fn fingerprint(value: &str) -> String {
+pub(crate) fn fingerprint(value: &str) -> String {
     hex::encode(&Sha256::digest(value.as_bytes())[..4])
 }
 
@@ -57,7 +57,7 @@ pub fn fingerprint(value: &str) -> String {
 pub struct ClientKey(String);
 
 impl ClientKey {
-    pub const MAX_LENGTH: usize = 128;
+    pub(crate) const MAX_LENGTH: usize = 128;
 
     pub fn parse(value: &str) -> Result<Self, InvalidId> {
         check_identifier("client_key", value, Self::MAX_LENGTH)?;
@@ -65,7 +65,7 @@ impl ClientKey {
     }
 
     /// The key itself, for the wire to Douyin and for the operator's own listings.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
@@ -103,14 +103,14 @@ impl fmt::Debug for ClientKey {
 pub struct ClientSecret(String);
 
 impl ClientSecret {
-    pub const MAX_LENGTH: usize = 256;
+    pub(crate) const MAX_LENGTH: usize = 256;
 
     pub fn parse(value: &str) -> Result<Self, InvalidId> {
         check_identifier("client_secret", value, Self::MAX_LENGTH)?;
         Ok(Self(value.to_owned()))
     }
 
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -132,11 +132,11 @@ impl AccessToken {
         Self(value)
     }
 
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         fingerprint(&self.0)
     }
 }
@@ -160,14 +160,14 @@ impl fmt::Debug for AccessToken {
 pub struct AccountId(String);
 
 impl AccountId {
-    pub const MAX_LENGTH: usize = 64;
+    pub(crate) const MAX_LENGTH: usize = 64;
 
     pub fn parse(value: &str) -> Result<Self, InvalidId> {
         check_identifier("account_id", value, Self::MAX_LENGTH)?;
         Ok(Self(value.to_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -188,16 +188,16 @@ impl fmt::Display for AccountId {
 
 /// What a caller asks Douyin's after-sale detail API about, checked at the edge.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AfterSaleQuery {
-    pub account_id: AccountId,
-    pub order_id: String,
-    pub certificate_id: Option<String>,
+pub(crate) struct AfterSaleQuery {
+    pub(crate) account_id: AccountId,
+    pub(crate) order_id: String,
+    pub(crate) certificate_id: Option<String>,
 }
 
 impl AfterSaleQuery {
-    pub const MAX_ORDER_ID_LENGTH: usize = 128;
+    pub(crate) const MAX_ORDER_ID_LENGTH: usize = 128;
 
-    pub fn parse(
+    pub(crate) fn parse(
         account_id: &str,
         order_id: &str,
         certificate_id: Option<&str>,
@@ -226,21 +226,21 @@ pub enum DouyinApi {
 }
 
 impl DouyinApi {
-    pub const ALL: [Self; 1] = [Self::AfterSaleOrderDetail];
+    pub(crate) const ALL: [Self; 1] = [Self::AfterSaleOrderDetail];
 
     /// The name used in config (`[lookup.rates.<name>]`), logs and metrics.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::AfterSaleOrderDetail => "after_sale_order_detail",
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Self> {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|api| api.name() == name)
     }
 
     /// Calls per second per app that Douyin's page allows: the default rate.
-    pub fn documented_rate_per_second(self) -> NonZeroU32 {
+    pub(crate) fn documented_rate_per_second(self) -> NonZeroU32 {
         match self {
             // 售后单详情查询: "可承载最大qps 10", read per app (client_key),
             // the conservative reading of a page that does not say per what.

@@ -4,17 +4,20 @@
 //!
 //! Crate map (dependencies point down; see ARCHITECTURE.md):
 //! - [`app`]: composition root, start and stop order, reloads.
-//! - [`lifecycle`], [`systemd_notify`]: component supervision; READY, STOPPING, watchdog.
+//! - `lifecycle`, [`systemd_notify`]: component supervision; READY, STOPPING, watchdog.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and the RPC span.
 //! - [`grpc`]: tonic services and the one failure → `Status` mapping.
 //! - [`lookup`]: the after-sale use case (token, upstream, refresh-and-retry once).
-//! - [`registry`]: apps and merchants, in SQLite and in memory.
+//! - `registry`: apps and merchants, in SQLite and in memory.
 //! - [`token`]: token lifecycle: policy, single-flight fetches, the sweep, the scheduler.
 //! - [`store`]: the only SQL.
 //! - [`douyin`]: the only code that knows Douyin's URLs, JSON and error codes.
 //! - [`sandbox`]: a strict fake Douyin for tests, the demo and benchmarks.
 //! - [`bench`]: the benchmark and soak harness (`douyin-bench`, tests/soak.rs).
-//! - [`config`], [`domain`], [`clock`], [`pace`], [`proto`]: shared foundations.
+//! - [`config`], [`domain`], [`clock`], `pace`, [`proto`]: shared foundations.
+//!
+//! Items are `pub` only where the binaries, `tests/` or `benches/` use them;
+//! the rest is `pub(crate)`, so the compiler reports what nothing uses.
 
 pub mod access;
 pub mod app;
@@ -27,12 +30,12 @@ pub mod demo;
 pub mod domain;
 pub mod douyin;
 pub mod grpc;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod lookup;
 pub mod metrics;
-pub mod pace;
+pub(crate) mod pace;
 pub mod proto;
-pub mod registry;
+pub(crate) mod registry;
 pub mod sandbox;
 pub mod schedule;
 pub mod sealing;

@@ -11,17 +11,17 @@ use tokio::task::JoinSet;
 
 /// The running components.
 #[derive(Default)]
-pub struct Components {
+pub(crate) struct Components {
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
 }
 
 impl Components {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Runs `component` until it ends; it must watch for shutdown itself.
-    pub fn spawn(
+    pub(crate) fn spawn(
         &mut self,
         name: &'static str,
         component: impl Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -31,7 +31,7 @@ impl Components {
 
     /// Completes when the first component ends, with why that is a failure;
     /// never completes while none ends (or when there are none).
-    pub async fn first_failure(&mut self) -> anyhow::Error {
+    pub(crate) async fn first_failure(&mut self) -> anyhow::Error {
         match self.tasks.join_next().await {
             Some(Ok((name, Ok(())))) => anyhow!("the {name} stopped unexpectedly"),
             Some(Ok((name, Err(error)))) => error.context(format!("the {name} failed")),
@@ -46,7 +46,7 @@ impl Components {
     /// Waits up to `within` for every component to end after shutdown began,
     /// then aborts the rest. Failures during shutdown are logged, not returned:
     /// the daemon is stopping anyway.
-    pub async fn wait_for_all(mut self, within: Duration) {
+    pub(crate) async fn wait_for_all(mut self, within: Duration) {
         let drained = tokio::time::timeout(within, async {
             while let Some(ended) = self.tasks.join_next().await {
                 match ended {

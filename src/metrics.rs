@@ -49,7 +49,7 @@ use crate::domain::ClientKey;
 /// At most this many distinct app labels on counters; apps beyond it share
 /// `app="other"`. Counters remember every label they ever saw (removed apps
 /// too), so without a cap the page would only grow.
-pub const MAX_APP_LABELS: usize = 256;
+pub(crate) const MAX_APP_LABELS: usize = 256;
 const OTHER: &str = "other";
 
 /// Every series name starts with this (and an underscore).
@@ -62,7 +62,7 @@ const LATENCY_BUCKETS: [f64; 12] = [
 
 /// A new, empty registry that names every series `douyin_tokend_…`; one per
 /// daemon, owned by `app`.
-pub fn new_registry() -> Registry {
+pub(crate) fn new_registry() -> Registry {
     Registry::with_prefix(SERIES_PREFIX)
 }
 
@@ -144,7 +144,7 @@ impl Metrics {
     /// New families, registered in `registry` with the running version's
     /// `build_info`. (The registry adds `_total` to counters and a period to
     /// each help text.)
-    pub fn register_in(registry: &mut Registry) -> Self {
+    pub(crate) fn register_in(registry: &mut Registry) -> Self {
         let metrics = Self::unregistered();
         registry.register(
             "build",
@@ -193,7 +193,7 @@ impl Metrics {
 
     /// One token fetch finished after `elapsed`: `reason_label` says why it
     /// ran, `failure_cause_label` why it failed (`None`: it succeeded).
-    pub fn record_token_fetch(
+    pub(crate) fn record_token_fetch(
         &self,
         client_key: &ClientKey,
         reason_label: &'static str,
@@ -228,7 +228,7 @@ impl Metrics {
 
     /// A caller found a token fetch for its app in flight and waits for it
     /// instead of starting another.
-    pub fn record_token_request_coalesced(&self, client_key: &ClientKey) {
+    pub(crate) fn record_token_request_coalesced(&self, client_key: &ClientKey) {
         let app = self.app_labels.label_of(client_key);
         self.token_requests_coalesced
             .get_or_create(&AppLabel { app })
@@ -237,7 +237,7 @@ impl Metrics {
 
     /// One HTTP call to Douyin's `endpoint_label` answered `code_label` (the
     /// caller keeps it to `0`, a known code, `other` or `transport`).
-    pub fn record_upstream_call(
+    pub(crate) fn record_upstream_call(
         &self,
         endpoint_label: &'static str,
         code_label: Cow<'static, str>,
@@ -251,7 +251,7 @@ impl Metrics {
     }
 
     /// One after-sale lookup over gRPC answered with `grpc_code_label` after `elapsed`.
-    pub fn record_lookup(&self, grpc_code_label: &'static str, elapsed: Duration) {
+    pub(crate) fn record_lookup(&self, grpc_code_label: &'static str, elapsed: Duration) {
         self.lookup_duration
             .get_or_create(&GrpcCodeLabel {
                 code: grpc_code_label,
@@ -261,7 +261,7 @@ impl Metrics {
 
     /// Counts a lookup as queued until the returned guard drops: accepted over
     /// gRPC and not yet answered (waiting for a token or for Douyin).
-    pub fn lookup_queued(&self) -> QueuedLookup {
+    pub(crate) fn lookup_queued(&self) -> QueuedLookup {
         self.lookup_queue_depth.inc();
         QueuedLookup {
             queue_depth: self.lookup_queue_depth.clone(),
@@ -271,7 +271,7 @@ impl Metrics {
 
 /// A lookup counted in `lookup_queue_depth` while this lives; a drop (an
 /// answer, or a caller that went away) takes it out again.
-pub struct QueuedLookup {
+pub(crate) struct QueuedLookup {
     queue_depth: Gauge,
 }
 
@@ -309,43 +309,43 @@ impl AppLabels {
 
 /// One app's token, as the token gauges show it.
 #[derive(Debug, Clone)]
-pub struct AppTokenReading {
-    pub client_key: ClientKey,
+pub(crate) struct AppTokenReading {
+    pub(crate) client_key: ClientKey,
     /// One of valid, expired, invalidated, missing, failed.
-    pub state_label: &'static str,
-    pub generation: i64,
+    pub(crate) state_label: &'static str,
+    pub(crate) generation: i64,
     /// Negative once expired; `None` without a token.
-    pub expires_in_seconds: Option<i64>,
+    pub(crate) expires_in_seconds: Option<i64>,
     /// `None` without a token.
-    pub age_seconds: Option<i64>,
-    pub consecutive_failures: u32,
+    pub(crate) age_seconds: Option<i64>,
+    pub(crate) consecutive_failures: u32,
     /// Token endpoint calls left of Douyin's per-app budget, as counted by the daemon.
-    pub douyin_budget_remaining: u64,
+    pub(crate) douyin_budget_remaining: u64,
 }
 
 /// Gauges and counters kept by other modules, read at scrape time.
 #[derive(Debug, Clone, Default)]
-pub struct ScrapeTimeReadings {
-    pub app_tokens: Vec<AppTokenReading>,
+pub(crate) struct ScrapeTimeReadings {
+    pub(crate) app_tokens: Vec<AppTokenReading>,
     /// Token endpoint calls left in the daemon's own budget (all apps).
-    pub token_budget_global_remaining: u64,
+    pub(crate) token_budget_global_remaining: u64,
     /// Lookups served by an identical lookup already in flight.
-    pub lookups_coalesced: u64,
+    pub(crate) lookups_coalesced: u64,
     /// Retries after transient upstream failures.
-    pub lookup_retries: u64,
+    pub(crate) lookup_retries: u64,
     /// Lookups refused because the app's next turn came too late.
-    pub lookups_not_admitted: u64,
-    pub lookup_cache_hits: u64,
+    pub(crate) lookups_not_admitted: u64,
+    pub(crate) lookup_cache_hits: u64,
 }
 
 /// Reads [`ScrapeTimeReadings`] on every scrape and encodes them; registered
 /// by `app`, whose closure asks the token manager and the lookup service.
-pub struct ScrapeTimeCollector {
+pub(crate) struct ScrapeTimeCollector {
     read: Box<dyn Fn() -> ScrapeTimeReadings + Send + Sync>,
 }
 
 impl ScrapeTimeCollector {
-    pub fn new(read: impl Fn() -> ScrapeTimeReadings + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(read: impl Fn() -> ScrapeTimeReadings + Send + Sync + 'static) -> Self {
         Self {
             read: Box::new(read),
         }
@@ -480,14 +480,14 @@ impl Collector for ScrapeTimeCollector {
 
 /// The Prometheus text exposition (version 0.0.4) of everything in
 /// `registry`. Writing into a String cannot fail, so an error is a collector's.
-pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
+pub(crate) fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
     let mut page = String::with_capacity(8 * 1024);
     prometheus_client::encoding::prometheus_text::encode(&mut page, registry)?;
     Ok(page)
 }
 
 /// Serves `GET /metrics` from `registry` on `listener` until `shutdown` completes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// A virtual schedule: one turn per `spacing`, up to `burst` at once.
 #[derive(Debug, Clone)]
-pub struct Gcra {
+pub(crate) struct Gcra {
     spacing_us: i64,
     /// How far ahead of now the schedule may run before a turn must wait:
     /// `(burst - 1) * spacing`.
@@ -17,7 +17,7 @@ pub struct Gcra {
 }
 
 impl Gcra {
-    pub fn new(spacing: Duration, burst: usize) -> Self {
+    pub(crate) fn new(spacing: Duration, burst: usize) -> Self {
         let spacing_us = i64::try_from(spacing.as_micros()).unwrap_or(i64::MAX);
         let extra = i64::try_from(burst.max(1) - 1).unwrap_or(i64::MAX);
         Self {
@@ -30,7 +30,7 @@ impl Gcra {
     /// Reserves the earliest turn at or after `now_us`, if it comes no later
     /// than `latest_us`, and returns it; otherwise reserves nothing and says
     /// how far away (in µs) that turn is.
-    pub fn reserve(&mut self, now_us: i64, latest_us: i64) -> Result<i64, i64> {
+    pub(crate) fn reserve(&mut self, now_us: i64, latest_us: i64) -> Result<i64, i64> {
         let next = self.next_turn_us.unwrap_or(now_us);
         let turn = now_us.max(next.saturating_sub(self.tolerance_us));
         if turn > latest_us {
@@ -41,7 +41,7 @@ impl Gcra {
     }
 
     /// Takes a turn now if one is free; otherwise says how long (µs) until one is.
-    pub fn take_now(&mut self, now_us: i64) -> Result<(), i64> {
+    pub(crate) fn take_now(&mut self, now_us: i64) -> Result<(), i64> {
         self.reserve(now_us, now_us).map(|_| ())
     }
 }

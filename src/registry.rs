@@ -17,7 +17,7 @@ use crate::store::{AppRecord, ClientRecord, MerchantRecord, Source, Store, Store
 use crate::token::TokenManager;
 
 #[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
+pub(crate) enum RegistryError {
     #[error("{client_key} is not registered; add it first with `douyin-tokend app add`")]
     UnknownApp { client_key: ClientKey },
     #[error(
@@ -36,15 +36,15 @@ pub enum RegistryError {
 
 /// What a configuration reload changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReloadReport {
-    pub apps_added: usize,
-    pub apps_removed: usize,
-    pub merchants_added: usize,
-    pub merchants_removed: usize,
+pub(crate) struct ReloadReport {
+    pub(crate) apps_added: usize,
+    pub(crate) apps_removed: usize,
+    pub(crate) merchants_added: usize,
+    pub(crate) merchants_removed: usize,
 }
 
 #[derive(Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     store: Store,
     tokens: TokenManager,
     clock: SharedClock,
@@ -58,7 +58,7 @@ pub struct Registry {
 impl Registry {
     /// Makes the database's config-sourced apps and merchants match the config
     /// file; runs before the token manager loads.
-    pub async fn sync_config(
+    pub(crate) async fn sync_config(
         store: &Store,
         declarations: &Declarations,
         now_ms: i64,
@@ -81,7 +81,7 @@ impl Registry {
         store.sync_config(&apps, &merchants, &clients, now_ms).await
     }
 
-    pub async fn load(
+    pub(crate) async fn load(
         store: Store,
         tokens: TokenManager,
         clock: SharedClock,
@@ -106,7 +106,7 @@ impl Registry {
     }
 
     /// Who may call the daemon, as the request path checks it.
-    pub fn authenticator(&self) -> &Authenticator {
+    pub(crate) fn authenticator(&self) -> &Authenticator {
         &self.authenticator
     }
 
@@ -129,7 +129,7 @@ impl Registry {
     }
 
     /// Creates an API client and returns its key; only the key's hash is stored.
-    pub async fn create_client(
+    pub(crate) async fn create_client(
         &self,
         name: &str,
         scopes: &[String],
@@ -174,7 +174,7 @@ impl Registry {
         Ok(api_key)
     }
 
-    pub async fn remove_client(&self, name: &str) -> Result<(), RegistryError> {
+    pub(crate) async fn remove_client(&self, name: &str) -> Result<(), RegistryError> {
         let _serialized = self.writes.lock().await;
         if !self.store.clients().remove(name).await? {
             return Err(RegistryError::UnknownClient {
@@ -186,7 +186,7 @@ impl Registry {
         Ok(())
     }
 
-    pub async fn list_clients(&self) -> Result<Vec<ClientRecord>, RegistryError> {
+    pub(crate) async fn list_clients(&self) -> Result<Vec<ClientRecord>, RegistryError> {
         Ok(self.store.clients().list().await?)
     }
 
@@ -194,7 +194,7 @@ impl Registry {
     /// database as at start-up, tells the token manager about apps that came,
     /// went or changed secret (tokens of the others stay as they are), and
     /// rebuilds the merchant map from the database.
-    pub async fn reload_config(
+    pub(crate) async fn reload_config(
         &self,
         declarations: &Declarations,
     ) -> Result<ReloadReport, StoreError> {
@@ -248,7 +248,10 @@ impl Registry {
     }
 
     /// The app serving a merchant, from memory.
-    pub fn app_for_merchant(&self, account_id: &AccountId) -> Result<ClientKey, RegistryError> {
+    pub(crate) fn app_for_merchant(
+        &self,
+        account_id: &AccountId,
+    ) -> Result<ClientKey, RegistryError> {
         let merchants = self.merchants.read();
         merchants
             .get(account_id)
@@ -259,7 +262,7 @@ impl Registry {
     }
 
     /// Adds an app or replaces its secret. Returns true when it is new.
-    pub async fn put_app(
+    pub(crate) async fn put_app(
         &self,
         client_key: &ClientKey,
         client_secret: &ClientSecret,
@@ -281,7 +284,7 @@ impl Registry {
     }
 
     /// Removes an app, its merchants and its token. Returns the number of merchants removed.
-    pub async fn remove_app(&self, client_key: &ClientKey) -> Result<i64, RegistryError> {
+    pub(crate) async fn remove_app(&self, client_key: &ClientKey) -> Result<i64, RegistryError> {
         let _serialized = self.writes.lock().await;
         let removed = self.store.apps().remove(client_key).await?.ok_or_else(|| {
             RegistryError::UnknownApp {
@@ -294,12 +297,12 @@ impl Registry {
         Ok(removed)
     }
 
-    pub async fn list_apps(&self) -> Result<Vec<AppRecord>, RegistryError> {
+    pub(crate) async fn list_apps(&self) -> Result<Vec<AppRecord>, RegistryError> {
         Ok(self.store.apps().list().await?)
     }
 
     /// Adds a merchant or moves it to another app. Returns true when it is new.
-    pub async fn put_merchant(
+    pub(crate) async fn put_merchant(
         &self,
         account_id: &AccountId,
         client_key: &ClientKey,
@@ -325,7 +328,10 @@ impl Registry {
         Ok(created)
     }
 
-    pub async fn remove_merchant(&self, account_id: &AccountId) -> Result<(), RegistryError> {
+    pub(crate) async fn remove_merchant(
+        &self,
+        account_id: &AccountId,
+    ) -> Result<(), RegistryError> {
         let _serialized = self.writes.lock().await;
         if !self.store.merchants().remove(account_id).await? {
             return Err(RegistryError::UnknownMerchant {
@@ -337,7 +343,7 @@ impl Registry {
         Ok(())
     }
 
-    pub async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, RegistryError> {
+    pub(crate) async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, RegistryError> {
         Ok(self.store.merchants().list().await?)
     }
 }

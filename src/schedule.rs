@@ -30,7 +30,7 @@ impl CronSchedule {
 
     /// Like [`Self::parse`], with the error naming what else the setting
     /// takes (`or "off"`).
-    pub fn parse_or_else(text: &str, alternative: &str) -> Result<Self, String> {
+    pub(crate) fn parse_or_else(text: &str, alternative: &str) -> Result<Self, String> {
         CronParser::builder()
             .seconds(Seconds::Required)
             .dom_and_dow(true)
@@ -44,7 +44,7 @@ impl CronSchedule {
         Ok(Self(text.to_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -63,13 +63,13 @@ impl<'de> serde::Deserialize<'de> for CronSchedule {
 }
 
 /// A job: when it runs and the work it triggers.
-pub struct ScheduledJob {
-    pub cron: CronSchedule,
-    pub work: Arc<dyn Fn() -> JobFuture + Send + Sync>,
+pub(crate) struct ScheduledJob {
+    pub(crate) cron: CronSchedule,
+    pub(crate) work: Arc<dyn Fn() -> JobFuture + Send + Sync>,
 }
 
 impl ScheduledJob {
-    pub fn new<F, Fut>(cron: &CronSchedule, work: F) -> Self
+    pub(crate) fn new<F, Fut>(cron: &CronSchedule, work: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -81,13 +81,13 @@ impl ScheduledJob {
     }
 }
 
-pub struct Schedules {
+pub(crate) struct Schedules {
     scheduler: JobScheduler,
     cancelled: CancellationToken,
 }
 
 impl Schedules {
-    pub async fn start(jobs: Vec<ScheduledJob>) -> Result<Self, JobSchedulerError> {
+    pub(crate) async fn start(jobs: Vec<ScheduledJob>) -> Result<Self, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let cancelled = CancellationToken::new();
         for job in jobs {
@@ -115,7 +115,7 @@ impl Schedules {
         })
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.cancelled.cancel();
         if let Err(error) = self.scheduler.shutdown().await {
             tracing::warn!(%error, "the scheduler did not shut down cleanly");

@@ -14,7 +14,7 @@ use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use rand::RngCore;
 
 /// Sealed values start with this, so that plaintext left from before sealing is recognised.
-pub const SEALED_PREFIX: &str = "v1:";
+pub(crate) const SEALED_PREFIX: &str = "v1:";
 const NONCE_LENGTH: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pub enum SealError {
 
 /// The master key. Prints as `MasterKey(<redacted>)`.
 #[derive(Clone)]
-pub struct MasterKey {
+pub(crate) struct MasterKey {
     cipher: ChaCha20Poly1305,
     bytes: [u8; 32],
 }
@@ -51,7 +51,7 @@ impl fmt::Debug for MasterKey {
 }
 
 impl MasterKey {
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         Self::from_bytes(bytes)
@@ -65,7 +65,7 @@ impl MasterKey {
     }
 
     /// Reads a key file: 64 hex digits, surrounding white space ignored.
-    pub fn read(path: &Path) -> Result<Self, SealError> {
+    pub(crate) fn read(path: &Path) -> Result<Self, SealError> {
         let text = std::fs::read_to_string(path).map_err(|source| SealError::Read {
             path: path.to_owned(),
             source,
@@ -82,7 +82,7 @@ impl MasterKey {
 
     /// Writes the key to a new file readable by its owner only; never
     /// overwrites an existing file.
-    pub fn write_new(&self, path: &Path) -> Result<(), SealError> {
+    pub(crate) fn write_new(&self, path: &Path) -> Result<(), SealError> {
         let create_error = |source| SealError::Create {
             path: path.to_owned(),
             source,
@@ -99,7 +99,7 @@ impl MasterKey {
     }
 
     /// Seals `plaintext` for the place named by `binding` (e.g. "apps.client_secret/<key>").
-    pub fn seal(&self, binding: &str, plaintext: &str) -> String {
+    pub(crate) fn seal(&self, binding: &str, plaintext: &str) -> String {
         let mut nonce = [0u8; NONCE_LENGTH];
         rand::rng().fill_bytes(&mut nonce);
         let ciphertext = self
@@ -118,7 +118,7 @@ impl MasterKey {
     }
 
     /// Opens a value sealed for `binding`.
-    pub fn open(&self, binding: &str, sealed: &str) -> Result<String, SealError> {
+    pub(crate) fn open(&self, binding: &str, sealed: &str) -> Result<String, SealError> {
         let encoded = sealed
             .strip_prefix(SEALED_PREFIX)
             .ok_or(SealError::WrongKey)?;

@@ -38,13 +38,9 @@ impl SystemdNotifier {
         Self::from_variables(|name| std::env::var(name).ok(), std::process::id())
     }
 
-    /// Talks to nothing: for tests and for running outside systemd.
-    pub fn disabled() -> Self {
-        Self::default()
-    }
-
     /// Talks to the socket at `path`, with a watchdog when one is given; for tests.
-    pub fn to_socket(path: impl Into<PathBuf>, watchdog_timeout: Option<Duration>) -> Self {
+    #[cfg(test)]
+    fn to_socket(path: impl Into<PathBuf>, watchdog_timeout: Option<Duration>) -> Self {
         Self {
             socket: Some(NotifySocket::Path(path.into())),
             watchdog_timeout,
@@ -72,43 +68,34 @@ impl SystemdNotifier {
         }
     }
 
-    /// True when a notify socket is configured.
-    pub fn is_enabled(&self) -> bool {
-        self.socket.is_some()
-    }
-
     /// `WatchdogSec=` as systemd passed it, when the watchdog is on.
-    pub fn watchdog_timeout(&self) -> Option<Duration> {
+    pub(crate) fn watchdog_timeout(&self) -> Option<Duration> {
         self.watchdog_timeout
     }
 
     /// Start-up finished: the database is migrated, tokens are loaded and
     /// the listeners are bound. `status` shows in `systemctl status`.
-    pub fn ready(&self, status: &str) {
+    pub(crate) fn ready(&self, status: &str) {
         self.send_logged(&format!("READY=1\nSTATUS={}", one_line(status)));
     }
 
     /// A configuration reload began; follow with [`SystemdNotifier::ready`].
-    pub fn reloading(&self) {
+    pub(crate) fn reloading(&self) {
         self.send_logged("RELOADING=1\nSTATUS=reloading the configuration");
     }
 
     /// Shutdown began.
-    pub fn stopping(&self, status: &str) {
+    pub(crate) fn stopping(&self, status: &str) {
         self.send_logged(&format!("STOPPING=1\nSTATUS={}", one_line(status)));
     }
 
-    pub fn status(&self, status: &str) {
-        self.send_logged(&format!("STATUS={}", one_line(status)));
-    }
-
     /// Tells systemd the daemon is alive.
-    pub fn watchdog_ping(&self) {
+    pub(crate) fn watchdog_ping(&self) {
         self.send_logged("WATCHDOG=1");
     }
 
     /// Sends one datagram; Ok(()) without a socket.
-    pub fn send(&self, message: &str) -> io::Result<()> {
+    pub(crate) fn send(&self, message: &str) -> io::Result<()> {
         let Some(socket) = &self.socket else {
             return Ok(());
         };
@@ -150,7 +137,7 @@ fn one_line(text: &str) -> String {
 }
 
 /// What feeds systemd's watchdog.
-pub enum WatchdogFeed {
+pub(crate) enum WatchdogFeed {
     /// Ping only while this counter (completed refresh sweeps) has moved
     /// within the last watchdog timeout.
     SweepHeartbeat(watch::Receiver<u64>),
@@ -161,7 +148,7 @@ pub enum WatchdogFeed {
 /// Pings systemd's watchdog every half timeout for as long as `feed` shows
 /// life, until `stop` is cancelled. A heartbeat that has not moved for a whole
 /// timeout stops the pings, and systemd restarts the service.
-pub async fn run_watchdog(
+pub(crate) async fn run_watchdog(
     notifier: SystemdNotifier,
     timeout: Duration,
     feed: WatchdogFeed,
@@ -267,7 +254,7 @@ mod tests {
 
         let outside_systemd =
             SystemdNotifier::from_variables(variables(&[("WATCHDOG_USEC", "1000")]), 42);
-        assert!(!outside_systemd.is_enabled());
+        assert_eq!(outside_systemd.socket, None);
         assert_eq!(outside_systemd.watchdog_timeout(), None);
         outside_systemd.send("READY=1").unwrap();
     }

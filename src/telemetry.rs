@@ -13,7 +13,7 @@ use crate::cli::LogFormat;
 use crate::domain::{AccountId, ClientKey};
 
 /// Longest caller-supplied request id kept; longer ones are replaced.
-pub const MAX_REQUEST_ID_LENGTH: usize = 64;
+pub(crate) const MAX_REQUEST_ID_LENGTH: usize = 64;
 
 /// Installs the process-wide subscriber writing to stderr (journald under
 /// systemd). `RUST_LOG` overrides `default_filter`.
@@ -40,12 +40,12 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
 /// `x-request-id`. Only [`RequestId::for_call`] makes one, so every id in use
 /// has passed `is_usable_request_id`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestId(String);
+pub(crate) struct RequestId(String);
 
 impl RequestId {
     /// The caller's `x-request-id` when it sent a usable one (so its own logs
     /// and ours can be joined), else a fresh one.
-    pub fn for_call(caller_request_id: Option<&str>) -> Self {
+    pub(crate) fn for_call(caller_request_id: Option<&str>) -> Self {
         let id = caller_request_id
             .filter(|id| is_usable_request_id(id))
             .map_or_else(new_request_id, str::to_owned);
@@ -53,7 +53,7 @@ impl RequestId {
     }
 
     /// Printable ASCII without spaces: also a valid HTTP header value.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -65,7 +65,7 @@ impl std::fmt::Display for RequestId {
 }
 
 /// The span of one RPC, keyed by its request id.
-pub fn rpc_span(method: &str, request_id: &RequestId) -> Span {
+pub(crate) fn rpc_span(method: &str, request_id: &RequestId) -> Span {
     tracing::info_span!(
         "rpc",
         method,
@@ -77,17 +77,17 @@ pub fn rpc_span(method: &str, request_id: &RequestId) -> Span {
 }
 
 /// Notes the merchant a call is about on the current RPC span.
-pub fn record_merchant(account_id: &AccountId) {
+pub(crate) fn record_merchant(account_id: &AccountId) {
     Span::current().record("merchant", display(account_id));
 }
 
 /// Notes the app (its fingerprint, never the key) on the current RPC span.
-pub fn record_app(client_key: &ClientKey) {
+pub(crate) fn record_app(client_key: &ClientKey) {
     Span::current().record("app", display(client_key));
 }
 
 /// Notes Douyin's logid of the call's upstream answer on the current RPC span.
-pub fn record_logid(logid: &str) {
+pub(crate) fn record_logid(logid: &str) {
     if !logid.is_empty() {
         Span::current().record("logid", logid);
     }

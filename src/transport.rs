@@ -47,7 +47,7 @@ impl Listener {
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Self::Tcp(listener) => listener
                 .local_addr()
@@ -100,7 +100,7 @@ fn tls_error(key: &'static str, message: impl Into<String>) -> TlsFileError {
 /// and the key parse, the key matches the certificate, and the client CA (if
 /// any) parses. tonic would only find out when the server starts, after
 /// systemd already heard READY=1.
-pub fn server_tls(config: &TlsConfig) -> Result<ServerTlsConfig, TlsFileError> {
+pub(crate) fn server_tls(config: &TlsConfig) -> Result<ServerTlsConfig, TlsFileError> {
     let read = |key: &'static str, path: &Path| {
         std::fs::read(path)
             .map_err(|error| tls_error(key, format!("cannot read {}: {error}", path.display())))

@@ -40,7 +40,7 @@ pub struct DaemonProcess {
     pub grpc_address: SocketAddr,
     /// Where metrics are served, when the config asked for them.
     pub metrics_address: Option<SocketAddr>,
-    pub log_path: PathBuf,
+    pub(crate) log_path: PathBuf,
 }
 
 /// Variables a parent environment may hold that would override the config file.
@@ -147,11 +147,6 @@ impl DaemonProcess {
             .await
             .ok()?
             .ok()
-    }
-
-    /// Ends the process at once (SIGKILL) and reaps it.
-    pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
     }
 
     /// Everything the daemon logged so far.

@@ -23,16 +23,10 @@ pub struct LatencySummary {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
-    pub mean_us: f64,
+    pub(crate) mean_us: f64,
 }
 
 impl Latencies {
-    pub fn with_capacity(capacity: usize) -> Self {
-        Self {
-            micros: Vec::with_capacity(capacity),
-        }
-    }
-
     pub fn record(&mut self, latency: Duration) {
         self.micros
             .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
@@ -40,14 +34,6 @@ impl Latencies {
 
     pub fn extend(&mut self, other: Latencies) {
         self.micros.extend(other.micros);
-    }
-
-    pub fn len(&self) -> usize {
-        self.micros.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.micros.is_empty()
     }
 
     /// Nearest-rank percentiles.
@@ -100,7 +86,7 @@ impl ProcessSample {
     }
 
     /// The calling process (an in-process daemon shares it with the load).
-    pub fn read_own() -> std::io::Result<Self> {
+    pub(crate) fn read_own() -> std::io::Result<Self> {
         Self::read_from(Path::new("/proc/self"))
     }
 
@@ -142,10 +128,10 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 /// What the numbers were measured on, printed with every report.
 #[derive(Debug, Clone)]
 pub struct Machine {
-    pub cores: usize,
-    pub cpu_model: String,
-    pub memory_total: String,
-    pub load_average: String,
+    pub(crate) cores: usize,
+    pub(crate) cpu_model: String,
+    pub(crate) memory_total: String,
+    pub(crate) load_average: String,
 }
 
 impl Machine {

@@ -16,7 +16,7 @@ use crate::cli::BearerAuth;
 use crate::config::ClientEntry;
 
 /// The key the harness calls the daemon with (every scope); only its hash is configured.
-pub const BENCH_API_KEY: &str = "dtk_bench_harness_key_000000000000000000000000000000";
+pub(crate) const BENCH_API_KEY: &str = "dtk_bench_harness_key_000000000000000000000000000000";
 
 /// The `[[clients]]` entry for [`BENCH_API_KEY`].
 pub fn bench_client() -> ClientEntry {

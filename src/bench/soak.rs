@@ -195,7 +195,7 @@ impl SoakReport {
 }
 
 /// Whether a caller's failure is about the token rather than the lookup.
-pub fn is_token_error(status: &tonic::Status) -> bool {
+pub(crate) fn is_token_error(status: &tonic::Status) -> bool {
     let Some(info) = status.get_details_error_info() else {
         return status.message().contains("token");
     };

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use super::envelope::{Decoded, GoodlifeResponse, decode_goodlife_answer};
-use super::{DouyinClient, logid_header, transport_error};
+use super::{DouyinClient, read_answer, transport_error};
 use crate::domain::{AccessToken, AfterSaleQuery};
 use crate::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailResponse;
 
-pub use super::envelope::LookupFailure;
+pub(crate) use super::envelope::LookupFailure;
 
 pub const PATH: &str = "/goodlife/v1/akte/after_sale/order_detail/get/";
 
@@ -17,7 +17,7 @@ pub const PATH: &str = "/goodlife/v1/akte/after_sale/order_detail/get/";
 const ENDPOINT_LABEL: &str = "after_sale";
 
 /// A successful answer: the decoded response and the body it came from.
-pub type AfterSaleAnswer = Decoded<GetAfterSaleOrderDetailResponse>;
+pub(crate) type AfterSaleAnswer = Decoded<GetAfterSaleOrderDetailResponse>;
 
 impl GoodlifeResponse for GetAfterSaleOrderDetailResponse {
     fn has_data(&self) -> bool {
@@ -34,7 +34,7 @@ impl GoodlifeResponse for GetAfterSaleOrderDetailResponse {
 
 impl DouyinClient {
     /// One upstream call; `deadline` (the caller's remaining time) bounds its timeout.
-    pub async fn get_after_sale_order_detail(
+    pub(crate) async fn get_after_sale_order_detail(
         &self,
         access_token: &AccessToken,
         query: &AfterSaleQuery,
@@ -77,19 +77,7 @@ impl DouyinClient {
             .send()
             .await
             .map_err(|error| transport_error(&error, timeout))?;
-        let status = response.status().as_u16();
-        let logid = logid_header(&response);
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|error| transport_error(&error, timeout))?;
-        decode_after_sale_answer(status, &body, &content_type, logid)
+        read_answer(response, timeout, decode_after_sale_answer).await
     }
 }
 

@@ -31,7 +31,7 @@ pub enum CodeClass {
 
 impl CodeClass {
     /// Whether another try of the same request may succeed.
-    pub fn is_retryable(self) -> bool {
+    pub(crate) fn is_retryable(self) -> bool {
         matches!(self, Self::Transient | Self::RateLimited)
     }
 }
@@ -47,16 +47,6 @@ pub enum Envelope {
     TokenEndpoint,
 }
 
-impl Envelope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Goodlife => "goodlife",
-            Self::OpenApiGateway => "open-API gateway",
-            Self::TokenEndpoint => "token endpoint",
-        }
-    }
-}
-
 /// One code Douyin answers, as the daemon understands it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KnownCode {
@@ -64,11 +54,11 @@ pub struct KnownCode {
     pub envelope: Envelope,
     pub class: CodeClass,
     /// What Douyin's page says, in English (the page's words in the comment beside it).
-    pub meaning: &'static str,
+    pub(crate) meaning: &'static str,
     /// True when the class follows from Douyin's own words; false when it is
     /// inferred (the page names the code but not what a client should do, or
     /// the code was seen in SDKs and answers rather than on a page).
-    pub class_documented: bool,
+    pub(crate) class_documented: bool,
 }
 
 // Pages, under https://developer.open-douyin.com/docs/resource/zh-CN/ (titles as shown there;
@@ -102,18 +92,18 @@ const fn code(
 use CodeClass::*;
 use Envelope::*;
 
-pub const TOKEN_INVALID: i64 = 2190002;
-pub const TOKEN_EXPIRED: i64 = 2190008;
-pub const GATEWAY_TOKEN_INVALID: i64 = 28001003;
-pub const GATEWAY_TOKEN_EXPIRED: i64 = 28001008;
-pub const INVALID_PARAMETER: i64 = 2119001;
-pub const SYSTEM_BUSY: i64 = 2119002;
-pub const TOO_MANY_REQUESTS: i64 = 2119003;
-pub const MERCHANT_NOT_AUTHORISED: i64 = 2119005;
-pub const TOKEN_PARAMETER_ERROR: i64 = 10002;
-pub const TOKEN_UNKNOWN_CLIENT_KEY: i64 = 10003;
-pub const TOKEN_BAD_CREDENTIALS: i64 = 10013;
-pub const TOKEN_RATE_LIMITED: i64 = 10020;
+pub(crate) const TOKEN_INVALID: i64 = 2190002;
+pub(crate) const TOKEN_EXPIRED: i64 = 2190008;
+pub(crate) const GATEWAY_TOKEN_INVALID: i64 = 28001003;
+pub(crate) const GATEWAY_TOKEN_EXPIRED: i64 = 28001008;
+pub(crate) const INVALID_PARAMETER: i64 = 2119001;
+pub(crate) const SYSTEM_BUSY: i64 = 2119002;
+pub(crate) const TOO_MANY_REQUESTS: i64 = 2119003;
+pub(crate) const MERCHANT_NOT_AUTHORISED: i64 = 2119005;
+pub(crate) const TOKEN_PARAMETER_ERROR: i64 = 10002;
+pub(crate) const TOKEN_UNKNOWN_CLIENT_KEY: i64 = 10003;
+pub(crate) const TOKEN_BAD_CREDENTIALS: i64 = 10013;
+pub(crate) const TOKEN_RATE_LIMITED: i64 = 10020;
 
 /// Every code the daemon knows. A code not listed is `Business` (permanent).
 pub const TABLE: &[KnownCode] = &[
@@ -354,7 +344,7 @@ pub const TABLE: &[KnownCode] = &[
 ];
 
 /// The table's entry for `code`, if the daemon knows it.
-pub fn known(code: i64) -> Option<&'static KnownCode> {
+pub(crate) fn known(code: i64) -> Option<&'static KnownCode> {
     TABLE.iter().find(|known| known.code == code)
 }
 
@@ -371,7 +361,7 @@ pub fn metric_label(code: i64) -> Cow<'static, str> {
 }
 
 /// Classifies a gateway code (never zero) from either envelope.
-pub fn classify_gateway_code(code: i64) -> CodeClass {
+pub(crate) fn classify_gateway_code(code: i64) -> CodeClass {
     match known(code) {
         Some(known) if known.envelope != TokenEndpoint => known.class,
         _ => Business,
@@ -381,29 +371,29 @@ pub fn classify_gateway_code(code: i64) -> CodeClass {
 /// True for token endpoint codes that no retry can fix: the key or secret is
 /// wrong, so the daemon stops and alerts instead of hammering the endpoint.
 /// Everything else (10020 rate limiting, codes we do not know) is retried with backoff.
-pub fn token_code_is_permanent(code: i64) -> bool {
+pub(crate) fn token_code_is_permanent(code: i64) -> bool {
     known(code).is_some_and(|known| {
         known.envelope == TokenEndpoint && matches!(known.class, InvalidArgument | PermissionDenied)
     })
 }
 
 /// True for the token endpoint's "too many token calls" answer.
-pub fn token_code_is_rate_limited(code: i64) -> bool {
+pub(crate) fn token_code_is_rate_limited(code: i64) -> bool {
     known(code).is_some_and(|known| known.envelope == TokenEndpoint && known.class == RateLimited)
 }
 
 /// A non-zero error code answered by Douyin, with what came with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DouyinError {
-    pub code: i64,
-    pub description: String,
-    pub sub_code: i64,
-    pub sub_description: String,
-    pub logid: String,
+    pub(crate) code: i64,
+    pub(crate) description: String,
+    pub(crate) sub_code: i64,
+    pub(crate) sub_description: String,
+    pub(crate) logid: String,
 }
 
 impl DouyinError {
-    pub fn class(&self) -> CodeClass {
+    pub(crate) fn class(&self) -> CodeClass {
         classify_gateway_code(self.code)
     }
 }

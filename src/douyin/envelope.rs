@@ -20,7 +20,7 @@ pub enum LookupFailure {
 
 /// A goodlife response message mirrored from Douyin's JSON: what the strict
 /// success check needs to see of it.
-pub trait GoodlifeResponse: DeserializeOwned {
+pub(crate) trait GoodlifeResponse: DeserializeOwned {
     /// True when the answer carried a `data` object.
     fn has_data(&self) -> bool;
     /// `data.error_code` and `extra.error_code` (0 when absent).
@@ -31,12 +31,12 @@ pub trait GoodlifeResponse: DeserializeOwned {
 #[derive(Debug, Clone)]
 pub struct Decoded<T> {
     pub response: T,
-    pub raw_body: String,
+    pub(crate) raw_body: String,
 }
 
 /// Decodes one answer. Error codes are read from the newer gateway's `err_no`,
 /// then `data`, then `extra`, as Douyin documents.
-pub fn decode_goodlife_answer<T: GoodlifeResponse>(
+pub(crate) fn decode_goodlife_answer<T: GoodlifeResponse>(
     status: u16,
     body: &[u8],
     content_type: &str,

@@ -4,7 +4,7 @@
 pub mod after_sale;
 pub mod codes;
 pub mod envelope;
-pub mod token_endpoint;
+pub(crate) mod token_endpoint;
 
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ pub enum TransportError {
 
 impl TransportError {
     /// Why no usable answer came, as the `cause` label of failed token fetches.
-    pub fn cause_label(&self) -> &'static str {
+    pub(crate) fn cause_label(&self) -> &'static str {
         match self {
             Self::Timeout { .. } => "timeout",
             Self::Connect { .. } => "connect",
@@ -78,7 +78,7 @@ impl DouyinClient {
     }
 
     /// True when tokens come from `stable_client_token`.
-    pub fn uses_stable_tokens(&self) -> bool {
+    pub(crate) fn uses_stable_tokens(&self) -> bool {
         self.token_endpoint == TokenEndpoint::StableClientToken
     }
 
@@ -107,6 +107,28 @@ fn install_tls_provider() {
 }
 
 /// Douyin's log id for an answer, from the `X-Tt-Logid` header.
+/// Reads an HTTP answer whole and hands `decode` its status, body, content
+/// type and `x-tt-logid`: the one reader for both endpoints.
+async fn read_answer<T, E: From<TransportError>>(
+    response: reqwest::Response,
+    timeout: Duration,
+    decode: impl FnOnce(u16, &[u8], &str, String) -> Result<T, E>,
+) -> Result<T, E> {
+    let status = response.status().as_u16();
+    let logid = logid_header(&response);
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|error| transport_error(&error, timeout))?;
+    decode(status, &body, &content_type, logid)
+}
+
 fn logid_header(response: &reqwest::Response) -> String {
     response
         .headers()

@@ -6,20 +6,20 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    DouyinClient, TransportError, codes, describe_unparseable, logid_header, transport_error,
+    DouyinClient, TransportError, codes, describe_unparseable, read_answer, transport_error,
 };
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
 
 /// A token as Douyin handed it out.
 #[derive(Debug, Clone)]
-pub struct FetchedToken {
-    pub access_token: AccessToken,
-    pub expires_in: Duration,
+pub(crate) struct FetchedToken {
+    pub(crate) access_token: AccessToken,
+    pub(crate) expires_in: Duration,
 }
 
 /// Why no token came back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenFetchError {
+pub(crate) enum TokenFetchError {
     /// Douyin refused with an error code inside the HTTP 200 body.
     #[error("Douyin's token endpoint refused with error {code}{}{}", describe(.description), super::logid_suffix(.logid))]
     Refused {
@@ -45,7 +45,7 @@ fn describe(description: &str) -> String {
 
 impl TokenFetchError {
     /// Why the fetch failed, as the `cause` label of `token_fetch_failures_total`.
-    pub fn cause_label(&self) -> &'static str {
+    pub(crate) fn cause_label(&self) -> &'static str {
         match self {
             Self::Refused { .. } if self.is_permanent() => "credentials_refused",
             Self::Refused { .. } if self.is_rate_limited() => "rate_limited",
@@ -56,12 +56,12 @@ impl TokenFetchError {
     }
 
     /// Permanent failures (bad key or secret) must not be retried on a timer.
-    pub fn is_permanent(&self) -> bool {
+    pub(crate) fn is_permanent(&self) -> bool {
         matches!(self, Self::Refused { code, .. } if codes::token_code_is_permanent(*code))
     }
 
     /// Douyin said we fetch too often (10020): the budget must slow down.
-    pub fn is_rate_limited(&self) -> bool {
+    pub(crate) fn is_rate_limited(&self) -> bool {
         matches!(self, Self::Refused { code, .. } if codes::token_code_is_rate_limited(*code))
     }
 }
@@ -104,7 +104,7 @@ const ENDPOINT_LABEL: &str = "client_token";
 
 impl DouyinClient {
     /// One call to the token endpoint, counted by the code Douyin answered.
-    pub async fn fetch_client_token(
+    pub(crate) async fn fetch_client_token(
         &self,
         client_key: &ClientKey,
         client_secret: &ClientSecret,
@@ -141,19 +141,7 @@ impl DouyinClient {
             .send()
             .await
             .map_err(|error| transport_error(&error, timeout))?;
-        let status = response.status();
-        let logid = logid_header(&response);
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|error| transport_error(&error, timeout))?;
-        parse_token_answer(status.as_u16(), &bytes, &content_type, logid)
+        read_answer(response, timeout, parse_token_answer).await
     }
 }
 

@@ -14,11 +14,11 @@ use crate::proto::tokend::v1::*;
 use crate::registry::Registry;
 use crate::token::TokenManager;
 
-pub struct AdminGrpc {
-    pub registry: Registry,
-    pub tokens: TokenManager,
-    pub clock: SharedClock,
-    pub audit: AuditLog,
+pub(crate) struct AdminGrpc {
+    pub(crate) registry: Registry,
+    pub(crate) tokens: TokenManager,
+    pub(crate) clock: SharedClock,
+    pub(crate) audit: AuditLog,
 }
 
 fn client_key(value: &str) -> Result<ClientKey, Status> {

@@ -20,10 +20,10 @@ use crate::proto::douyin::goodlife::v1::{
 use crate::registry::Registry;
 use crate::telemetry;
 
-pub struct AfterSaleGrpc {
-    pub lookup: LookupService,
-    pub registry: Registry,
-    pub metrics: Metrics,
+pub(crate) struct AfterSaleGrpc {
+    pub(crate) lookup: LookupService,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Metrics,
 }
 
 #[tonic::async_trait]

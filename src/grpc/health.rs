@@ -15,21 +15,21 @@ use super::SERVICE_NAMES;
 use crate::token::TokenManager;
 
 /// The services whose status follows token availability, besides the overall "".
-pub const TOKEN_DEPENDENT_SERVICES: [&str; 3] = [
+pub(crate) const TOKEN_DEPENDENT_SERVICES: [&str; 3] = [
     "",
     "douyin.goodlife.v1.AfterSaleService",
     "tokend.v1.TokenService",
 ];
 /// Serves whenever the daemon runs.
-pub const ADMIN_SERVICE: &str = "tokend.v1.AdminService";
+pub(crate) const ADMIN_SERVICE: &str = "tokend.v1.AdminService";
 
 /// How often token availability is re-checked: tokens expire with time alone,
 /// with no event to wake on.
-pub const AVAILABILITY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const AVAILABILITY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Publishes statuses to the health service. Cheap to clone.
 #[derive(Clone)]
-pub struct HealthPublisher {
+pub(crate) struct HealthPublisher {
     reporter: HealthReporter,
     /// The last published token availability; None once shutdown began, after
     /// which nothing may turn a service back to SERVING.
@@ -37,7 +37,7 @@ pub struct HealthPublisher {
 }
 
 impl HealthPublisher {
-    pub fn new(reporter: HealthReporter) -> Self {
+    pub(crate) fn new(reporter: HealthReporter) -> Self {
         Self {
             reporter,
             published: Arc::new(Mutex::new(Some(None))),
@@ -45,7 +45,7 @@ impl HealthPublisher {
     }
 
     /// Publishes whether tokens can be handed out; does nothing once stopping.
-    pub async fn publish_token_availability(&self, available: bool) {
+    pub(crate) async fn publish_token_availability(&self, available: bool) {
         let mut published = self.published.lock().await;
         let Some(last) = published.as_mut() else {
             return;
@@ -74,7 +74,7 @@ impl HealthPublisher {
     }
 
     /// Turns every service NOT_SERVING for good: shutdown began.
-    pub async fn publish_stopping(&self) {
+    pub(crate) async fn publish_stopping(&self) {
         let mut published = self.published.lock().await;
         *published = None;
         for service in ["", SERVICE_NAMES[0], SERVICE_NAMES[1], SERVICE_NAMES[2]] {
@@ -87,7 +87,7 @@ impl HealthPublisher {
 
 /// Keeps token availability published until `stop` is cancelled: after every
 /// completed sweep and every [`AVAILABILITY_CHECK_INTERVAL`].
-pub async fn keep_token_availability_published(
+pub(crate) async fn keep_token_availability_published(
     publisher: HealthPublisher,
     tokens: TokenManager,
     stop: CancellationToken,

@@ -5,9 +5,9 @@
 
 mod admin;
 mod after_sale;
-pub mod health;
+pub(crate) mod health;
 mod request_id;
-pub mod status;
+pub(crate) mod status;
 mod token;
 
 use std::future::Future;
@@ -34,13 +34,13 @@ use crate::transport::Listener;
 
 /// What the gRPC services need from the rest of the daemon.
 #[derive(Clone)]
-pub struct GrpcDependencies {
-    pub lookup: LookupService,
-    pub registry: Registry,
-    pub tokens: TokenManager,
-    pub clock: SharedClock,
-    pub audit: AuditLog,
-    pub metrics: Metrics,
+pub(crate) struct GrpcDependencies {
+    pub(crate) lookup: LookupService,
+    pub(crate) registry: Registry,
+    pub(crate) tokens: TokenManager,
+    pub(crate) clock: SharedClock,
+    pub(crate) audit: AuditLog,
+    pub(crate) metrics: Metrics,
 }
 
 /// The authenticated caller, put in each request's extensions by the interceptor.
@@ -71,7 +71,7 @@ fn authenticate_with(
 }
 
 /// The service names health is reported for, besides the overall "".
-pub const SERVICE_NAMES: [&str; 3] = [
+pub(crate) const SERVICE_NAMES: [&str; 3] = [
     "douyin.goodlife.v1.AfterSaleService",
     "tokend.v1.TokenService",
     "tokend.v1.AdminService",
@@ -80,7 +80,7 @@ pub const SERVICE_NAMES: [&str; 3] = [
 /// Serves until `shutdown` completes, then stops accepting and lets in-flight
 /// calls finish. Health statuses are the caller's (see [`health`]): it turns
 /// them NOT_SERVING before `shutdown` completes.
-pub async fn serve(
+pub(crate) async fn serve(
     dependencies: GrpcDependencies,
     listener: Listener,
     tls: Option<ServerTlsConfig>,

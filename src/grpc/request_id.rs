@@ -24,11 +24,11 @@ use tracing::Instrument;
 use crate::telemetry::{self, RequestId};
 
 /// The metadata key callers send their request id in and get the call's back in.
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Adds [`RequestIdService`] around the router.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RequestIdLayer;
+pub(crate) struct RequestIdLayer;
 
 impl<S> Layer<S> for RequestIdLayer {
     type Service = RequestIdService<S>;
@@ -41,7 +41,7 @@ impl<S> Layer<S> for RequestIdLayer {
 /// Chooses the call's request id, runs the call in its `rpc` span and puts
 /// the id on the response headers.
 #[derive(Clone, Debug)]
-pub struct RequestIdService<S> {
+pub(crate) struct RequestIdService<S> {
     inner: S,
 }
 

@@ -17,9 +17,9 @@ use crate::registry::RegistryError;
 use crate::token::TokenError;
 
 /// ErrorInfo domain of errors that carry a Douyin code.
-pub const DOUYIN_DOMAIN: &str = "open.douyin.com";
+pub(crate) const DOUYIN_DOMAIN: &str = "open.douyin.com";
 /// ErrorInfo domain of the daemon's own errors.
-pub const TOKEND_DOMAIN: &str = "douyin-tokend";
+pub(crate) const TOKEND_DOMAIN: &str = "douyin-tokend";
 
 fn status(
     code: Code,
@@ -44,7 +44,7 @@ fn reason_and_domain(douyin_code: Option<i64>, own_reason: &str) -> (String, &'s
     }
 }
 
-pub fn invalid_argument(error: &InvalidId) -> Status {
+pub(crate) fn invalid_argument(error: &InvalidId) -> Status {
     status(
         Code::InvalidArgument,
         error.to_string(),
@@ -55,7 +55,7 @@ pub fn invalid_argument(error: &InvalidId) -> Status {
     )
 }
 
-pub fn lookup_status(error: &LookupError) -> Status {
+pub(crate) fn lookup_status(error: &LookupError) -> Status {
     match error {
         LookupError::Registry(error) => registry_status(error),
         LookupError::Token(error) => token_status(error),
@@ -103,7 +103,7 @@ pub fn lookup_status(error: &LookupError) -> Status {
     }
 }
 
-pub fn access_status(error: &AccessDenied) -> Status {
+pub(crate) fn access_status(error: &AccessDenied) -> Status {
     let (code, reason) = match error {
         AccessDenied::MissingKey => (Code::Unauthenticated, "API_KEY_MISSING"),
         AccessDenied::UnknownKey => (Code::Unauthenticated, "API_KEY_UNKNOWN"),
@@ -120,7 +120,7 @@ pub fn access_status(error: &AccessDenied) -> Status {
     )
 }
 
-pub fn registry_status(error: &RegistryError) -> Status {
+pub(crate) fn registry_status(error: &RegistryError) -> Status {
     match error {
         RegistryError::ClientExists { .. } => status(
             Code::AlreadyExists,
@@ -176,7 +176,7 @@ pub fn registry_status(error: &RegistryError) -> Status {
     }
 }
 
-pub fn token_status(error: &TokenError) -> Status {
+pub(crate) fn token_status(error: &TokenError) -> Status {
     let message = error.to_string();
     match error {
         TokenError::UnknownApp { .. } => status(
@@ -246,7 +246,7 @@ pub fn token_status(error: &TokenError) -> Status {
 
 /// The gRPC code a caller hears for a Douyin code of `class` that reached it
 /// (after retries, where the class is retried).
-pub fn code_for_class(class: CodeClass) -> Code {
+pub(crate) fn code_for_class(class: CodeClass) -> Code {
     match class {
         CodeClass::InvalidArgument => Code::InvalidArgument,
         CodeClass::PermissionDenied => Code::PermissionDenied,
@@ -257,7 +257,7 @@ pub fn code_for_class(class: CodeClass) -> Code {
     }
 }
 
-pub fn douyin_status(error: &DouyinError) -> Status {
+pub(crate) fn douyin_status(error: &DouyinError) -> Status {
     let code = code_for_class(error.class());
     let hint = match error.class() {
         CodeClass::InvalidArgument => {
@@ -295,7 +295,7 @@ pub fn douyin_status(error: &DouyinError) -> Status {
     )
 }
 
-pub fn transport_status(error: &TransportError) -> Status {
+pub(crate) fn transport_status(error: &TransportError) -> Status {
     let (reason, logid) = match error {
         TransportError::Timeout { .. } => ("UPSTREAM_TIMEOUT", ""),
         TransportError::Connect { .. } => ("UPSTREAM_UNREACHABLE", ""),
@@ -332,6 +332,11 @@ fn douyin_code_table_markdown() -> String {
             CodeClass::PermissionDenied => "permission denied",
             CodeClass::Offline => "offline",
             CodeClass::Business => "business",
+        };
+        let envelope = match known.envelope {
+            Envelope::Goodlife => "goodlife",
+            Envelope::OpenApiGateway => "open-API gateway",
+            Envelope::TokenEndpoint => "token endpoint",
         };
         let documented = if known.class_documented {
             "documented"
@@ -372,10 +377,8 @@ fn douyin_code_table_markdown() -> String {
             (daemon, caller)
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {class} ({documented}) | {daemon} | {caller} |\n",
-            known.code,
-            known.envelope.as_str(),
-            known.meaning,
+            "| {} | {envelope} | {} | {class} ({documented}) | {daemon} | {caller} |\n",
+            known.code, known.meaning,
         ));
     }
     table

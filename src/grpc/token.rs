@@ -18,11 +18,11 @@ use crate::proto::tokend::v1::{
 use crate::registry::Registry;
 use crate::token::{TokenLease, TokenManager};
 
-pub struct TokenGrpc {
-    pub registry: Registry,
-    pub tokens: TokenManager,
-    pub clock: SharedClock,
-    pub audit: AuditLog,
+pub(crate) struct TokenGrpc {
+    pub(crate) registry: Registry,
+    pub(crate) tokens: TokenManager,
+    pub(crate) clock: SharedClock,
+    pub(crate) audit: AuditLog,
 }
 
 /// How a caller names the app whose token it wants.

@@ -29,13 +29,13 @@ const JITTER_HEADROOM: f64 = 1.1;
 
 /// A lookup may go to Douyin while this is held.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     _in_flight: OwnedSemaphorePermit,
 }
 
 /// Why a call was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum NotAdmitted {
+pub(crate) enum NotAdmitted {
     /// The group's next free turn (or in-flight slot) comes too late for the
     /// request's deadline: rate limiting, worth a retry after `retry_after`.
     #[error("too many calls for this app: the next free slot is {} ms away, beyond the request's deadline", .retry_after.as_millis())]
@@ -49,7 +49,7 @@ pub enum NotAdmitted {
 /// A rate group: one app's calls to one Douyin API.
 type GroupKey = (ClientKey, DouyinApi);
 
-pub struct Admission {
+pub(crate) struct Admission {
     config: LookupConfig,
     gates: Mutex<HashMap<GroupKey, Arc<AppGate>>>,
 }
@@ -68,7 +68,7 @@ impl AppGate {
 }
 
 impl Admission {
-    pub fn new(config: &LookupConfig) -> Self {
+    pub(crate) fn new(config: &LookupConfig) -> Self {
         Self {
             config: config.clone(),
             gates: Mutex::new(HashMap::new()),
@@ -96,7 +96,7 @@ impl Admission {
 
     /// Waits for the group's next turn and a free in-flight slot, as long as
     /// both come while `deadline` still leaves `upstream_time_reserve` for the call.
-    pub async fn admit(
+    pub(crate) async fn admit(
         &self,
         client_key: &ClientKey,
         api: DouyinApi,

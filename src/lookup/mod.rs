@@ -5,7 +5,7 @@
 //! compare-and-invalidate, refresh and retry exactly once. Each caller gets
 //! the outcome its own deadline implies, whoever started the shared call.
 
-pub mod admission;
+pub(crate) mod admission;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,11 +27,11 @@ use crate::douyin::{CodeClass, DouyinClient, TransportError};
 use crate::registry::{Registry, RegistryError};
 use crate::token::{TokenError, TokenManager};
 
-pub use admission::{Admission, NotAdmitted};
+pub(crate) use admission::{Admission, NotAdmitted};
 
 /// Everything that can stop a lookup, mapped to a gRPC status in one place (`grpc::status`).
 #[derive(Debug, thiserror::Error)]
-pub enum LookupError {
+pub(crate) enum LookupError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -56,7 +56,7 @@ pub enum LookupError {
 #[derive(Debug, Default)]
 pub struct LookupCounters {
     /// Upstream calls to the after-sale API (tries included).
-    pub upstream_calls: AtomicU64,
+    pub(crate) upstream_calls: AtomicU64,
     /// Retries after a transient failure.
     pub retries: AtomicU64,
     /// Callers served by a lookup another caller started.
@@ -64,9 +64,9 @@ pub struct LookupCounters {
     /// Callers served from the response cache.
     pub cache_hits: AtomicU64,
     /// Callers refused because their turn would come too late.
-    pub not_admitted: AtomicU64,
+    pub(crate) not_admitted: AtomicU64,
     /// Lookups waiting for their turn or for Douyin right now.
-    pub in_progress: AtomicU64,
+    pub(crate) in_progress: AtomicU64,
 }
 
 /// How long before the caller's deadline the daemon gives up on Douyin.
@@ -119,7 +119,7 @@ struct Inner {
 }
 
 impl LookupService {
-    pub fn new(
+    pub(crate) fn new(
         registry: Registry,
         tokens: TokenManager,
         douyin: DouyinClient,
@@ -148,7 +148,7 @@ impl LookupService {
     /// Looks up one order's after-sale details before `deadline` (the caller's,
     /// or `default_deadline` from now). Identical lookups in flight share one
     /// upstream call; the call runs on its own task and outlives impatient callers.
-    pub async fn after_sale_order_detail(
+    pub(crate) async fn after_sale_order_detail(
         &self,
         query: &AfterSaleQuery,
         deadline: Option<Instant>,

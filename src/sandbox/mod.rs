@@ -104,14 +104,14 @@ pub struct SandboxStats {
     /// Calls to the token endpoints, whatever their outcome.
     pub token_calls: u64,
     /// Tokens issued, per client_key.
-    pub tokens_issued: HashMap<String, u64>,
+    pub(crate) tokens_issued: HashMap<String, u64>,
     /// Token endpoint refusals by code.
     pub token_refusals: BTreeMap<i64, u64>,
     pub lookups: u64,
     /// Lookup answers by Douyin code (0 = success).
     pub lookup_codes: BTreeMap<i64, u64>,
     /// Lookups answered with an injected fault that carries no code.
-    pub lookup_faults: u64,
+    pub(crate) lookup_faults: u64,
     /// Lookups that found their app's one-second window already full (each
     /// answered 2119003): how often the daemon overran Douyin's rate.
     pub lookup_window_overruns: u64,
@@ -181,7 +181,6 @@ pub struct SandboxState {
     config: Mutex<SandboxConfig>,
     world: Mutex<World>,
     token_gate: Mutex<Option<Arc<Gate>>>,
-    lookup_gate: Mutex<Option<Arc<Gate>>>,
 }
 
 /// Holds every request of one endpoint until the test releases them, and
@@ -220,7 +219,7 @@ impl Gate {
 }
 
 impl SandboxState {
-    pub fn new(clock: SharedClock, config: SandboxConfig) -> Arc<Self> {
+    pub(crate) fn new(clock: SharedClock, config: SandboxConfig) -> Arc<Self> {
         let mut world = World::default();
         let documented: Value =
             serde_json::from_str(DOCUMENTED_EXAMPLE).expect("the documented example is JSON");
@@ -232,7 +231,6 @@ impl SandboxState {
             config: Mutex::new(config),
             world: Mutex::new(world),
             token_gate: Mutex::new(None),
-            lookup_gate: Mutex::new(None),
         })
     }
 
@@ -271,13 +269,6 @@ impl SandboxState {
     pub fn gate_token_endpoint(&self) -> Arc<Gate> {
         let gate = Gate::new();
         *self.token_gate.lock() = Some(Arc::clone(&gate));
-        gate
-    }
-
-    /// From now on, after-sale lookups wait at the returned gate.
-    pub fn gate_lookups(&self) -> Arc<Gate> {
-        let gate = Gate::new();
-        *self.lookup_gate.lock() = Some(Arc::clone(&gate));
         gate
     }
 
@@ -388,10 +379,6 @@ impl Sandbox {
         format!("http://{}", self.address)
     }
 
-    pub fn address(&self) -> SocketAddr {
-        self.address
-    }
-
     pub fn state(&self) -> &Arc<SandboxState> {
         &self.state
     }
@@ -479,10 +466,6 @@ async fn after_sale_order_detail(
     let config = state.config.lock().clone();
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
-    }
-    let gate = state.lookup_gate.lock().clone();
-    if let Some(gate) = gate {
-        gate.pass().await;
     }
     let fault = {
         let mut world = state.world.lock();

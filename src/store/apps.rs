@@ -12,11 +12,11 @@ use crate::sealing::MasterKey;
 
 /// An app as stored, with its secret unsealed.
 #[derive(Debug, Clone)]
-pub struct AppRecord {
-    pub client_key: ClientKey,
-    pub client_secret: ClientSecret,
-    pub source: Source,
-    pub merchant_count: i64,
+pub(crate) struct AppRecord {
+    pub(crate) client_key: ClientKey,
+    pub(crate) client_secret: ClientSecret,
+    pub(crate) source: Source,
+    pub(crate) merchant_count: i64,
 }
 
 /// An `apps` row as the list query returns it, before unsealing and parsing.

@@ -5,18 +5,18 @@ use super::{Store, StoreError, query_error};
 
 /// One line of the audit trail. Apps and tokens appear as fingerprints.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct AuditRecord {
-    pub at_ms: i64,
-    pub client: String,
-    pub action: String,
-    pub app: String,
-    pub reason: String,
-    pub token_fingerprint: String,
-    pub count: i64,
+pub(crate) struct AuditRecord {
+    pub(crate) at_ms: i64,
+    pub(crate) client: String,
+    pub(crate) action: String,
+    pub(crate) app: String,
+    pub(crate) reason: String,
+    pub(crate) token_fingerprint: String,
+    pub(crate) count: i64,
 }
 
 /// The queries on `audit`; from `Store::audit`.
-pub struct AuditTable<'store> {
+pub(crate) struct AuditTable<'store> {
     pub(super) store: &'store Store,
 }
 

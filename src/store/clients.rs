@@ -7,15 +7,15 @@ use super::{Source, Store, StoreError, query_error};
 
 /// An API client as stored: the key's SHA-256 in hex, never the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientRecord {
-    pub name: String,
-    pub key_sha256: String,
-    pub scopes: Vec<String>,
+pub(crate) struct ClientRecord {
+    pub(crate) name: String,
+    pub(crate) key_sha256: String,
+    pub(crate) scopes: Vec<String>,
     /// None: every app.
-    pub apps: Option<Vec<String>>,
+    pub(crate) apps: Option<Vec<String>>,
     /// None: every merchant.
-    pub merchants: Option<Vec<String>>,
-    pub source: Source,
+    pub(crate) merchants: Option<Vec<String>>,
+    pub(crate) source: Source,
 }
 
 /// A `clients` row as stored: the lists are JSON arrays.
@@ -30,7 +30,7 @@ struct ClientRow {
 }
 
 /// The queries on `clients`; from `Store::clients`.
-pub struct ClientTable<'store> {
+pub(crate) struct ClientTable<'store> {
     pub(super) store: &'store Store,
 }
 

@@ -7,10 +7,10 @@ use super::{Source, Store, StoreError, apps, collect_rows, parse_client_key, que
 use crate::domain::{AccountId, ClientKey};
 
 #[derive(Debug, Clone)]
-pub struct MerchantRecord {
-    pub account_id: AccountId,
-    pub client_key: ClientKey,
-    pub source: Source,
+pub(crate) struct MerchantRecord {
+    pub(crate) account_id: AccountId,
+    pub(crate) client_key: ClientKey,
+    pub(crate) source: Source,
 }
 
 /// A `merchants` row as the list query returns it, before parsing.
@@ -22,7 +22,7 @@ struct MerchantRow {
 }
 
 /// The queries on `merchants`; from `Store::merchants`.
-pub struct MerchantTable<'store> {
+pub(crate) struct MerchantTable<'store> {
     pub(super) store: &'store Store,
 }
 

@@ -27,10 +27,10 @@ use sqlx::{SqliteConnection, SqlitePool};
 use crate::domain::{AccountId, ClientKey, ClientSecret};
 use crate::sealing::{MasterKey, SealError};
 
-pub use apps::{AppRecord, AppTable};
-pub use audit::{AuditRecord, AuditTable};
-pub use clients::{ClientRecord, ClientTable};
-pub use merchants::{MerchantRecord, MerchantTable};
+pub(crate) use apps::{AppRecord, AppTable};
+pub(crate) use audit::{AuditRecord, AuditTable};
+pub(crate) use clients::{ClientRecord, ClientTable};
+pub(crate) use merchants::{MerchantRecord, MerchantTable};
 pub(crate) use tokens::FetchFailure;
 pub use tokens::{NewToken, TokenTable};
 
@@ -93,7 +93,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Config => "config",
             Self::Admin => "admin",
@@ -260,7 +260,7 @@ impl Store {
     }
 
     /// Which app serves each merchant.
-    pub fn merchants(&self) -> MerchantTable<'_> {
+    pub(crate) fn merchants(&self) -> MerchantTable<'_> {
         MerchantTable { store: self }
     }
 
@@ -270,12 +270,12 @@ impl Store {
     }
 
     /// The API clients allowed to call the daemon.
-    pub fn clients(&self) -> ClientTable<'_> {
+    pub(crate) fn clients(&self) -> ClientTable<'_> {
         ClientTable { store: self }
     }
 
     /// The audit trail.
-    pub fn audit(&self) -> AuditTable<'_> {
+    pub(crate) fn audit(&self) -> AuditTable<'_> {
         AuditTable { store: self }
     }
 

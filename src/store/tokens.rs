@@ -9,15 +9,15 @@ use crate::domain::{AccessToken, ClientKey};
 /// The stored token state of one app.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TokenRecord {
-    pub access_token: Option<AccessToken>,
-    pub generation: i64,
-    pub fetched_at_ms: Option<i64>,
-    pub expires_at_ms: Option<i64>,
-    pub invalidated_at_ms: Option<i64>,
-    pub last_error: Option<String>,
-    pub last_error_at_ms: Option<i64>,
-    pub last_error_permanent: bool,
-    pub consecutive_failures: i64,
+    pub(crate) access_token: Option<AccessToken>,
+    pub(crate) generation: i64,
+    pub(crate) fetched_at_ms: Option<i64>,
+    pub(crate) expires_at_ms: Option<i64>,
+    pub(crate) invalidated_at_ms: Option<i64>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_error_at_ms: Option<i64>,
+    pub(crate) last_error_permanent: bool,
+    pub(crate) consecutive_failures: i64,
 }
 
 /// A freshly fetched token, to be committed before anyone uses it.
@@ -33,11 +33,11 @@ pub struct NewToken<'a> {
 /// A failed fetch, recorded without touching the stored (still valid) token.
 #[derive(Debug, Clone)]
 pub(crate) struct FetchFailure<'a> {
-    pub client_key: &'a ClientKey,
-    pub message: &'a str,
-    pub at_ms: i64,
-    pub permanent: bool,
-    pub consecutive_failures: i64,
+    pub(crate) client_key: &'a ClientKey,
+    pub(crate) message: &'a str,
+    pub(crate) at_ms: i64,
+    pub(crate) permanent: bool,
+    pub(crate) consecutive_failures: i64,
 }
 
 /// One app's row as `load_all` returns it (an app without a token row gets

@@ -13,7 +13,7 @@ use crate::pace::Gcra;
 
 /// How much a fetch matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchPriority {
+pub(crate) enum FetchPriority {
     /// A proactive refresh: may wait for the next sweep.
     Scheduled,
     /// Someone needs the token now (a caller waiting, a rejected token, an operator).
@@ -25,7 +25,7 @@ pub enum FetchPriority {
 const SCHEDULED_BURST: usize = 32;
 
 #[derive(Debug)]
-pub struct TokenBudget {
+pub(crate) struct TokenBudget {
     limit: usize,
     reserve: usize,
     window_ms: i64,
@@ -46,7 +46,7 @@ struct BudgetState {
 }
 
 impl TokenBudget {
-    pub fn new(config: &RefreshConfig) -> Self {
+    pub(crate) fn new(config: &RefreshConfig) -> Self {
         let scheduled_share = config.budget.saturating_sub(config.budget_reserve).max(1);
         let window_ms = duration_ms(config.budget_window);
         Self {
@@ -76,7 +76,7 @@ impl TokenBudget {
     }
 
     /// Spends one fetch, or says when one may be spent again.
-    pub fn try_spend(&self, priority: FetchPriority, now_ms: i64) -> Result<(), Duration> {
+    pub(crate) fn try_spend(&self, priority: FetchPriority, now_ms: i64) -> Result<(), Duration> {
         let mut state = self.state.lock();
         self.forget_old(&mut state, now_ms);
         if priority == FetchPriority::Scheduled && now_ms < state.scheduled_paused_until_ms {
@@ -109,12 +109,12 @@ impl TokenBudget {
     }
 
     /// Douyin said we fetch too often: hold scheduled refreshes back for a while.
-    pub fn douyin_rate_limited(&self, now_ms: i64) {
+    pub(crate) fn douyin_rate_limited(&self, now_ms: i64) {
         self.state.lock().scheduled_paused_until_ms = now_ms + self.pause_ms;
     }
 
     /// Fetches still allowed in the current window (urgent ones included).
-    pub fn remaining(&self, now_ms: i64) -> usize {
+    pub(crate) fn remaining(&self, now_ms: i64) -> usize {
         let mut state = self.state.lock();
         self.forget_old(&mut state, now_ms);
         self.limit.saturating_sub(state.spent_at_ms.len())

@@ -3,8 +3,8 @@
 //! caller's future, proactive refresh through the sweep, backoff after
 //! failures, and compare-and-invalidate when Douyin rejects a token.
 
-pub mod budget;
-pub mod policy;
+pub(crate) mod budget;
+pub(crate) mod policy;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,16 +28,16 @@ use crate::douyin::token_endpoint::{FetchedToken, TokenFetchError};
 use crate::metrics::{AppTokenReading, Metrics};
 use crate::store::{FetchFailure, NewToken, Store, StoreError};
 
-pub use budget::{FetchPriority, TokenBudget};
-pub use policy::RefreshPolicy;
+pub(crate) use budget::{FetchPriority, TokenBudget};
+pub(crate) use policy::RefreshPolicy;
 
 /// The token an app holds right now, as handed to a caller.
 #[derive(Debug, Clone)]
 pub struct TokenLease {
-    pub client_key: ClientKey,
-    pub access_token: AccessToken,
-    pub generation: i64,
-    pub expires_at_ms: i64,
+    pub(crate) client_key: ClientKey,
+    pub(crate) access_token: AccessToken,
+    pub(crate) generation: i64,
+    pub(crate) expires_at_ms: i64,
 }
 
 /// Why no token can be handed out.
@@ -82,7 +82,7 @@ pub enum TokenError {
 
 /// Why a token is being fetched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefreshReason {
+pub(crate) enum RefreshReason {
     /// A caller needs a token and none is valid.
     Demand,
     /// The sweep found the refresh window reached, or no token held.
@@ -92,7 +92,7 @@ pub enum RefreshReason {
 }
 
 impl RefreshReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Demand => "demand",
             Self::Scheduled => "scheduled",
@@ -102,7 +102,7 @@ impl RefreshReason {
 
     /// Why a fetch ran, as operators read it on `token_refreshes_total`:
     /// scheduled fetches before the first sweep completed are the start-up's.
-    pub fn metric_label(self, before_first_sweep: bool) -> &'static str {
+    pub(crate) fn metric_label(self, before_first_sweep: bool) -> &'static str {
         match self {
             Self::Scheduled if before_first_sweep => "startup",
             Self::Scheduled => "scheduled",
@@ -116,7 +116,7 @@ impl RefreshReason {
 
 /// What a ReportInvalidToken did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportOutcome {
+pub(crate) enum ReportOutcome {
     /// The reported token was current: it was dropped and a new one fetched.
     Refreshed,
     /// The reported token was already replaced; nothing changed.
@@ -126,7 +126,7 @@ pub enum ReportOutcome {
 }
 
 impl ReportOutcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Refreshed => "refreshed",
             Self::NotCurrent => "not current: already replaced",
@@ -149,23 +149,23 @@ pub struct SweepReport {
 /// A snapshot of one app's token state for operators; holds no secret.
 #[derive(Debug, Clone)]
 pub struct TokenStatusView {
-    pub client_key: ClientKey,
+    pub(crate) client_key: ClientKey,
     pub state: &'static str,
-    pub generation: i64,
-    pub expires_at_ms: Option<i64>,
-    pub fetched_at_ms: Option<i64>,
-    pub refresh_at_ms: Option<i64>,
-    pub last_error: Option<String>,
-    pub last_error_at_ms: Option<i64>,
-    pub consecutive_failures: u32,
+    pub(crate) generation: i64,
+    pub(crate) expires_at_ms: Option<i64>,
+    pub(crate) fetched_at_ms: Option<i64>,
+    pub(crate) refresh_at_ms: Option<i64>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_error_at_ms: Option<i64>,
+    pub(crate) consecutive_failures: u32,
     /// Token endpoint calls left of Douyin's per-app budget
     /// ([`DOUYIN_TOKEN_CALLS_PER_WINDOW`]), as counted by the daemon.
-    pub douyin_budget_remaining: u64,
+    pub(crate) douyin_budget_remaining: u64,
 }
 
 impl TokenStatusView {
     /// The view as the token gauges show it at `now_ms`.
-    pub fn metric_reading(&self, now_ms: i64) -> AppTokenReading {
+    pub(crate) fn metric_reading(&self, now_ms: i64) -> AppTokenReading {
         AppTokenReading {
             client_key: self.client_key.clone(),
             state_label: self.state,
@@ -185,8 +185,9 @@ impl TokenStatusView {
 /// Douyin's budget for the token endpoint: this many calls per app per
 /// [`DOUYIN_TOKEN_CALL_WINDOW`]. The daemon counts its own calls against it for
 /// operators; the budget it enforces is `refresh.budget` (see [`budget`]).
-pub const DOUYIN_TOKEN_CALLS_PER_WINDOW: u64 = 500;
-pub const DOUYIN_TOKEN_CALL_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const DOUYIN_TOKEN_CALLS_PER_WINDOW: u64 = 500;
+pub(crate) const DOUYIN_TOKEN_CALL_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(300);
 
 /// How often a stable token that just expired may be answered again before
 /// the fetch counts as failed, and the pause between those asks.
@@ -232,9 +233,36 @@ struct AppState {
     token_endpoint_calls: VecDeque<i64>,
 }
 
+impl AppState {
+    /// An app with no token, no failure and no history.
+    fn new(secret: ClientSecret) -> Self {
+        Self {
+            secret,
+            current: None,
+            generation: 0,
+            refresh_at_ms: None,
+            failure: None,
+            invalidated: false,
+            inflight: None,
+            removed: false,
+            last_report_refresh_ms: None,
+            token_endpoint_calls: VecDeque::new(),
+        }
+    }
+}
+
 struct AppSlot {
     client_key: ClientKey,
     state: Mutex<AppState>,
+}
+
+impl AppSlot {
+    fn new(client_key: ClientKey, state: AppState) -> Arc<Self> {
+        Arc::new(Self {
+            client_key,
+            state: Mutex::new(state),
+        })
+    }
 }
 
 struct Inner {
@@ -361,24 +389,14 @@ impl TokenManager {
                 }
             });
             let state = AppState {
-                secret,
                 invalidated: record.invalidated_at_ms.is_some(),
                 current,
                 generation: record.generation,
                 refresh_at_ms,
                 failure,
-                inflight: None,
-                removed: false,
-                last_report_refresh_ms: None,
-                token_endpoint_calls: VecDeque::new(),
+                ..AppState::new(secret)
             };
-            apps.insert(
-                client_key.clone(),
-                Arc::new(AppSlot {
-                    client_key,
-                    state: Mutex::new(state),
-                }),
-            );
+            apps.insert(client_key.clone(), AppSlot::new(client_key, state));
         }
         tracing::info!(
             apps = apps.len(),
@@ -432,7 +450,10 @@ impl TokenManager {
 
     /// Fetches a new token now, whatever the schedule, backoff or cooldown say
     /// (joining a fetch already in flight).
-    pub async fn force_refresh(&self, client_key: &ClientKey) -> Result<TokenLease, TokenError> {
+    pub(crate) async fn force_refresh(
+        &self,
+        client_key: &ClientKey,
+    ) -> Result<TokenLease, TokenError> {
         self.acquire_and_wait(&self.registered_slot(client_key)?, RefreshReason::Forced)
             .await
     }
@@ -768,7 +789,11 @@ impl TokenManager {
     /// generation the caller used, so a burst of failures with one stale token
     /// causes one refresh, and a token fetched meanwhile is never thrown away.
     /// Returns true when this call invalidated it.
-    pub async fn invalidate_if_current(&self, client_key: &ClientKey, generation: i64) -> bool {
+    pub(crate) async fn invalidate_if_current(
+        &self,
+        client_key: &ClientKey,
+        generation: i64,
+    ) -> bool {
         let Some(slot) = self.slot(client_key) else {
             return false;
         };
@@ -804,7 +829,7 @@ impl TokenManager {
     /// `reported_token`. Only if it is still the current token, and no report
     /// refreshed this app within `report_min_interval`, is it dropped and a new
     /// one fetched. Answers the token to use now and what the report did.
-    pub async fn report_invalid(
+    pub(crate) async fn report_invalid(
         &self,
         client_key: &ClientKey,
         reported_token: &str,
@@ -934,7 +959,7 @@ impl TokenManager {
     }
 
     /// Token endpoint calls still allowed in the current budget window.
-    pub fn budget_remaining(&self) -> usize {
+    pub(crate) fn budget_remaining(&self) -> usize {
         self.inner.budget.remaining(self.now_ms())
     }
 
@@ -945,7 +970,7 @@ impl TokenManager {
 
     /// Registers a new app or a new secret. A new secret clears a failure so the
     /// next demand or sweep tries again at once.
-    pub fn app_put(&self, client_key: &ClientKey, secret: ClientSecret) {
+    pub(crate) fn app_put(&self, client_key: &ClientKey, secret: ClientSecret) {
         let mut apps = self.inner.apps.write();
         match apps.get(client_key) {
             Some(slot) => {
@@ -956,30 +981,15 @@ impl TokenManager {
                 }
             }
             None => {
-                let state = AppState {
-                    secret,
-                    current: None,
-                    generation: 0,
-                    refresh_at_ms: None,
-                    failure: None,
-                    invalidated: false,
-                    inflight: None,
-                    removed: false,
-                    last_report_refresh_ms: None,
-                    token_endpoint_calls: VecDeque::new(),
-                };
                 apps.insert(
                     client_key.clone(),
-                    Arc::new(AppSlot {
-                        client_key: client_key.clone(),
-                        state: Mutex::new(state),
-                    }),
+                    AppSlot::new(client_key.clone(), AppState::new(secret)),
                 );
             }
         }
     }
 
-    pub fn app_removed(&self, client_key: &ClientKey) {
+    pub(crate) fn app_removed(&self, client_key: &ClientKey) {
         let mut apps = self.inner.apps.write();
         if let Some(slot) = apps.remove(client_key) {
             let mut state = slot.state.lock();
@@ -1036,7 +1046,7 @@ impl TokenManager {
     }
 
     /// True when at least one app holds a valid token (or no app is registered).
-    pub fn any_token_servable(&self) -> bool {
+    pub(crate) fn any_token_servable(&self) -> bool {
         let now_ms = self.now_ms();
         let apps = self.inner.apps.read();
         apps.is_empty()

@@ -11,20 +11,20 @@ use crate::config::RefreshConfig;
 
 /// A token is handed out only while it has at least this long to live, so that
 /// the request carrying it reaches Douyin before it expires.
-pub const SERVE_MARGIN: Duration = Duration::from_secs(5);
+pub(crate) const SERVE_MARGIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
-pub struct RefreshPolicy {
+pub(crate) struct RefreshPolicy {
     /// Tokens come from `stable_client_token`: Douyin answers the same token
     /// until it expires and a new one only after, so there is no early refresh
     /// to make and no successor to switch to before expiry.
-    pub stable_tokens: bool,
-    pub window_start: Duration,
-    pub window_end: Duration,
-    pub min_interval: Duration,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    pub permanent_failure_cooldown: Duration,
+    pub(crate) stable_tokens: bool,
+    pub(crate) window_start: Duration,
+    pub(crate) window_end: Duration,
+    pub(crate) min_interval: Duration,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) permanent_failure_cooldown: Duration,
 }
 
 impl From<&RefreshConfig> for RefreshPolicy {
@@ -43,7 +43,7 @@ impl From<&RefreshConfig> for RefreshPolicy {
 
 impl RefreshPolicy {
     /// The policy for tokens from `stable_client_token` (see `stable_tokens`).
-    pub fn for_stable_tokens(mut self) -> Self {
+    pub(crate) fn for_stable_tokens(mut self) -> Self {
         self.stable_tokens = true;
         self
     }
@@ -52,7 +52,7 @@ impl RefreshPolicy {
     /// while it has `SERVE_MARGIN` to live, or, for stable tokens, until it
     /// expires, since Douyin issues no successor before then (expiry counts
     /// from when our fetch started, so Douyin's own expiry is no earlier).
-    pub fn is_servable(&self, expires_at_ms: i64, now_ms: i64) -> bool {
+    pub(crate) fn is_servable(&self, expires_at_ms: i64, now_ms: i64) -> bool {
         let margin = if self.stable_tokens {
             0
         } else {
@@ -65,7 +65,7 @@ impl RefreshPolicy {
     /// [expiry - window_start, expiry - window_end], so apps fetched together
     /// do not refresh together, and never earlier than `min_interval` after
     /// the fetch started (short-lived tokens then refresh on demand instead).
-    pub fn draw_refresh_at(
+    pub(crate) fn draw_refresh_at(
         &self,
         fetched_at_ms: i64,
         expires_at_ms: i64,
@@ -89,7 +89,7 @@ impl RefreshPolicy {
     /// failures: exponential from `backoff_initial`, capped at `backoff_max`,
     /// with full jitter over the upper half so that failing apps spread out
     /// yet none retries at once.
-    pub fn backoff(&self, consecutive_failures: u32, rng: &mut impl Rng) -> Duration {
+    pub(crate) fn backoff(&self, consecutive_failures: u32, rng: &mut impl Rng) -> Duration {
         let exponent = consecutive_failures.saturating_sub(1).min(30);
         let ceiling = self
             .backoff_initial

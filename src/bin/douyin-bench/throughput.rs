@@ -3,6 +3,33 @@
 
 use super::*;
 
+/// One level's row of both throughput tables: in flight, calls/s, failed,
+/// latency percentiles, daemon CPU per call and daemon CPU %.
+fn level_row(
+    concurrency: usize,
+    rate: f64,
+    outcomes: &Outcomes,
+    summary: &LatencySummary,
+    cpu: Duration,
+    elapsed: Duration,
+) -> Vec<String> {
+    let mut cells = vec![
+        concurrency.to_string(),
+        format!("{rate:.0}"),
+        outcomes.failed().to_string(),
+    ];
+    cells.extend(latency_cells(summary));
+    cells.push(format!(
+        "{:.1}",
+        cpu.as_secs_f64() * 1e6 / summary.count.max(1) as f64
+    ));
+    cells.push(format!(
+        "{:.0}",
+        cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0
+    ));
+    cells
+}
+
 /// Runs `concurrency` closed-loop callers for `seconds`, each calling `call`
 /// with a global sequence number until time is up; returns the outcomes and
 /// the wall time.
@@ -103,21 +130,14 @@ impl Bench {
             if outcomes.failed() == 0 {
                 best = best.max(rate);
             }
-            let mut cells = vec![
-                concurrency.to_string(),
-                format!("{rate:.0}"),
-                outcomes.failed().to_string(),
-            ];
-            cells.extend(latency_cells(&summary));
-            cells.push(format!(
-                "{:.1}",
-                cpu.as_secs_f64() * 1e6 / summary.count.max(1) as f64
+            table.row(level_row(
+                *concurrency,
+                rate,
+                &outcomes,
+                &summary,
+                cpu,
+                elapsed,
             ));
-            cells.push(format!(
-                "{:.0}",
-                cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0
-            ));
-            table.row(cells);
             failures.push(outcomes.describe_failures());
         }
         print!("{table}");
@@ -192,21 +212,14 @@ impl Bench {
             let summary = outcomes.latencies.summary();
             let rate = summary.count as f64 / elapsed.as_secs_f64();
             met |= rate >= 30_000.0 && summary.p99_us < 1000 && outcomes.failed() == 0;
-            let mut cells = vec![
-                concurrency.to_string(),
-                format!("{rate:.0}"),
-                outcomes.failed().to_string(),
-            ];
-            cells.extend(latency_cells(&summary));
-            cells.push(format!(
-                "{:.1}",
-                cpu.as_secs_f64() * 1e6 / summary.count.max(1) as f64
+            table.row(level_row(
+                *concurrency,
+                rate,
+                &outcomes,
+                &summary,
+                cpu,
+                elapsed,
             ));
-            cells.push(format!(
-                "{:.0}",
-                cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0
-            ));
-            table.row(cells);
         }
         print!("{table}");
         println!(

@@ -432,6 +432,42 @@ fn scrape_time_collector(
     })
 }
 
+/// Refuses a refresh sweep that ticks too rarely to feed systemd's watchdog
+/// (`WATCHDOG_USEC`, as systemd sets it from the unit's `WatchdogSec=`): the
+/// pinger pings only while a sweep completed within that time, so such a
+/// sweep would get the service killed over and over. Without a watchdog
+/// there is nothing to feed.
+pub fn check_watchdog_feed(
+    config: &Config,
+    watchdog_usec: Option<&str>,
+) -> Result<(), ConfigError> {
+    let Some(watchdog) = watchdog_usec
+        .and_then(|usec| usec.trim().parse::<u64>().ok())
+        .filter(|usec| *usec > 0)
+        .map(Duration::from_micros)
+    else {
+        return Ok(());
+    };
+    let Some(sweep) = &config.refresh.sweep else {
+        return Ok(());
+    };
+    // The scheduler may tick up to ~0.5 s late.
+    let slack = Duration::from_millis(500);
+    let gap = sweep.longest_gap();
+    if gap + slack >= watchdog {
+        return Err(ConfigError::Invalid {
+            key: "refresh.sweep".to_owned(),
+            message: format!(
+                "\"{sweep}\" ticks up to {} s apart, but the systemd watchdog (WATCHDOG_USEC, {} s) needs a completed sweep more often than that; sweep at least every {} s, or raise WatchdogSec",
+                gap.as_secs(),
+                watchdog.as_secs(),
+                watchdog.saturating_sub(slack).as_secs() / 2
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Proves the `[tls]` files (certificates and key parse, the key belongs to
 /// the certificate, the client CA parses), naming the config key when one
 /// cannot serve: check-config and serve reject the same files, before

@@ -63,6 +63,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             config.check_master_key_file(credentials_directory.as_deref())?;
             douyin_tokend::app::check_tls_files(&config)?;
+            douyin_tokend::app::check_watchdog_feed(
+                &config,
+                std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            )?;
             println!(
                 "config is valid: {} app(s) with readable secrets, {} merchant(s), {} API client(s)",
                 declarations.apps.len(),
@@ -169,6 +173,10 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
     // master key is created: the TLS files, then the listeners (a port in use
     // must not leave a new database behind).
     douyin_tokend::app::check_tls_files(&config)?;
+    douyin_tokend::app::check_watchdog_feed(
+        &config,
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+    )?;
     let listener =
         douyin_tokend::transport::Listener::bind(&config.listen, config.unix_socket_mode).await?;
     let metrics_listener = match config.metrics_listen {

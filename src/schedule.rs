@@ -31,10 +31,7 @@ impl CronSchedule {
     /// Like [`Self::parse`], with the error naming what else the setting
     /// takes (`or "off"`).
     pub(crate) fn parse_or_else(text: &str, alternative: &str) -> Result<Self, String> {
-        CronParser::builder()
-            .seconds(Seconds::Required)
-            .dom_and_dow(true)
-            .build()
+        Self::parser()
             .parse(text)
             .map_err(|error| {
                 format!(
@@ -46,6 +43,37 @@ impl CronSchedule {
 
     pub(crate) fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The longest wait for the next tick, from any moment: found by walking
+    /// two days of ticks from a fixed start (a sparser cron shows its first
+    /// gap, which is longer than any watchdog).
+    pub(crate) fn longest_gap(&self) -> std::time::Duration {
+        let cron = Self::parser()
+            .parse(&self.0)
+            .expect("checked when the schedule was parsed");
+        // 2026-01-01T00:00:00Z: any fixed start will do.
+        let start = chrono::DateTime::from_timestamp(1_767_225_600, 0).expect("a valid instant");
+        let horizon = start + chrono::TimeDelta::days(2);
+        let mut previous = start;
+        let mut longest = chrono::TimeDelta::zero();
+        // Step by hand: croner 3.0.1's `iter_after` skips every other tick
+        // of an every-second cron.
+        while let Ok(tick) = cron.find_next_occurrence(&previous, false) {
+            longest = longest.max(tick - previous);
+            previous = tick;
+            if tick > horizon {
+                break;
+            }
+        }
+        longest.to_std().unwrap_or_default()
+    }
+
+    fn parser() -> CronParser {
+        CronParser::builder()
+            .seconds(Seconds::Required)
+            .dom_and_dow(true)
+            .build()
     }
 }
 
@@ -151,5 +179,15 @@ mod tests {
             error.starts_with("\"99 * * * * *\" is not a six-field cron"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_longest_gap_is_the_widest_wait_between_ticks() {
+        let gap = |text: &str| CronSchedule::parse(text).unwrap().longest_gap().as_secs();
+        assert_eq!(gap("* * * * * *"), 1);
+        assert_eq!(gap("*/15 * * * * *"), 15);
+        assert_eq!(gap("0 */2 * * * *"), 120);
+        assert_eq!(gap("0,10 * * * * *"), 50);
+        assert!(gap("0 0 0 1 1 *") > 2 * 86_400);
     }
 }

@@ -265,3 +265,22 @@ async fn serve_refuses_a_malformed_master_key_file_with_64_before_opening_the_da
     assert!(stderr.contains("master_key_file: "), "{stderr}");
     assert!(!database.exists(), "nothing is created for a bad config");
 }
+
+#[tokio::test]
+async fn a_sweep_too_rare_to_feed_the_systemd_watchdog_is_refused_and_a_frequent_one_is_not() {
+    let every_two_minutes = "[refresh]\nsweep = \"0 */2 * * * *\"";
+    let every_fifteen_seconds = "[refresh]\nsweep = \"*/15 * * * * *\"";
+    let watchdog = [("WATCHDOG_USEC", "60000000")];
+    let refused = check_config(every_two_minutes, &watchdog).await;
+    assert_eq!(refused.code, Some(64), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains(" refresh.sweep: ") && refused.stderr.contains("120 s apart"),
+        "{}",
+        refused.stderr
+    );
+    let accepted = check_config(every_fifteen_seconds, &watchdog).await;
+    assert_eq!(accepted.code, Some(0), "{}", accepted.stderr);
+    // Without a watchdog there is nothing to feed.
+    let no_watchdog = check_config(every_two_minutes, &[]).await;
+    assert_eq!(no_watchdog.code, Some(0), "{}", no_watchdog.stderr);
+}

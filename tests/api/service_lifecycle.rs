@@ -181,56 +181,21 @@ async fn health_and_healthcheck_say_not_serving_while_no_app_can_get_a_token() {
 }
 
 #[tokio::test]
-async fn watchdog_pings_go_on_while_the_sweep_runs_and_stop_when_it_stops() {
+async fn watchdog_pings_go_on_while_the_sweep_runs() {
+    // (Pings stopping when sweeps stop completing, and resuming, is proven on
+    // paused time in systemd_notify's unit tests; a sweep that ticks too
+    // rarely for the watchdog is refused at start-up, see check_config.rs.)
     let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
     let watchdog = Duration::from_secs(2);
-    let mut sweeping_settings = DaemonSettings::new(sandbox.base_url());
-    sweeping_settings.watchdog = Some(watchdog);
-    let mut stalled_settings = DaemonSettings::new(sandbox.base_url());
-    stalled_settings.watchdog = Some(watchdog);
-    // One sweep at start-up, then the next only on New Year's Day: the
-    // scheduler has, in effect, stopped firing.
-    let (mut sweeping, mut stalled) = tokio::join!(
-        DaemonProcess::start("[refresh]\nsweep = \"* * * * * *\"", sweeping_settings),
-        DaemonProcess::start("[refresh]\nsweep = \"0 0 0 1 1 *\"", stalled_settings),
-    );
-    let observed_from = Instant::now();
-
+    let mut settings = DaemonSettings::new(sandbox.base_url());
+    settings.watchdog = Some(watchdog);
+    let mut sweeping = DaemonProcess::start("[refresh]\nsweep = \"* * * * * *\"", settings).await;
     // Sweeping every second: a ping every second, for as long as we look.
-    let pings_while_sweeping = async {
-        for _ in 0..5 {
-            assert_eq!(sweeping.next_notification().await, "WATCHDOG=1");
-        }
-    };
-    // Stalled: pings while the start-up sweep is recent, then silence.
-    let pings_while_stalled = async {
-        let mut pings = 0;
-        while let Some(message) = stalled.notification_within(watchdog * 2).await {
-            assert_eq!(message, "WATCHDOG=1");
-            pings += 1;
-        }
-        pings
-    };
-    let ((), stalled_pings) = tokio::join!(pings_while_sweeping, pings_while_stalled);
-    assert!(
-        (1..=3).contains(&stalled_pings),
-        "{stalled_pings} pings without a sweep"
-    );
-    assert!(
-        stalled
-            .logs()
-            .contains("no refresh sweep completed within the watchdog timeout"),
-        "{}",
-        stalled.logs()
-    );
-    eprintln!(
-        "watchdog: {stalled_pings} ping(s) after the last sweep, silence noticed after {:?}",
-        observed_from.elapsed()
-    );
-    for daemon in [&mut sweeping, &mut stalled] {
-        daemon.send_signal("TERM");
-        assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    for _ in 0..4 {
+        assert_eq!(sweeping.next_notification().await, "WATCHDOG=1");
     }
+    sweeping.send_signal("TERM");
+    assert_eq!(sweeping.exit_within(PATIENCE).await.code(), Some(0));
     sandbox.stop().await;
 }
 

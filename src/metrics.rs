@@ -101,6 +101,11 @@ struct GrpcCodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -123,6 +128,7 @@ pub struct Metrics {
     upstream_calls: Family<UpstreamCallLabels, Counter>,
     lookup_duration: HistogramFamily<GrpcCodeLabel>,
     lookup_queue_depth: Gauge,
+    unauthenticated_calls: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -138,6 +144,7 @@ impl Metrics {
             upstream_calls: Family::default(),
             lookup_duration: Family::new_with_constructor(latency_histogram),
             lookup_queue_depth: Gauge::default(),
+            unauthenticated_calls: Family::default(),
         }
     }
 
@@ -187,6 +194,11 @@ impl Metrics {
             "lookup_queue_depth",
             "After-sale lookups accepted and not yet answered (waiting for a token or for Douyin)",
             metrics.lookup_queue_depth.clone(),
+        );
+        registry.register(
+            "unauthenticated_calls",
+            "Calls refused before any handler for a missing or unknown API key, by reason",
+            metrics.unauthenticated_calls.clone(),
         );
         metrics
     }
@@ -246,6 +258,15 @@ impl Metrics {
             .get_or_create(&UpstreamCallLabels {
                 endpoint: endpoint_label,
                 code: code_label,
+            })
+            .inc();
+    }
+
+    /// A call was refused for its API key (`missing_key` or `unknown_key`).
+    pub(crate) fn record_unauthenticated_call(&self, reason_label: &'static str) {
+        self.unauthenticated_calls
+            .get_or_create(&ReasonLabel {
+                reason: reason_label,
             })
             .inc();
     }

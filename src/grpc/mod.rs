@@ -19,7 +19,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 
 use std::sync::Arc;
 
-use crate::access::{ApiClient, Authenticator};
+use crate::access::{AccessDenied, ApiClient, Authenticator};
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
 use crate::lookup::LookupService;
@@ -56,17 +56,60 @@ fn caller<T>(request: &tonic::Request<T>) -> Result<Arc<ApiClient>, tonic::Statu
 /// app/merchant checks happen in each handler, which knows what is asked.
 fn authenticate_with(
     authenticator: Authenticator,
+    metrics: Metrics,
 ) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let refusal_log = Arc::new(RefusalLog::default());
     move |mut request: tonic::Request<()>| {
         let authorization = request
             .metadata()
             .get("authorization")
             .and_then(|value| value.to_str().ok());
-        let client = authenticator
-            .authenticate(authorization)
-            .map_err(|error| status::access_status(&error))?;
+        let client = authenticator.authenticate(authorization).map_err(|error| {
+            let reason = match &error {
+                AccessDenied::MissingKey => Some("missing_key"),
+                AccessDenied::UnknownKey => Some("unknown_key"),
+                AccessDenied::MissingScope { .. } | AccessDenied::OutOfBounds { .. } => None,
+            };
+            if let Some(reason) = reason {
+                metrics.record_unauthenticated_call(reason);
+                refusal_log.note(reason, request.remote_addr());
+            }
+            status::access_status(&error)
+        })?;
         request.extensions_mut().insert(client);
         Ok(request)
+    }
+}
+
+/// Logs refused API keys at most once per `REFUSAL_LOG_INTERVAL`, with the
+/// peer's address and how many refusals the quiet time held, never the
+/// presented key: a scanner must not be able to flood the journal.
+#[derive(Default)]
+struct RefusalLog {
+    last_logged: parking_lot::Mutex<Option<Instant>>,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl RefusalLog {
+    fn note(&self, reason: &'static str, peer: Option<std::net::SocketAddr>) {
+        use std::sync::atomic::Ordering;
+        let mut last_logged = self.last_logged.lock();
+        let now = Instant::now();
+        if last_logged.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_INTERVAL) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last_logged = Some(now);
+        let unlogged_before = self.unlogged.swap(0, Ordering::Relaxed);
+        let peer = peer.map_or_else(|| "a Unix socket peer".to_owned(), |peer| peer.to_string());
+        tracing::warn!(
+            reason,
+            peer = %peer,
+            unlogged_before,
+            "refused a call for its API key (the key is never logged)"
+        );
     }
 }
 
@@ -108,7 +151,10 @@ pub(crate) async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
-    let authenticate = authenticate_with(dependencies.registry.authenticator().clone());
+    let authenticate = authenticate_with(
+        dependencies.registry.authenticator().clone(),
+        dependencies.metrics.clone(),
+    );
     // The call's span is opened by this layer, not by `trace_fn`: see `request_id`.
     let mut builder = Server::builder().layer(request_id::RequestIdLayer);
     if let Some(tls) = tls {

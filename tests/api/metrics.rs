@@ -297,3 +297,48 @@ async fn metrics_scraped_after_real_traffic_hold_the_expected_series_and_values(
     assert_eq!(value(&samples, "douyin_tokend_lookup_queue_depth"), 0.0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn calls_refused_for_their_api_key_are_counted_by_reason() {
+    let app = TestApp::spawn_with(|config, _| {
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let unknown_key = "dtk_not_a_key_of_this_daemon_0000000000000000000000000";
+    for _ in 0..2 {
+        let refused = app
+            .token_client_with(unknown_key)
+            .get_access_token(douyin_tokend::proto::tokend::v1::GetAccessTokenRequest {
+                selector: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+    let no_key = douyin_tokend::proto::tokend::v1::token_service_client::TokenServiceClient::new(
+        app.channel(),
+    )
+    .get_access_token(douyin_tokend::proto::tokend::v1::GetAccessTokenRequest { selector: None })
+    .await
+    .unwrap_err();
+    assert_eq!(no_key.code(), tonic::Code::Unauthenticated);
+
+    let page = scrape(&app).await;
+    let samples = samples(&page);
+    assert_eq!(
+        value(
+            &samples,
+            "douyin_tokend_unauthenticated_calls_total{reason=\"unknown_key\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "douyin_tokend_unauthenticated_calls_total{reason=\"missing_key\"}"
+        ),
+        1.0
+    );
+    assert!(!page.contains(unknown_key));
+    app.stop().await;
+}

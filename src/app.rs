@@ -441,11 +441,7 @@ pub fn check_watchdog_feed(
     config: &Config,
     watchdog_usec: Option<&str>,
 ) -> Result<(), ConfigError> {
-    let Some(watchdog) = watchdog_usec
-        .and_then(|usec| usec.trim().parse::<u64>().ok())
-        .filter(|usec| *usec > 0)
-        .map(Duration::from_micros)
-    else {
+    let Some(watchdog) = systemd_notify::watchdog_timeout_in(watchdog_usec) else {
         return Ok(());
     };
     let Some(sweep) = &config.refresh.sweep else {

@@ -58,10 +58,8 @@ impl SystemdNotifier {
         // that inherited the variables must not ping on the parent's behalf.
         let watchdog_is_ours = lookup("WATCHDOG_PID")
             .is_none_or(|pid| pid.trim().parse::<u32>().ok() == Some(own_pid));
-        let watchdog_timeout = lookup("WATCHDOG_USEC")
-            .and_then(|usec| usec.trim().parse::<u64>().ok())
-            .filter(|usec| *usec > 0 && watchdog_is_ours)
-            .map(Duration::from_micros);
+        let watchdog_timeout =
+            watchdog_timeout_in(lookup("WATCHDOG_USEC").as_deref()).filter(|_| watchdog_is_ours);
         Self {
             watchdog_timeout: socket.as_ref().and(watchdog_timeout),
             socket,
@@ -69,6 +67,8 @@ impl SystemdNotifier {
     }
 
     /// `WatchdogSec=` as systemd passed it, when the watchdog is on.
+    ///
+    /// (See also [`watchdog_timeout_in`], which reads the variable alone.)
     pub(crate) fn watchdog_timeout(&self) -> Option<Duration> {
         self.watchdog_timeout
     }
@@ -203,6 +203,15 @@ async fn next_beat(heartbeat: Option<&mut watch::Receiver<u64>>) -> bool {
         Some(heartbeat) => heartbeat.changed().await.is_ok(),
         None => std::future::pending().await,
     }
+}
+
+/// The watchdog timeout in `WATCHDOG_USEC`'s text (microseconds; none when
+/// absent, zero or not a number), as systemd sets it from `WatchdogSec=`.
+pub fn watchdog_timeout_in(watchdog_usec: Option<&str>) -> Option<Duration> {
+    watchdog_usec
+        .and_then(|usec| usec.trim().parse::<u64>().ok())
+        .filter(|usec| *usec > 0)
+        .map(Duration::from_micros)
 }
 
 #[cfg(test)]

@@ -591,17 +591,20 @@ impl TokenManager {
             self.inner.budget.douyin_rate_limited(now_ms);
         }
         match fetched {
-            Ok(fetched) if self.holds_token(&slot, &fetched.access_token) => {
+            Ok(fetched)
+                if self
+                    .held_token_servable(&slot, &fetched.access_token)
+                    .is_some() =>
+            {
                 // stable_client_token answered the token already held: the same
                 // generation, and its expiry stays the one counted from the
                 // first fetch (a repeat's expires_in is not documented).
                 let mut state = slot.state.lock();
                 state.failure = None;
                 state.inflight = None;
-                let held = state
-                    .current
-                    .as_ref()
-                    .expect("holds_token saw a current token, and only fetches change it");
+                let held = state.current.as_ref().expect(
+                    "held_token_servable saw the current token, and only fetches change it",
+                );
                 let lease = lease_of(client_key, held);
                 drop(state);
                 tracing::info!(app = %client_key, generation = lease.generation, "stable_client_token answered the token already held; nothing changes");
@@ -749,7 +752,7 @@ impl TokenManager {
                 .fetch_client_token(&slot.client_key, secret)
                 .await;
             let stale = self.inner.policy.stable_tokens
-                && matches!(&fetched, Ok(token) if self.holds_expired_token(slot, &token.access_token));
+                && matches!(&fetched, Ok(token) if self.held_token_servable(slot, &token.access_token) == Some(false));
             if !stale {
                 return fetched;
             }
@@ -767,22 +770,16 @@ impl TokenManager {
         }
     }
 
-    /// True when `token` is the app's current token (whatever its expiry).
-    fn holds_token(&self, slot: &AppSlot, token: &AccessToken) -> bool {
+    /// When `token` is the app's current token: whether it is still servable.
+    /// None when the app holds another token or none.
+    fn held_token_servable(&self, slot: &AppSlot, token: &AccessToken) -> Option<bool> {
+        let now_ms = self.now_ms();
         slot.state
             .lock()
             .current
             .as_ref()
-            .is_some_and(|held| held.access_token == *token)
-    }
-
-    /// True when `token` is the app's current token and no longer servable.
-    fn holds_expired_token(&self, slot: &AppSlot, token: &AccessToken) -> bool {
-        let now_ms = self.now_ms();
-        slot.state.lock().current.as_ref().is_some_and(|held| {
-            held.access_token == *token
-                && !self.inner.policy.is_servable(held.expires_at_ms, now_ms)
-        })
+            .filter(|held| held.access_token == *token)
+            .map(|held| self.inner.policy.is_servable(held.expires_at_ms, now_ms))
     }
 
     /// Compare-and-invalidate: forgets the app's token only if it is still the

@@ -332,12 +332,7 @@ async fn the_audit_trail_records_fetches_handouts_reports_and_forced_refreshes_w
         })
         .await
         .unwrap();
-    app.admin_client()
-        .refresh_token(RefreshTokenRequest {
-            client_key: CLIENT_KEY.to_owned(),
-        })
-        .await
-        .unwrap();
+    app.force_refresh().await.unwrap();
 
     let entries = app
         .admin_client()

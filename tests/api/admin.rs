@@ -163,14 +163,7 @@ async fn a_forced_refresh_fetches_a_new_generation_and_status_reports_it() {
     app.register_default().await;
     let before = app.access_token_for(ACCOUNT_ID).await.unwrap();
 
-    let refreshed = app
-        .admin_client()
-        .refresh_token(RefreshTokenRequest {
-            client_key: CLIENT_KEY.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let refreshed = app.force_refresh().await.unwrap();
 
     assert_eq!(refreshed.generation, before.generation + 1);
     let status = app.token_status().await;

@@ -344,6 +344,16 @@ impl TestApp {
             .map(tonic::Response::into_inner)
     }
 
+    /// AdminService.RefreshToken for the default app, as the test's admin.
+    pub async fn force_refresh(&self) -> Result<RefreshTokenResponse, Status> {
+        self.admin_client()
+            .refresh_token(RefreshTokenRequest {
+                client_key: CLIENT_KEY.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn access_token_for(
         &self,
         account_id: &str,

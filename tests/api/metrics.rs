@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use douyin_tokend::domain::ClientKey;
-use douyin_tokend::proto::tokend::v1::RefreshTokenRequest;
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -50,15 +49,6 @@ fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in {samples:#?}"))
 }
 
-async fn force_refresh(app: &TestApp) -> Result<(), tonic::Status> {
-    app.admin_client()
-        .refresh_token(RefreshTokenRequest {
-            client_key: CLIENT_KEY.to_owned(),
-        })
-        .await
-        .map(|_| ())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scraped_after_real_traffic_hold_the_expected_series_and_values() {
     let app = TestApp::spawn_with(|config, _| {
@@ -95,16 +85,16 @@ async fn metrics_scraped_after_real_traffic_hold_the_expected_series_and_values(
         .state()
         .push_token_faults([Fault::Delay(Duration::from_millis(500))]);
     let (first, second, third) = tokio::join!(
-        force_refresh(&app),
-        force_refresh(&app),
-        force_refresh(&app)
+        app.force_refresh(),
+        app.force_refresh(),
+        app.force_refresh()
     );
     first.and(second).and(third).unwrap();
     // A forced refresh that fails with HTTP 500.
     app.sandbox
         .state()
         .push_token_faults([Fault::HttpStatus(500)]);
-    force_refresh(&app).await.unwrap_err();
+    app.force_refresh().await.unwrap_err();
     // Well inside the refresh window of the current token, a scheduled sweep.
     app.app.tokens.sweep().await;
     app.advance(Duration::from_secs(106 * 60));

@@ -114,12 +114,7 @@ async fn rotating_the_master_key_keeps_every_token_and_secret_usable() {
         token
     );
     // The secret opens too: a forced refresh authenticates with it.
-    app.admin_client()
-        .refresh_token(douyin_tokend::proto::tokend::v1::RefreshTokenRequest {
-            client_key: crate::helpers::CLIENT_KEY.to_owned(),
-        })
-        .await
-        .unwrap();
+    app.force_refresh().await.unwrap();
     assert_eq!(app.sandbox.state().stats().token_calls, 2);
     app.stop().await;
 }

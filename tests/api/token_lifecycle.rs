@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use douyin_tokend::config::TokenEndpoint;
+use douyin_tokend::proto::tokend::v1::GetAccessTokenRequest;
 use douyin_tokend::proto::tokend::v1::get_access_token_request::Selector;
-use douyin_tokend::proto::tokend::v1::{GetAccessTokenRequest, RefreshTokenRequest};
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use douyin_tokend::schedule::CronSchedule;
 use tonic::Code;
@@ -156,14 +156,7 @@ async fn with_stable_tokens_each_lifetime_costs_one_fetch_at_expiry_and_callers_
     }
     assert_eq!(app.sandbox.state().stats().token_calls, 1);
     // A forced fetch before expiry gets the same token back: same generation.
-    let forced = app
-        .admin_client()
-        .refresh_token(RefreshTokenRequest {
-            client_key: CLIENT_KEY.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let forced = app.force_refresh().await.unwrap();
     assert_eq!(forced.generation, 1);
     assert_eq!(app.sandbox.state().stats().tokens_issued_for(CLIENT_KEY), 1);
 

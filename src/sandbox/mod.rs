@@ -181,6 +181,7 @@ pub struct SandboxState {
     config: Mutex<SandboxConfig>,
     world: Mutex<World>,
     token_gate: Mutex<Option<Arc<Gate>>>,
+    lookup_gate: Mutex<Option<Arc<Gate>>>,
 }
 
 /// Holds every request of one endpoint until the test releases them, and
@@ -231,6 +232,7 @@ impl SandboxState {
             config: Mutex::new(config),
             world: Mutex::new(world),
             token_gate: Mutex::new(None),
+            lookup_gate: Mutex::new(None),
         })
     }
 
@@ -269,6 +271,14 @@ impl SandboxState {
     pub fn gate_token_endpoint(&self) -> Arc<Gate> {
         let gate = Gate::new();
         *self.token_gate.lock() = Some(Arc::clone(&gate));
+        gate
+    }
+
+    /// From now on, after-sale detail lookups wait at the returned gate
+    /// (after they are counted, before they are answered).
+    pub fn gate_lookups(&self) -> Arc<Gate> {
+        let gate = Gate::new();
+        *self.lookup_gate.lock() = Some(Arc::clone(&gate));
         gate
     }
 
@@ -473,6 +483,10 @@ async fn after_sale_order_detail(
         world.stats.last_lookup_query = query.clone().into_iter().collect();
         world.lookup_faults.pop_front()
     };
+    let gate = state.lookup_gate.lock().clone();
+    if let Some(gate) = gate {
+        gate.pass().await;
+    }
     if let Some(fault) = fault {
         match fault {
             Fault::ErrorCode(code) => return error_envelope(&state, code, "injected fault"),

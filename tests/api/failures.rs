@@ -7,7 +7,7 @@ use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{ACCOUNT_ID, TestApp, after_sale_request};
+use crate::helpers::{ACCOUNT_ID, TestApp, after_sale_request, until};
 
 #[tokio::test]
 async fn upstream_garbage_is_unavailable_with_a_clear_message_and_the_daemon_keeps_serving() {
@@ -279,10 +279,8 @@ async fn fifty_identical_concurrent_lookups_make_one_upstream_call() {
     let app = TestApp::spawn().await;
     app.register_default().await;
     app.access_token_for(ACCOUNT_ID).await.unwrap();
-    // The first call is slow, so every other caller arrives while it is in flight.
-    app.sandbox
-        .state()
-        .push_lookup_faults([Fault::Delay(Duration::from_millis(300))]);
+    // The first call is held at the sandbox until all 49 others have joined it.
+    let gate = app.sandbox.state().gate_lookups();
 
     let lookups: Vec<_> = (0..50)
         .map(|_| {
@@ -297,6 +295,12 @@ async fn fifty_identical_concurrent_lookups_make_one_upstream_call() {
             })
         })
         .collect();
+    gate.arrived(1).await;
+    until("49 callers joined the flight in progress", || {
+        app.lookup_counter(|counters| &counters.coalesced) == 49
+    })
+    .await;
+    gate.release();
     for lookup in lookups {
         let response = lookup.await.unwrap().unwrap().into_inner();
         assert_eq!(

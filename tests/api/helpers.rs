@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use douyin_tokend::app::{App, ServeOptions};
 use douyin_tokend::cli::{AuthenticatedChannel, BearerAuth};
-use douyin_tokend::clock::{ManualClock, SharedClock, SystemClock};
+use douyin_tokend::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use douyin_tokend::config::{ClientEntry, Config};
 use douyin_tokend::domain::DouyinApi;
 use douyin_tokend::lookup::LookupCounters;
@@ -34,6 +34,46 @@ pub const ADMIN_API_KEY: &str = "dtk_test_admin_key_0000000000000000000000000000
 pub const START_UNIX_MS: i64 = 1_767_225_600_000;
 
 /// A plain lookup request: no certificate, no raw JSON.
+/// Unix milliseconds that follow tokio's clock, so they stand still or jump
+/// with it when a test pauses time.
+struct TokioClock {
+    start_unix_ms: i64,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    fn starting_at(start_unix_ms: i64) -> Self {
+        Self {
+            start_unix_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_unix_ms(&self) -> i64 {
+        let elapsed_ms = i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.start_unix_ms.saturating_add(elapsed_ms)
+    }
+}
+
+/// Waits until `condition` holds, re-checking each time the runtime has run
+/// other tasks: for state the daemon changes without telling anyone (its
+/// counters). Gives up after 10 s of real time, naming what it waited for.
+pub async fn until(what: &str, condition: impl Fn() -> bool) {
+    let waiting = async {
+        while !condition() {
+            tokio::task::yield_now().await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .is_err()
+    {
+        panic!("gave up waiting until {what}");
+    }
+}
+
 pub fn after_sale_request(account_id: &str, order_id: &str) -> GetAfterSaleOrderDetailRequest {
     GetAfterSaleOrderDetailRequest {
         account_id: account_id.to_owned(),
@@ -80,6 +120,19 @@ impl TestApp {
         Self::spawn_on_clock(
             ManualClock::starting_at(START_UNIX_MS),
             Arc::new(SystemClock),
+            adjust,
+        )
+        .await
+    }
+
+    /// Like `spawn_with`, but the sandbox reads tokio's clock: for the pacing
+    /// tests, which pause tokio time once the daemon is up and tokens are held,
+    /// so the daemon's pacing and the sandbox's one-second window share one
+    /// simulated clock and nothing waits in real time.
+    pub async fn spawn_on_tokio_time(adjust: impl FnOnce(&mut Config, &mut SandboxConfig)) -> Self {
+        Self::spawn_on_clock(
+            ManualClock::starting_at(START_UNIX_MS),
+            Arc::new(TokioClock::starting_at(START_UNIX_MS)),
             adjust,
         )
         .await

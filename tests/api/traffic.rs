@@ -15,11 +15,14 @@ use crate::helpers::{ACCOUNT_ID, TestApp, after_sale_request};
 const OTHER_CLIENT_KEY: &str = "awotherapp0000002";
 const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
 
-/// Real time: the limiter and the sandbox's one-second window both run on
-/// the system clock here. Bounded to about 2.5 s of load.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On paused tokio time: the daemon's pacing and the sandbox's one-second
+/// window read the same simulated clock, about 2.5 simulated seconds of load
+/// that take no real time. Time is paused only once both apps hold tokens,
+/// because SQLite works on threads of its own, and a paused clock would jump
+/// ahead while the runtime waits for them.
+#[tokio::test]
 async fn three_times_the_allowed_rate_never_trips_douyins_limit_and_the_excess_fails_fast() {
-    let app = TestApp::spawn_real_time(|config, _| {
+    let app = TestApp::spawn_on_tokio_time(|config, _| {
         config
             .lookup
             .set_rate_per_second(DouyinApi::AfterSaleOrderDetail, 10)
@@ -34,6 +37,9 @@ async fn three_times_the_allowed_rate_never_trips_douyins_limit_and_the_excess_f
         .authorize_merchant(OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY);
     app.register(OTHER_CLIENT_KEY, "other-secret", OTHER_ACCOUNT_ID)
         .await;
+    app.access_token_for(ACCOUNT_ID).await.unwrap();
+    app.access_token_for(OTHER_ACCOUNT_ID).await.unwrap();
+    tokio::time::pause();
 
     let mut pace = tokio::time::interval(Duration::from_millis(33));
     let mut busy_app = Vec::new();
@@ -86,6 +92,7 @@ async fn three_times_the_allowed_rate_never_trips_douyins_limit_and_the_excess_f
     for outcome in quiet_app {
         outcome.await.unwrap().expect("the other app is unaffected");
     }
+    tokio::time::resume();
     let stats = app.sandbox.state().stats();
     assert_eq!(
         stats.lookups_answered_with(2119003),

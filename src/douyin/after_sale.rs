@@ -36,12 +36,7 @@ impl DouyinClient {
         if let Some(certificate_id) = &query.certificate_id {
             parameters.push(("certificate_id", certificate_id.as_str()));
         }
-        let request = self
-            .http
-            .get(self.url(PATH))
-            .header("access-token", access_token.expose())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .query(&parameters);
+        let request = self.goodlife_get(PATH, access_token, &parameters);
         self.call_goodlife(request, deadline, ENDPOINT_LABEL)
             .await
             .map_err(|failure| failure.failure)

@@ -11,6 +11,7 @@ pub(crate) mod token_endpoint;
 use std::time::Duration;
 
 use crate::config::{DouyinConfig, TokenEndpoint};
+use crate::domain::AccessToken;
 use crate::metrics::Metrics;
 
 pub use codes::{CodeClass, DouyinError};
@@ -111,6 +112,20 @@ pub(crate) struct CallFailure {
 }
 
 impl DouyinClient {
+    /// A goodlife GET with the app's token and these query parameters.
+    fn goodlife_get<Parameters: serde::Serialize + ?Sized>(
+        &self,
+        path: &str,
+        access_token: &AccessToken,
+        parameters: &Parameters,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .get(self.url(path))
+            .header("access-token", access_token.expose())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .query(parameters)
+    }
+
     /// Sends one goodlife request, decodes the answer strictly (see
     /// `envelope`) and counts the call under `endpoint_label`. `deadline` (the
     /// caller's remaining time) bounds the timeout.

@@ -14,6 +14,7 @@ use crate::douyin::{CodeClass, DouyinError, TransportError, codes};
 use crate::lookup::refund_audit::AuditError;
 use crate::lookup::{LookupError, NotAdmitted};
 use crate::registry::RegistryError;
+use crate::store::StoreError;
 use crate::token::TokenError;
 
 /// ErrorInfo domain of errors that carry a Douyin code.
@@ -158,17 +159,7 @@ pub(crate) fn audit_status(error: &AuditError) -> Status {
             HashMap::new(),
             Some(Duration::from_secs(1)),
         ),
-        AuditError::Store(store_error) => {
-            tracing::error!(error = %store_error, "database failure while deciding a refund");
-            status(
-                Code::Internal,
-                "the daemon's database failed; see its log".to_owned(),
-                "STORE_FAILED",
-                TOKEND_DOMAIN,
-                HashMap::new(),
-                None,
-            )
-        }
+        AuditError::Store(store_error) => store_failed(store_error),
         AuditError::Aborted => status(
             Code::Internal,
             error.to_string(),
@@ -239,18 +230,22 @@ pub(crate) fn registry_status(error: &RegistryError) -> Status {
             HashMap::new(),
             None,
         ),
-        RegistryError::Store(store_error) => {
-            tracing::error!(error = %store_error, "database failure");
-            status(
-                Code::Internal,
-                "the daemon's database failed; see its log".to_owned(),
-                "STORE_FAILED",
-                TOKEND_DOMAIN,
-                HashMap::new(),
-                None,
-            )
-        }
+        RegistryError::Store(store_error) => store_failed(store_error),
     }
+}
+
+/// A database failure: logged here in full, shown to the caller without
+/// SQLite's words.
+fn store_failed(error: &StoreError) -> Status {
+    tracing::error!(%error, "database failure");
+    status(
+        Code::Internal,
+        "the daemon's database failed; see its log".to_owned(),
+        "STORE_FAILED",
+        TOKEND_DOMAIN,
+        HashMap::new(),
+        None,
+    )
 }
 
 pub(crate) fn token_status(error: &TokenError) -> Status {

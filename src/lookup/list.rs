@@ -22,14 +22,9 @@ impl LookupService {
         query: &RefundListQuery,
         deadline: Option<Instant>,
     ) -> Result<RefundListAnswer, Arc<LookupError>> {
-        let client_key = self
-            .inner
-            .registry
-            .app_for_merchant(&query.account_id)
-            .map_err(|error| Arc::new(LookupError::from(error)))?;
-        crate::telemetry::record_app(&client_key);
-        let deadline =
-            deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
+        let (client_key, deadline) = self
+            .app_and_deadline(&query.account_id, deadline)
+            .map_err(Arc::new)?;
         let counters = &self.inner.counters;
         let douyin = &self.inner.douyin;
         counters.in_progress.fetch_add(1, Ordering::Relaxed);

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::LookupConfig;
-use crate::domain::{AccessToken, AfterSaleQuery, ClientKey, DouyinApi};
+use crate::domain::{AccessToken, AccountId, AfterSaleQuery, ClientKey, DouyinApi};
 use crate::douyin::after_sale::{AfterSaleAnswer, LookupFailure};
 use crate::douyin::envelope::Decoded;
 use crate::douyin::{CodeClass, DouyinClient, TransportError};
@@ -166,14 +166,9 @@ impl LookupService {
         query: &AfterSaleQuery,
         deadline: Option<Instant>,
     ) -> Result<AfterSaleAnswer, Arc<LookupError>> {
-        let client_key = self
-            .inner
-            .registry
-            .app_for_merchant(&query.account_id)
-            .map_err(|error| Arc::new(LookupError::from(error)))?;
-        crate::telemetry::record_app(&client_key);
-        let deadline =
-            deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
+        let (client_key, deadline) = self
+            .app_and_deadline(&query.account_id, deadline)
+            .map_err(Arc::new)?;
         let key = (client_key, query.clone());
         if let Some(answer) = self.cached(&key) {
             self.inner
@@ -200,6 +195,20 @@ impl LookupService {
             }
             tracing::debug!(error = %failure.error, "the shared lookup ran out of its starter's time; trying again under this caller's deadline");
         }
+    }
+
+    /// The app serving the merchant (noted in the call's span) and the
+    /// call's deadline: the caller's, or `default_deadline` from now.
+    fn app_and_deadline(
+        &self,
+        account_id: &AccountId,
+        deadline: Option<Instant>,
+    ) -> Result<(ClientKey, Instant), LookupError> {
+        let client_key = self.inner.registry.app_for_merchant(account_id)?;
+        crate::telemetry::record_app(&client_key);
+        let deadline =
+            deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
+        Ok((client_key, deadline))
     }
 
     /// Joins the identical lookup in flight, or starts one on a task of its own

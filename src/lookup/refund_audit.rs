@@ -149,14 +149,7 @@ impl LookupService {
         resend_after_unknown_outcome: bool,
         deadline: Option<Instant>,
     ) -> Result<AuditOutcome, AuditError> {
-        let client_key = self
-            .inner
-            .registry
-            .app_for_merchant(&audit.key.account_id)
-            .map_err(LookupError::from)?;
-        crate::telemetry::record_app(&client_key);
-        let deadline =
-            deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
+        let (client_key, deadline) = self.app_and_deadline(&audit.key.account_id, deadline)?;
         let lock = self.inner.decisions.lock_for(&audit.key);
         let service = self.clone();
         // Its own task: once the request is out, the outcome is recorded
@@ -224,11 +217,7 @@ impl LookupService {
                     CodeClass::InvalidArgument | CodeClass::Business
                 );
                 if same && repeats {
-                    self.inner
-                        .counters
-                        .audit_replays
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.trail(
+                    self.note_replay(
                         decider,
                         audit,
                         &format!(
@@ -292,11 +281,7 @@ impl LookupService {
                         "an applied refund decision without Douyin's answer".to_owned(),
                     )
                 })?;
-        self.inner
-            .counters
-            .audit_replays
-            .fetch_add(1, Ordering::Relaxed);
-        self.trail(
+        self.note_replay(
             decider,
             audit,
             "applied earlier, answered from the record",
@@ -306,6 +291,15 @@ impl LookupService {
             answer,
             replayed: true,
         })
+    }
+
+    /// Counts an answer given from the record and writes its trail line.
+    fn note_replay(&self, decider: &Decider<'_>, audit: &RefundAudit, outcome: &str, logid: &str) {
+        self.inner
+            .counters
+            .audit_replays
+            .fetch_add(1, Ordering::Relaxed);
+        self.trail(decider, audit, outcome, logid);
     }
 
     fn conflict(

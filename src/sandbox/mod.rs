@@ -504,10 +504,7 @@ async fn stable_client_token(State(state): State<Arc<SandboxState>>, body: Bytes
 }
 
 async fn token_endpoint(state: &SandboxState, body: &[u8], stable: bool) -> Response {
-    let config = state.config.lock().clone();
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
-    }
+    let config = config_after_latency(state).await;
     let gate = state.token_gate.lock().clone();
     if let Some(gate) = gate {
         gate.pass().await;
@@ -553,10 +550,7 @@ async fn after_sale_order_detail(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let config = state.config.lock().clone();
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
-    }
+    let config = config_after_latency(&state).await;
     let fault = {
         let mut world = state.world.lock();
         world.stats.lookups += 1;
@@ -605,10 +599,7 @@ async fn after_sale_order_detail(
             );
         }
     }
-    let token = headers
-        .get("access-token")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    let token = access_token_header(&headers);
     let now_ms = state.clock.now_unix_ms();
     let verdict = {
         let mut world = state.world.lock();
@@ -633,6 +624,24 @@ async fn after_sale_order_detail(
             axum::Json(body).into_response()
         }
     }
+}
+
+/// The sandbox's rules as they stand, read after the configured latency
+/// (every endpoint answers that much later).
+async fn config_after_latency(state: &SandboxState) -> SandboxConfig {
+    let latency = state.config.lock().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    state.config.lock().clone()
+}
+
+/// The goodlife APIs' `access-token` header, "" when absent.
+fn access_token_header(headers: &HeaderMap) -> &str {
+    headers
+        .get("access-token")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
 }
 
 fn next_logid(world: &mut World) -> String {
@@ -706,14 +715,8 @@ async fn after_sale_order_list(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let config = state.config.lock().clone();
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
-    }
-    let token = headers
-        .get("access-token")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    let config = config_after_latency(&state).await;
+    let token = access_token_header(&headers);
     let now_ms = state.clock.now_unix_ms();
     let page = {
         let mut world = state.world.lock();
@@ -736,10 +739,7 @@ async fn after_sale_order_audit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let config = state.config.lock().clone();
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
-    }
+    let config = config_after_latency(&state).await;
     let fault = {
         let mut world = state.world.lock();
         world.stats.audit_calls += 1;
@@ -758,10 +758,7 @@ async fn after_sale_order_audit(
             return response;
         }
     }
-    let token = headers
-        .get("access-token")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    let token = access_token_header(&headers);
     let now_ms = state.clock.now_unix_ms();
     let verdict = {
         let mut world = state.world.lock();

@@ -9,10 +9,9 @@ use douyin_tokend::proto::tokend::v1::*;
 use douyin_tokend::sandbox::DOCUMENTED_ORDER_ID;
 use tonic::Code;
 
-use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, TestApp, after_sale_request};
-
-const OTHER_CLIENT_KEY: &str = "awotherapp0000002";
-const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
+use crate::helpers::{
+    ACCOUNT_ID, CLIENT_KEY, OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY, TestApp, after_sale_request,
+};
 
 async fn create_client(
     app: &TestApp,
@@ -181,14 +180,7 @@ async fn a_missing_or_unknown_key_is_unauthenticated_and_health_needs_none() {
 async fn merchant_and_app_bounds_are_enforced() {
     let app = TestApp::spawn().await;
     app.register_default().await;
-    app.sandbox
-        .state()
-        .add_app(OTHER_CLIENT_KEY, "other-secret");
-    app.sandbox
-        .state()
-        .authorize_merchant(OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY);
-    app.register(OTHER_CLIENT_KEY, "other-secret", OTHER_ACCOUNT_ID)
-        .await;
+    app.register_other_app().await;
     let merchant_bound = create_client(
         &app,
         "shop-a",

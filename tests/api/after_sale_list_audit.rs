@@ -16,10 +16,8 @@ use douyin_tokend::sandbox::Fault;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::helpers::{ACCOUNT_ID, TestApp, after_sale_request};
+use crate::helpers::{ACCOUNT_ID, OTHER_ACCOUNT_ID, TestApp, after_sale_request};
 
-const OTHER_CLIENT_KEY: &str = "awotherapp0000002";
-const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
 /// Where the seeded refunds' creation times start (Unix seconds).
 const SEEDED_FROM_S: i64 = 1_767_000_000;
 
@@ -245,14 +243,7 @@ async fn list_and_detail_under_load_at_once_never_exceed_either_rate_group() {
     })
     .await;
     app.register_default().await;
-    app.sandbox
-        .state()
-        .add_app(OTHER_CLIENT_KEY, "other-secret");
-    app.sandbox
-        .state()
-        .authorize_merchant(OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY);
-    app.register(OTHER_CLIENT_KEY, "other-secret", OTHER_ACCOUNT_ID)
-        .await;
+    app.register_other_app().await;
     for account_id in [ACCOUNT_ID, OTHER_ACCOUNT_ID] {
         app.sandbox
             .state()

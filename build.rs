@@ -12,6 +12,9 @@ const PROTO_FILES: &[&str] = &[
     "proto/tokend/v1/admin.proto",
 ];
 
+/// The attribute that makes a response's `data` and `extra` accept only a JSON object.
+const OBJECT_ONLY: &str = "#[serde(deserialize_with = \"crate::proto::json_object_only\")]";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build prints no rerun-if-changed of its own, and
     // sqlx::migrate! embeds the migrations at compile time.
@@ -38,11 +41,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // answer is not a success (`{"data":[]}` must not read as "no records").
         .field_attribute(
             ".douyin.goodlife.v1.GetAfterSaleOrderDetailResponse.data",
-            "#[serde(deserialize_with = \"crate::proto::json_object_only\")]",
+            OBJECT_ONLY,
         )
         .field_attribute(
             ".douyin.goodlife.v1.GetAfterSaleOrderDetailResponse.extra",
-            "#[serde(deserialize_with = \"crate::proto::json_object_only\")]",
+            OBJECT_ONLY,
+        )
+        .field_attribute(
+            ".douyin.goodlife.v1.ListAfterSaleOrdersResponse.data",
+            OBJECT_ONLY,
+        )
+        .field_attribute(
+            ".douyin.goodlife.v1.ListAfterSaleOrdersResponse.extra",
+            OBJECT_ONLY,
+        )
+        .field_attribute(
+            ".douyin.goodlife.v1.AuditAfterSaleOrderResponse.data",
+            OBJECT_ONLY,
+        )
+        .field_attribute(
+            ".douyin.goodlife.v1.AuditAfterSaleOrderResponse.extra",
+            OBJECT_ONLY,
         )
         // tokend.v1 messages carry tokens, secrets and client keys: their Debug
         // is written by hand in src/proto.rs and shows no field values.

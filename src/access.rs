@@ -18,8 +18,10 @@ use crate::domain::{AccountId, ClientKey};
 /// What a client may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Scope {
-    /// GetAfterSaleOrderDetail.
+    /// GetAfterSaleOrderDetail, ListAfterSaleOrders.
     AfterSaleRead,
+    /// AuditAfterSaleOrder: approving or rejecting refunds, a write.
+    AfterSaleAudit,
     /// GetAccessToken.
     TokenRead,
     /// ReportInvalidToken.
@@ -29,8 +31,9 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    pub(crate) const ALL: [Scope; 4] = [
+    pub(crate) const ALL: [Scope; 5] = [
         Self::AfterSaleRead,
+        Self::AfterSaleAudit,
         Self::TokenRead,
         Self::TokenReport,
         Self::Admin,
@@ -39,6 +42,7 @@ impl Scope {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::AfterSaleRead => "aftersale.read",
+            Self::AfterSaleAudit => "aftersale.audit",
             Self::TokenRead => "token.read",
             Self::TokenReport => "token.report",
             Self::Admin => "admin",
@@ -49,7 +53,10 @@ impl Scope {
         Self::ALL
             .into_iter()
             .find(|scope| scope.as_str() == text)
-            .ok_or_else(|| format!("unknown scope {text:?}; scopes are aftersale.read, token.read, token.report, admin"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|scope| scope.as_str()).collect();
+                format!("unknown scope {text:?}; scopes are {}", known.join(", "))
+            })
     }
 }
 

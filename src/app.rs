@@ -23,6 +23,7 @@ use crate::grpc::health::{self, HealthPublisher};
 use crate::grpc::{self, GrpcDependencies};
 use crate::lifecycle::Components;
 use crate::lookup::LookupService;
+use crate::lookup::refund_audit::DecisionBook;
 use crate::metrics::{self, Metrics, ScrapeTimeCollector, ScrapeTimeReadings};
 use crate::registry::{Registry, ReloadReport};
 use crate::schedule::{ScheduledJob, Schedules};
@@ -106,6 +107,7 @@ impl App {
             douyin,
             &config.lookup,
             tasks.clone(),
+            DecisionBook::new(store.clone(), audit.clone(), clock.clone()),
         );
         metrics_registry.register_collector(Box::new(scrape_time_collector(
             tokens.clone(),

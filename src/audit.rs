@@ -1,5 +1,5 @@
-//! The audit trail: every token fetch, forced refresh, hand-out and invalid
-//! report, written to SQLite by one background writer in batches (identical
+//! The audit trail: every token fetch, forced refresh, hand-out, invalid
+//! report and refund decision, written to SQLite by one background writer in batches (identical
 //! hand-outs close together become one line with a count), listable, and
 //! pruned after the retention period. Apps and tokens appear only as fingerprints.
 
@@ -19,6 +19,8 @@ pub(crate) enum AuditAction {
     ForcedRefresh,
     TokenHandout,
     InvalidReport,
+    /// A refund decision (抖音码核销后退款审批): sent, replayed or refused.
+    RefundDecision,
 }
 
 impl AuditAction {
@@ -28,6 +30,7 @@ impl AuditAction {
             Self::ForcedRefresh => "forced_refresh",
             Self::TokenHandout => "token_handout",
             Self::InvalidReport => "invalid_report",
+            Self::RefundDecision => "refund_decision",
         }
     }
 }

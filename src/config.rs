@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::access::{ApiClient, KeyHash, Scope};
-use crate::domain::{AccountId, ClientKey, ClientSecret, DouyinApi};
+use crate::domain::{AccountId, ClientKey, ClientSecret, DouyinApi, RateScope};
 use crate::schedule::CronSchedule;
 
 /// A configuration problem, always naming the key it is about.
@@ -145,10 +145,13 @@ pub struct RefreshConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LookupConfig {
-    /// Rate groups by Douyin API name (`[lookup.rates.after_sale_order_detail]`);
-    /// an API not listed runs at the rate its Douyin page documents.
+    /// Rate groups by Douyin API name (`[lookup.rates.after_sale_order_detail]`,
+    /// `after_sale_order_list`, `after_sale_order_audit`); an API not listed
+    /// runs at the rate its Douyin page documents (the list API's rate counts
+    /// every app together, per developer).
     pub(crate) rates: BTreeMap<DouyinApi, ApiRateConfig>,
-    /// Lookups in flight to Douyin at once, per app.
+    /// Calls in flight to Douyin at once, per rate group (per app, or for the
+    /// whole developer on a per-developer API).
     pub(crate) max_concurrent_per_app: usize,
     /// The deadline of a request that carries none.
     #[serde(with = "humane_duration")]
@@ -168,14 +171,16 @@ pub struct LookupConfig {
     pub cache_ttl: Duration,
 }
 
-/// One Douyin API's rate group: calls per second per app.
+/// One Douyin API's rate group: calls per second per app (or per developer,
+/// for an API Douyin counts that way).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct ApiRateConfig {
-    /// Calls per second per app; absent = the rate Douyin documents for the API.
+    /// Calls per second per app (per developer for a per-developer API);
+    /// absent = the rate Douyin documents for the API.
     /// Never zero: an app whose calls must stop loses its merchants instead.
     pub(crate) per_second: Option<NonZeroU32>,
-    /// Per-app overrides, keyed by client_key.
+    /// Per-app overrides, keyed by client_key; refused for a per-developer API.
     pub(crate) per_app: HashMap<ClientKey, NonZeroU32>,
 }
 
@@ -303,7 +308,7 @@ pub struct ClientEntry {
     pub(crate) name: String,
     /// `douyin-tokend client new-key` prints a key and this hash.
     pub(crate) key_sha256: KeyHash,
-    /// Any of "aftersale.read", "token.read", "token.report", "admin".
+    /// Any of "aftersale.read", "aftersale.audit", "token.read", "token.report", "admin".
     pub(crate) scopes: BTreeSet<Scope>,
     /// Only these apps (client_key), when given.
     pub(crate) apps: Option<BTreeSet<ClientKey>>,
@@ -638,6 +643,14 @@ impl Config {
                 "lookup.max_tries",
                 "must be between 1 and 10",
             ));
+        }
+        for (api, group) in &lookup.rates {
+            if api.rate_scope() == RateScope::PerDeveloper && !group.per_app.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("lookup.rates.{api}.per_app"),
+                    "Douyin counts this API per developer (all apps together); give only per_second",
+                ));
+            }
         }
         if lookup.default_deadline <= lookup.upstream_time_reserve {
             return Err(ConfigError::invalid(
@@ -997,6 +1010,10 @@ mod tests {
                 "[[apps]]\nclient_key = \"k\"\nclient_secret_env = \"S\"\n[[merchants]]\naccount_id = \"1\"\nclient_key = \"other\"",
                 "merchants[0].client_key",
             ),
+            (
+                "[lookup.rates.after_sale_order_list]\nper_app = { awslow = 1 }",
+                "lookup.rates.after_sale_order_list.per_app",
+            ),
         ];
         for (text, key) in cases {
             let error = Config::from_toml_str(text).unwrap().validate().unwrap_err();
@@ -1021,6 +1038,21 @@ mod tests {
         let other = ClientKey::parse("awother").unwrap();
         assert_eq!(typed.lookup.rate_per_second(detail, &slow).get(), 1);
         assert_eq!(typed.lookup.rate_per_second(detail, &other).get(), 4);
+        // The APIs not listed run at their documented rates.
+        assert_eq!(
+            typed
+                .lookup
+                .rate_per_second(DouyinApi::AfterSaleOrderList, &other)
+                .get(),
+            10
+        );
+        assert_eq!(
+            typed
+                .lookup
+                .rate_per_second(DouyinApi::AfterSaleOrderAudit, &other)
+                .get(),
+            5
+        );
         let cases = [
             ("[refresh]\nsweep = \"*/5 * * * *\"", "refresh.sweep"),
             ("[refresh]\nsweep = \"a b c d e f\"", "refresh.sweep"),

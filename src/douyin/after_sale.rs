@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use super::envelope::{Decoded, GoodlifeResponse, decode_goodlife_answer};
-use super::{DouyinClient, read_answer, transport_error};
+use super::DouyinClient;
+use super::envelope::{Decoded, decode_goodlife_answer};
 use crate::domain::{AccessToken, AfterSaleQuery};
 use crate::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailResponse;
 
@@ -19,18 +19,7 @@ const ENDPOINT_LABEL: &str = "after_sale";
 /// A successful answer: the decoded response and the body it came from.
 pub(crate) type AfterSaleAnswer = Decoded<GetAfterSaleOrderDetailResponse>;
 
-impl GoodlifeResponse for GetAfterSaleOrderDetailResponse {
-    fn has_data(&self) -> bool {
-        self.data.is_some()
-    }
-
-    fn error_codes(&self) -> (i64, i64) {
-        (
-            self.data.as_ref().map_or(0, |data| data.error_code),
-            self.extra.as_ref().map_or(0, |extra| extra.error_code),
-        )
-    }
-}
+crate::douyin::envelope::goodlife_response!(GetAfterSaleOrderDetailResponse);
 
 impl DouyinClient {
     /// One upstream call; `deadline` (the caller's remaining time) bounds its timeout.
@@ -40,26 +29,6 @@ impl DouyinClient {
         query: &AfterSaleQuery,
         deadline: Option<Duration>,
     ) -> Result<AfterSaleAnswer, LookupFailure> {
-        let answer = self
-            .request_after_sale_order_detail(access_token, query, deadline)
-            .await;
-        let code_label = match &answer {
-            Ok(_) => super::codes::metric_label(0),
-            Err(LookupFailure::Douyin(error)) => super::codes::metric_label(error.code),
-            Err(LookupFailure::Transport(_)) => super::TRANSPORT_CODE_LABEL.into(),
-        };
-        self.metrics
-            .record_upstream_call(ENDPOINT_LABEL, code_label);
-        answer
-    }
-
-    async fn request_after_sale_order_detail(
-        &self,
-        access_token: &AccessToken,
-        query: &AfterSaleQuery,
-        deadline: Option<Duration>,
-    ) -> Result<AfterSaleAnswer, LookupFailure> {
-        let timeout = self.timeout_within(deadline);
         let mut parameters = vec![
             ("account_id", query.account_id.as_str()),
             ("order_id", query.order_id.as_str()),
@@ -67,17 +36,10 @@ impl DouyinClient {
         if let Some(certificate_id) = &query.certificate_id {
             parameters.push(("certificate_id", certificate_id.as_str()));
         }
-        let response = self
-            .http
-            .get(self.url(PATH))
-            .timeout(timeout)
-            .header("access-token", access_token.expose())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .query(&parameters)
-            .send()
+        let request = self.goodlife_get(PATH, access_token, &parameters);
+        self.call_goodlife(request, deadline, ENDPOINT_LABEL)
             .await
-            .map_err(|error| transport_error(&error, timeout))?;
-        read_answer(response, timeout, decode_after_sale_answer).await
+            .map_err(|failure| failure.failure)
     }
 }
 

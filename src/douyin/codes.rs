@@ -71,6 +71,7 @@ pub struct KnownCode {
 // [minigame] mini-game/develop/server/log-in/check-session-key (names 28001003)
 // [token]   local-life/develop/preparation/client_token, 生成 client-token (10020 in its notes)
 // [stable]  dop/develop/openapi/account-permission/generate-stable-client-token
+// [audit]   local-life/develop/OpenAPI/general-capabilities/groupon-refund/system-code-refund-audit
 // "documented" below means the page's own advice (重试, 更换参数, …) gives the class;
 // "inferred" means the page names the code but gives no advice, or no page names it.
 const fn code(
@@ -104,6 +105,10 @@ pub(crate) const TOKEN_PARAMETER_ERROR: i64 = 10002;
 pub(crate) const TOKEN_UNKNOWN_CLIENT_KEY: i64 = 10003;
 pub(crate) const TOKEN_BAD_CREDENTIALS: i64 = 10013;
 pub(crate) const TOKEN_RATE_LIMITED: i64 = 10020;
+/// Assumed answer to a second audit of one refund (see its entry in `TABLE`).
+pub const REFUND_ALREADY_AUDITED: i64 = 2191005;
+/// The sub code that comes with it: 订单状态不正确 (see its entry in `TABLE`).
+pub const REFUND_ALREADY_AUDITED_SUB_CODE: i64 = 20001;
 
 /// Every code the daemon knows. A code not listed is `Business` (permanent).
 pub const TABLE: &[KnownCode] = &[
@@ -224,6 +229,20 @@ pub const TABLE: &[KnownCode] = &[
         Goodlife,
         Transient,
         "the server dozed off, try again later",
+        false,
+    ),
+    // [trade] 2191005 "逆向交易类错误" (reverse-trade, i.e. refund, error), no advice
+    // given; its sub codes there include 20001 "订单状态不正确" (the order's state
+    // does not allow the operation). Class inferred: permanent for this request.
+    // ASSUMED, not found on any page: this is the code Douyin answers a second
+    // audit of the same order and certificate with ([audit], 抖音码核销后退款审批,
+    // lists no error table in its stored copy; the official Go SDK's answer has a
+    // `reentry` flag but no code). The sandbox answers a second audit with it.
+    code(
+        REFUND_ALREADY_AUDITED,
+        Goodlife,
+        Business,
+        "reverse-trade (refund) error, e.g. the refund was already audited",
         false,
     ),
     // [minigame] 28001003 "access_token 无效" (not in [status]'s table). A token
@@ -461,6 +480,7 @@ mod tests {
             (28001016, PermissionDenied),
             (28001018, PermissionDenied),
             (2119010, Offline),
+            (2191005, Business),
             (4000003, Business),
         ];
         for (code, class) in expected {

@@ -18,6 +18,20 @@ pub enum LookupFailure {
     Transport(#[from] TransportError),
 }
 
+impl LookupFailure {
+    /// Douyin's logid of the failed answer, or "" when there was none.
+    pub(crate) fn logid(&self) -> &str {
+        match self {
+            Self::Douyin(error) => &error.logid,
+            Self::Transport(
+                TransportError::HttpStatus { logid, .. }
+                | TransportError::MalformedBody { logid, .. },
+            ) => logid,
+            Self::Transport(_) => "",
+        }
+    }
+}
+
 /// A goodlife response message mirrored from Douyin's JSON: what the strict
 /// success check needs to see of it.
 pub(crate) trait GoodlifeResponse: DeserializeOwned {
@@ -26,6 +40,26 @@ pub(crate) trait GoodlifeResponse: DeserializeOwned {
     /// `data.error_code` and `extra.error_code` (0 when absent).
     fn error_codes(&self) -> (i64, i64);
 }
+
+/// Implements [`GoodlifeResponse`] for a mirrored response message with
+/// optional `data` and `extra` messages that both carry `error_code`.
+macro_rules! goodlife_response {
+    ($response:ty) => {
+        impl $crate::douyin::envelope::GoodlifeResponse for $response {
+            fn has_data(&self) -> bool {
+                self.data.is_some()
+            }
+
+            fn error_codes(&self) -> (i64, i64) {
+                (
+                    self.data.as_ref().map_or(0, |data| data.error_code),
+                    self.extra.as_ref().map_or(0, |extra| extra.error_code),
+                )
+            }
+        }
+    };
+}
+pub(crate) use goodlife_response;
 
 /// A successful answer: the decoded response and the body it came from.
 #[derive(Debug, Clone)]

@@ -2,6 +2,8 @@
 //! upstream URLs, JSON shapes and how a response turns into a result or an error.
 
 pub mod after_sale;
+pub mod after_sale_audit;
+pub mod after_sale_list;
 pub mod codes;
 pub mod envelope;
 pub(crate) mod token_endpoint;
@@ -9,9 +11,11 @@ pub(crate) mod token_endpoint;
 use std::time::Duration;
 
 use crate::config::{DouyinConfig, TokenEndpoint};
+use crate::domain::AccessToken;
 use crate::metrics::Metrics;
 
 pub use codes::{CodeClass, DouyinError};
+use envelope::{Decoded, GoodlifeResponse, LookupFailure, decode_goodlife_answer};
 
 /// A failure to get a well-formed answer from Douyin at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +97,80 @@ impl DouyinClient {
             Some(remaining) => remaining.min(self.request_timeout),
             None => self.request_timeout,
         }
+    }
+}
+
+/// Why a goodlife call produced no answer, and whether its request may have
+/// reached Douyin (what a write must know before it may be sent again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CallFailure {
+    pub(crate) failure: LookupFailure,
+    /// False only when the connection failed before the request was written:
+    /// Douyin provably never saw it. A timeout, a broken connection or any
+    /// answer at all means it may have.
+    pub(crate) may_have_reached_douyin: bool,
+}
+
+impl DouyinClient {
+    /// A goodlife GET with the app's token and these query parameters.
+    fn goodlife_get<Parameters: serde::Serialize + ?Sized>(
+        &self,
+        path: &str,
+        access_token: &AccessToken,
+        parameters: &Parameters,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .get(self.url(path))
+            .header("access-token", access_token.expose())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .query(parameters)
+    }
+
+    /// Sends one goodlife request, decodes the answer strictly (see
+    /// `envelope`) and counts the call under `endpoint_label`. `deadline` (the
+    /// caller's remaining time) bounds the timeout.
+    async fn call_goodlife<T: GoodlifeResponse>(
+        &self,
+        request: reqwest::RequestBuilder,
+        deadline: Option<Duration>,
+        endpoint_label: &'static str,
+    ) -> Result<Decoded<T>, CallFailure> {
+        let timeout = self.timeout_within(deadline);
+        let answer = self.send_goodlife(request, timeout).await;
+        let code_label = match &answer {
+            Ok(_) => codes::metric_label(0),
+            Err(CallFailure {
+                failure: LookupFailure::Douyin(error),
+                ..
+            }) => codes::metric_label(error.code),
+            Err(_) => TRANSPORT_CODE_LABEL.into(),
+        };
+        self.metrics
+            .record_upstream_call(endpoint_label, code_label);
+        answer
+    }
+
+    async fn send_goodlife<T: GoodlifeResponse>(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Decoded<T>, CallFailure> {
+        let response = request
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|error| CallFailure {
+                failure: transport_error(&error, timeout).into(),
+                // reqwest marks as "connect" only failures to establish the
+                // connection, before anything was written to it.
+                may_have_reached_douyin: !error.is_connect(),
+            })?;
+        read_answer(response, timeout, decode_goodlife_answer)
+            .await
+            .map_err(|failure| CallFailure {
+                failure,
+                may_have_reached_douyin: true,
+            })
     }
 }
 

@@ -9,11 +9,12 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::access::AccessDenied;
-use crate::domain::InvalidId;
 use crate::douyin::after_sale::LookupFailure;
 use crate::douyin::{CodeClass, DouyinError, TransportError, codes};
+use crate::lookup::refund_audit::AuditError;
 use crate::lookup::{LookupError, NotAdmitted};
 use crate::registry::RegistryError;
+use crate::store::StoreError;
 use crate::token::TokenError;
 
 /// ErrorInfo domain of errors that carry a Douyin code.
@@ -44,7 +45,8 @@ fn reason_and_domain(douyin_code: Option<i64>, own_reason: &str) -> (String, &'s
     }
 }
 
-pub(crate) fn invalid_argument(error: &InvalidId) -> Status {
+/// A request refused at the edge, before anything was asked of Douyin.
+pub(crate) fn invalid_argument(error: &impl std::fmt::Display) -> Status {
     status(
         Code::InvalidArgument,
         error.to_string(),
@@ -96,6 +98,72 @@ pub(crate) fn lookup_status(error: &LookupError) -> Status {
             Code::Internal,
             error.to_string(),
             "LOOKUP_ABORTED",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+    }
+}
+
+/// A refund decision's failure. The daemon's own reasons tell a caller what
+/// the record says: AUDIT_DECISION_CONFLICT (another decision is recorded),
+/// AUDIT_OUTCOME_UNKNOWN (it may have been applied; check before resending),
+/// AUDIT_IN_FLIGHT (an identical one is being sent).
+pub(crate) fn audit_status(error: &AuditError) -> Status {
+    match error {
+        AuditError::Lookup(error) => lookup_status(error),
+        AuditError::Conflict {
+            recorded,
+            state,
+            client,
+        } => status(
+            Code::FailedPrecondition,
+            error.to_string(),
+            "AUDIT_DECISION_CONFLICT",
+            TOKEND_DOMAIN,
+            HashMap::from([
+                ("recorded_decision".to_owned(), recorded.clone()),
+                ("recorded_state".to_owned(), (*state).to_owned()),
+                ("recorded_by".to_owned(), client.clone()),
+            ]),
+            None,
+        ),
+        AuditError::OutcomeUnknown {
+            first_time,
+            decision,
+            logid,
+            ..
+        } => status(
+            // The call that sent it: Douyin did not answer usably (UNAVAILABLE),
+            // but no RetryInfo, since a blind retry is what must not happen.
+            // Later repeats: the record must be resolved first.
+            if *first_time {
+                Code::Unavailable
+            } else {
+                Code::FailedPrecondition
+            },
+            error.to_string(),
+            "AUDIT_OUTCOME_UNKNOWN",
+            TOKEND_DOMAIN,
+            HashMap::from([
+                ("decision".to_owned(), (*decision).to_owned()),
+                ("logid".to_owned(), logid.clone()),
+            ]),
+            None,
+        ),
+        AuditError::InFlight => status(
+            Code::Aborted,
+            error.to_string(),
+            "AUDIT_IN_FLIGHT",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            Some(Duration::from_secs(1)),
+        ),
+        AuditError::Store(store_error) => store_failed(store_error),
+        AuditError::Aborted => status(
+            Code::Internal,
+            error.to_string(),
+            "AUDIT_ABORTED",
             TOKEND_DOMAIN,
             HashMap::new(),
             None,
@@ -162,18 +230,22 @@ pub(crate) fn registry_status(error: &RegistryError) -> Status {
             HashMap::new(),
             None,
         ),
-        RegistryError::Store(store_error) => {
-            tracing::error!(error = %store_error, "database failure");
-            status(
-                Code::Internal,
-                "the daemon's database failed; see its log".to_owned(),
-                "STORE_FAILED",
-                TOKEND_DOMAIN,
-                HashMap::new(),
-                None,
-            )
-        }
+        RegistryError::Store(store_error) => store_failed(store_error),
     }
+}
+
+/// A database failure: logged here in full, shown to the caller without
+/// SQLite's words.
+fn store_failed(error: &StoreError) -> Status {
+    tracing::error!(%error, "database failure");
+    status(
+        Code::Internal,
+        "the daemon's database failed; see its log".to_owned(),
+        "STORE_FAILED",
+        TOKEND_DOMAIN,
+        HashMap::new(),
+        None,
+    )
 }
 
 pub(crate) fn token_status(error: &TokenError) -> Status {

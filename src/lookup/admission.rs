@@ -1,4 +1,5 @@
-//! Admission to Douyin's APIs, by rate group (app, Douyin API): a GCRA
+//! Admission to Douyin's APIs, by rate group (app and Douyin API, or the
+//! whole developer and Douyin API for an API Douyin counts per developer): a GCRA
 //! schedule at the group's rate and a cap on calls in flight. A request is
 //! admitted only if its turn comes early enough to leave its deadline room for
 //! the call itself; a request that cannot make it is refused at once, never
@@ -19,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::LookupConfig;
-use crate::domain::{ClientKey, DouyinApi};
+use crate::domain::{ClientKey, DouyinApi, RateScope};
 use crate::pace::Gcra;
 
 /// Requests are spaced 10 % wider than the rate implies, so that network jitter
@@ -46,8 +47,16 @@ pub(crate) enum NotAdmitted {
     DeadlineTooShort { minimum: Duration },
 }
 
-/// A rate group: one app's calls to one Douyin API.
-type GroupKey = (ClientKey, DouyinApi);
+/// Whose calls one rate group counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum GroupOwner {
+    App(ClientKey),
+    /// Every app together: Douyin counts some APIs per developer account.
+    Developer,
+}
+
+/// A rate group: one app's (or the developer's) calls to one Douyin API.
+type GroupKey = (GroupOwner, DouyinApi);
 
 pub(crate) struct Admission {
     config: LookupConfig,
@@ -77,10 +86,16 @@ impl Admission {
 
     fn gate(&self, client_key: &ClientKey, api: DouyinApi) -> Arc<AppGate> {
         let mut gates = self.gates.lock();
-        let key = (client_key.clone(), api);
+        let owner = match api.rate_scope() {
+            RateScope::PerApp => GroupOwner::App(client_key.clone()),
+            RateScope::PerDeveloper => GroupOwner::Developer,
+        };
+        let key = (owner, api);
         if let Some(gate) = gates.get(&key) {
             return Arc::clone(gate);
         }
+        // A per-developer group has no per-app override (config refuses one),
+        // so the rate read for the first app to call is the group's.
         let rate = self.config.rate_per_second(api, client_key).get();
         let gate = Arc::new(AppGate {
             schedule: Mutex::new(Gcra::new(
@@ -194,6 +209,34 @@ mod tests {
             .admit(&ClientKey::parse("other").unwrap(), DETAIL, deadline)
             .await
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_developer_api_paces_every_app_together_and_apart_from_per_app_apis() {
+        const LIST: DouyinApi = DouyinApi::AfterSaleOrderList;
+        let mut config = LookupConfig::default();
+        config.set_rate_per_second(LIST, 10);
+        config.set_rate_per_second(DETAIL, 10);
+        let admission = Admission::new(&config);
+        let apps = [
+            ClientKey::parse("app-a").unwrap(),
+            ClientKey::parse("app-b").unwrap(),
+        ];
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(10);
+        for round in 0..4 {
+            let _admitted = admission
+                .admit(&apps[round % 2], LIST, deadline)
+                .await
+                .unwrap();
+        }
+        // Four list turns across two apps: one spacing (110 ms) apart, as one group.
+        assert_eq!(Instant::now() - start, Duration::from_millis(330));
+        // The detail API's per-app groups are untouched by the list's pace.
+        let before = Instant::now();
+        admission.admit(&apps[0], DETAIL, deadline).await.unwrap();
+        admission.admit(&apps[1], DETAIL, deadline).await.unwrap();
+        assert_eq!(Instant::now(), before);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,13 +1,18 @@
-//! The after-sale order detail use case: find the merchant's app, coalesce
-//! identical lookups in flight, take the current token, then wait for the
-//! app's turn (rate and concurrency, deadline-aware) and ask Douyin at once,
-//! retry transient failures with backoff, and on a token rejection
-//! compare-and-invalidate, refresh and retry exactly once. Each caller gets
-//! the outcome its own deadline implies, whoever started the shared call.
+//! The after-sale use cases. Reads (the order detail here, the refund list in
+//! `list`): find the merchant's app, take the current token, then wait for
+//! the rate group's turn (rate and concurrency, deadline-aware) and ask
+//! Douyin at once, retry transient failures with backoff, and on a token
+//! rejection compare-and-invalidate, refresh and retry exactly once. Detail
+//! lookups also coalesce identical lookups in flight; each caller gets the
+//! outcome its own deadline implies, whoever started the shared call. The
+//! refund decision, a write, lives in `refund_audit` and never retries blindly.
 
 pub(crate) mod admission;
+mod list;
+pub(crate) mod refund_audit;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,8 +26,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::LookupConfig;
-use crate::domain::{AfterSaleQuery, ClientKey, DouyinApi};
+use crate::domain::{AccessToken, AccountId, AfterSaleQuery, ClientKey, DouyinApi};
 use crate::douyin::after_sale::{AfterSaleAnswer, LookupFailure};
+use crate::douyin::envelope::Decoded;
 use crate::douyin::{CodeClass, DouyinClient, TransportError};
 use crate::registry::{Registry, RegistryError};
 use crate::token::{TokenError, TokenManager};
@@ -55,7 +61,7 @@ pub(crate) enum LookupError {
 /// Counters of what the lookup path did, for tests and metrics.
 #[derive(Debug, Default)]
 pub struct LookupCounters {
-    /// Upstream calls to the after-sale API (tries included).
+    /// Upstream calls to the after-sale APIs (tries included).
     pub(crate) upstream_calls: AtomicU64,
     /// Retries after a transient failure.
     pub retries: AtomicU64,
@@ -67,6 +73,8 @@ pub struct LookupCounters {
     pub(crate) not_admitted: AtomicU64,
     /// Lookups waiting for their turn or for Douyin right now.
     pub(crate) in_progress: AtomicU64,
+    /// Refund decisions answered from the record, without asking Douyin.
+    pub audit_replays: AtomicU64,
 }
 
 /// How long before the caller's deadline the daemon gives up on Douyin.
@@ -110,6 +118,9 @@ struct Inner {
     tokens: TokenManager,
     douyin: DouyinClient,
     admission: Admission,
+    /// Refund decisions: the record (`store`), the trail (`audit`), and one
+    /// lock per refund so that identical decisions never travel at once.
+    decisions: refund_audit::DecisionBook,
     config: LookupConfig,
     in_flight: Mutex<HashMap<LookupKey, Flight>>,
     cache: Mutex<HashMap<LookupKey, (Instant, AfterSaleAnswer)>>,
@@ -125,10 +136,12 @@ impl LookupService {
         douyin: DouyinClient,
         config: &LookupConfig,
         tasks: TaskTracker,
+        decisions: refund_audit::DecisionBook,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 tasks,
+                decisions,
                 registry,
                 tokens,
                 douyin,
@@ -153,14 +166,9 @@ impl LookupService {
         query: &AfterSaleQuery,
         deadline: Option<Instant>,
     ) -> Result<AfterSaleAnswer, Arc<LookupError>> {
-        let client_key = self
-            .inner
-            .registry
-            .app_for_merchant(&query.account_id)
-            .map_err(|error| Arc::new(LookupError::from(error)))?;
-        crate::telemetry::record_app(&client_key);
-        let deadline =
-            deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
+        let (client_key, deadline) = self
+            .app_and_deadline(&query.account_id, deadline)
+            .map_err(Arc::new)?;
         let key = (client_key, query.clone());
         if let Some(answer) = self.cached(&key) {
             self.inner
@@ -187,6 +195,20 @@ impl LookupService {
             }
             tracing::debug!(error = %failure.error, "the shared lookup ran out of its starter's time; trying again under this caller's deadline");
         }
+    }
+
+    /// The app serving the merchant (noted in the call's span) and the
+    /// call's deadline: the caller's, or `default_deadline` from now.
+    fn app_and_deadline(
+        &self,
+        account_id: &AccountId,
+        deadline: Option<Instant>,
+    ) -> Result<(ClientKey, Instant), LookupError> {
+        let client_key = self.inner.registry.app_for_merchant(account_id)?;
+        crate::telemetry::record_app(&client_key);
+        let deadline =
+            deadline.unwrap_or_else(|| Instant::now() + self.inner.config.default_deadline);
+        Ok((client_key, deadline))
     }
 
     /// Joins the identical lookup in flight, or starts one on a task of its own
@@ -274,6 +296,35 @@ impl LookupService {
         query: &AfterSaleQuery,
         deadline: Instant,
     ) -> Result<AfterSaleAnswer, LookupError> {
+        let douyin = &self.inner.douyin;
+        self.read_with_retries(
+            client_key,
+            DouyinApi::AfterSaleOrderDetail,
+            deadline,
+            |access_token, remaining| async move {
+                douyin
+                    .get_after_sale_order_detail(&access_token, query, Some(remaining))
+                    .await
+            },
+        )
+        .await
+    }
+
+    /// One read from Douyin by the rules of every read: the token first, then
+    /// the rate group's turn; transient failures retried with backoff within
+    /// the deadline; a token rejection compared-and-invalidated and retried
+    /// once. `call` makes one HTTP call with the token and the time left.
+    async fn read_with_retries<T, Call, Answer>(
+        &self,
+        client_key: &ClientKey,
+        api: DouyinApi,
+        deadline: Instant,
+        call: Call,
+    ) -> Result<Decoded<T>, LookupError>
+    where
+        Call: Fn(AccessToken, Duration) -> Answer,
+        Answer: Future<Output = Result<Decoded<T>, LookupFailure>>,
+    {
         let config = &self.inner.config;
         let counters = &self.inner.counters;
         let mut tries = 0;
@@ -291,7 +342,7 @@ impl LookupService {
             let admitted = self
                 .inner
                 .admission
-                .admit(client_key, DouyinApi::AfterSaleOrderDetail, deadline)
+                .admit(client_key, api, deadline)
                 .await
                 .inspect_err(|_| {
                     counters.not_admitted.fetch_add(1, Ordering::Relaxed);
@@ -301,11 +352,7 @@ impl LookupService {
             // the caller hears DEADLINE_EXCEEDED from us rather than a bare cancel.
             let upstream_deadline = deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline);
             let remaining = upstream_deadline.saturating_duration_since(Instant::now());
-            let answer = self
-                .inner
-                .douyin
-                .get_after_sale_order_detail(&lease.access_token, query, Some(remaining))
-                .await;
+            let answer = call(lease.access_token.clone(), remaining).await;
             drop(admitted);
             let failure = match answer {
                 Ok(answer) => return Ok(answer),
@@ -340,13 +387,13 @@ impl LookupService {
             if let LookupFailure::Douyin(error) = &failure
                 && error.class() == CodeClass::RateLimited
             {
-                tracing::warn!(app = %client_key, code = error.code, logid = %error.logid, "Douyin says this app calls too often although the daemon paces it; lower lookup.rates.after_sale_order_detail if this repeats");
+                tracing::warn!(app = %client_key, code = error.code, logid = %error.logid, api = api.name(), "Douyin says the daemon calls this API too often although it paces it; lower lookup.rates.<api> if this repeats");
             }
             let backoff = full_jitter_backoff(config, tries);
             if Instant::now() + backoff + config.upstream_time_reserve > deadline {
                 return Err(failure.into());
             }
-            tracing::info!(app = %client_key, try_number = tries, backoff_ms = backoff.as_millis() as u64, error = %failure, "transient failure; retrying");
+            tracing::info!(app = %client_key, api = api.name(), try_number = tries, backoff_ms = backoff.as_millis() as u64, error = %failure, "transient failure; retrying");
             counters.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(backoff).await;
         }

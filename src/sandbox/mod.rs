@@ -1,7 +1,9 @@
 //! A strict fake of Douyin's open platform for tests, the demo and benchmarks:
 //! the client_token endpoint with the two-token rule, the grace period and the
-//! fetch budget, and the after-sale detail endpoint with per-app QPS, Douyin's
-//! error envelopes and the documented example. Knobs inject latency and faults.
+//! fetch budget, the after-sale detail endpoint with per-app QPS, Douyin's
+//! error envelopes and the documented example, the refund list with cursor
+//! paging over seeded refunds and the per-developer QPS, and the refund audit,
+//! taken once per refund. Knobs inject latency and faults.
 //! It rejects a superseded or expired token exactly as Douyin would, so a
 //! daemon regression shows up as a failing test.
 
@@ -29,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{SharedClock, duration_ms};
 use crate::douyin::after_sale::PATH as AFTER_SALE_PATH;
+use crate::douyin::after_sale_audit::PATH as AFTER_SALE_AUDIT_PATH;
+use crate::douyin::after_sale_list::PATH as AFTER_SALE_LIST_PATH;
 use crate::douyin::codes;
 
 pub use rules::TokenVerdict;
@@ -49,6 +53,9 @@ pub struct SandboxConfig {
     pub token_budget_window: Duration,
     /// After-sale lookups allowed per app per second; 0 means unlimited.
     pub lookup_qps: usize,
+    /// Refund list calls allowed per second across every app (Douyin counts
+    /// them per developer); 0 means unlimited.
+    pub list_qps_per_developer: usize,
     /// Added to every answer (real time, not the sandbox clock).
     pub latency: Duration,
     /// Send `expires_in` as a numeric string, as sibling endpoints do.
@@ -67,6 +74,7 @@ impl Default for SandboxConfig {
             token_budget: 500,
             token_budget_window: Duration::from_secs(300),
             lookup_qps: 10,
+            list_qps_per_developer: 10,
             latency: Duration::ZERO,
             expires_in_as_string: false,
             busy_fraction: 0.0,
@@ -117,6 +125,19 @@ pub struct SandboxStats {
     pub lookup_window_overruns: u64,
     /// The query string of the latest lookup, as received.
     pub last_lookup_query: BTreeMap<String, String>,
+    /// Calls to the refund list, whatever their outcome.
+    pub list_calls: u64,
+    /// Refund list answers by Douyin code (0 = success).
+    pub list_codes: BTreeMap<i64, u64>,
+    /// List calls that found the developer's one-second window already full
+    /// (each answered 2119003).
+    pub list_window_overruns: u64,
+    /// The query string of the latest list call, as received.
+    pub last_list_query: BTreeMap<String, String>,
+    /// Calls to the refund audit that reached it, whatever their outcome.
+    pub audit_calls: u64,
+    /// Refund audit answers by Douyin code (0 = success).
+    pub audit_codes: BTreeMap<i64, u64>,
 }
 
 impl SandboxStats {
@@ -130,6 +151,14 @@ impl SandboxStats {
 
     pub fn lookups_answered_with(&self, code: i64) -> u64 {
         self.lookup_codes.get(&code).copied().unwrap_or(0)
+    }
+
+    pub fn lists_answered_with(&self, code: i64) -> u64 {
+        self.list_codes.get(&code).copied().unwrap_or(0)
+    }
+
+    pub fn audits_answered_with(&self, code: i64) -> u64 {
+        self.audit_codes.get(&code).copied().unwrap_or(0)
     }
 
     /// Lookups refused because of the token (invalid, expired or superseded).
@@ -170,6 +199,13 @@ struct World {
     order_responses: HashMap<String, Value>,
     lookup_faults: VecDeque<Fault>,
     token_faults: VecDeque<Fault>,
+    audit_faults: VecDeque<Fault>,
+    /// Seeded refunds per merchant, in list order.
+    refund_orders: HashMap<String, Vec<Value>>,
+    /// Times of the refund list calls of the last second, all apps together.
+    list_calls_ms: VecDeque<i64>,
+    /// Audits taken: (account_id, order_id, certificate_id) → approved.
+    audits: HashMap<(String, String, String), bool>,
     stats: SandboxStats,
     next_logid: u64,
     busy_counter: u64,
@@ -265,6 +301,58 @@ impl SandboxState {
 
     pub fn push_token_faults(&self, faults: impl IntoIterator<Item = Fault>) {
         self.world.lock().token_faults.extend(faults);
+    }
+
+    /// Faults for the next refund audits. `Delay` and `DropConnection` take
+    /// the audit first and then answer late or break the connection, as a
+    /// Douyin that applied a decision whose answer got lost; any other fault
+    /// replaces the answer and takes nothing.
+    pub fn push_audit_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.world.lock().audit_faults.extend(faults);
+    }
+
+    /// Seeds `count` refunds for merchant `account_id`, listed in order:
+    /// after_sale_id `AS-<account_id>-<index>`, created one minute apart from
+    /// `created_from_s` (Unix seconds), completed 30 s after creation, refund
+    /// status 50 for even indexes and 10 for odd ones.
+    pub fn seed_refund_orders(&self, account_id: &str, count: usize, created_from_s: i64) {
+        let orders = (0..count)
+            .map(|index| {
+                let created = created_from_s + 60 * i64::try_from(index).unwrap_or(0);
+                json!({
+                    "after_sale_id": format!("AS-{account_id}-{index:05}"),
+                    "order_id": format!("O-{account_id}-{index:05}"),
+                    "merchant_account_id": account_id.parse::<i64>().unwrap_or(0),
+                    "status": 1,
+                    "create_time": created,
+                    "update_time": created + 30,
+                    "complete_time": created + 30,
+                    "refund_amount": 100 + index,
+                    "refund_info_list": [{
+                        "refund_id": format!("R-{index:05}"),
+                        "certificate_id": format!("C-{index:05}"),
+                        "refund_status": if index % 2 == 0 { 50 } else { 10 },
+                    }],
+                })
+            })
+            .collect();
+        self.world
+            .lock()
+            .refund_orders
+            .insert(account_id.to_owned(), orders);
+    }
+
+    /// The decision taken for a refund: Some(true) approved, Some(false) rejected.
+    pub fn audited(&self, account_id: &str, order_id: &str, certificate_id: &str) -> Option<bool> {
+        self.world
+            .lock()
+            .audits
+            .get(&(
+                account_id.to_owned(),
+                order_id.to_owned(),
+                certificate_id.to_owned(),
+            ))
+            .copied()
     }
 
     /// From now on, token endpoint calls wait at the returned gate.
@@ -410,6 +498,8 @@ fn router(state: Arc<SandboxState>) -> Router {
             post(stable_client_token),
         )
         .route(AFTER_SALE_PATH, get(after_sale_order_detail))
+        .route(AFTER_SALE_LIST_PATH, get(after_sale_order_list))
+        .route(AFTER_SALE_AUDIT_PATH, post(after_sale_order_audit))
         .with_state(state)
 }
 
@@ -424,10 +514,7 @@ async fn stable_client_token(State(state): State<Arc<SandboxState>>, body: Bytes
 }
 
 async fn token_endpoint(state: &SandboxState, body: &[u8], stable: bool) -> Response {
-    let config = state.config.lock().clone();
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
-    }
+    let config = config_after_latency(state).await;
     let gate = state.token_gate.lock().clone();
     if let Some(gate) = gate {
         gate.pass().await;
@@ -473,10 +560,7 @@ async fn after_sale_order_detail(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let config = state.config.lock().clone();
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
-    }
+    let config = config_after_latency(&state).await;
     let fault = {
         let mut world = state.world.lock();
         world.stats.lookups += 1;
@@ -489,7 +573,9 @@ async fn after_sale_order_detail(
     }
     if let Some(fault) = fault {
         match fault {
-            Fault::ErrorCode(code) => return error_envelope(&state, code, "injected fault"),
+            Fault::ErrorCode(code) => {
+                return error_envelope(&state, Endpoint::Detail, code, "injected fault", 0);
+            }
             Fault::GatewayEnvelope(code) | Fault::CodeInDataOnly(code) => {
                 *state
                     .world
@@ -518,20 +604,23 @@ async fn after_sale_order_detail(
             (n * fraction).floor() > ((n - 1.0) * fraction).floor()
         };
         if busy {
-            return error_envelope(&state, codes::SYSTEM_BUSY, "系统繁忙,请稍候再试");
+            return error_envelope(
+                &state,
+                Endpoint::Detail,
+                codes::SYSTEM_BUSY,
+                "系统繁忙,请稍候再试",
+                0,
+            );
         }
     }
-    let token = headers
-        .get("access-token")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    let token = access_token_header(&headers);
     let now_ms = state.clock.now_unix_ms();
     let verdict = {
         let mut world = state.world.lock();
         rules::admit_lookup(&mut world, token, &query, &config, now_ms)
     };
     match verdict {
-        Err((code, description)) => error_envelope(&state, code, description),
+        Err((code, description)) => error_envelope(&state, Endpoint::Detail, code, description, 0),
         Ok(()) => {
             let order_id = query.get("order_id").cloned().unwrap_or_default();
             let mut world = state.world.lock();
@@ -551,27 +640,160 @@ async fn after_sale_order_detail(
     }
 }
 
+/// The sandbox's rules as they stand, read after the configured latency
+/// (every endpoint answers that much later).
+async fn config_after_latency(state: &SandboxState) -> SandboxConfig {
+    let latency = state.config.lock().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    state.config.lock().clone()
+}
+
+/// The goodlife APIs' `access-token` header, "" when absent.
+fn access_token_header(headers: &HeaderMap) -> &str {
+    headers
+        .get("access-token")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+}
+
 fn next_logid(world: &mut World) -> String {
     world.next_logid += 1;
     format!("SANDBOX{:020}", world.next_logid)
 }
 
+/// The goodlife endpoints, each counting its answers by code in its own stats.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Detail,
+    List,
+    Audit,
+}
+
+fn count_code(world: &mut World, endpoint: Endpoint, code: i64) {
+    let codes = match endpoint {
+        Endpoint::Detail => &mut world.stats.lookup_codes,
+        Endpoint::List => &mut world.stats.list_codes,
+        Endpoint::Audit => &mut world.stats.audit_codes,
+    };
+    *codes.entry(code).or_default() += 1;
+}
+
 /// Douyin's error envelope: HTTP 200, the code in `data` and in `extra`.
-fn error_envelope(state: &SandboxState, code: i64, description: &str) -> Response {
+fn error_envelope(
+    state: &SandboxState,
+    endpoint: Endpoint,
+    code: i64,
+    description: &str,
+    sub_code: i64,
+) -> Response {
     let now_ms = state.clock.now_unix_ms();
     let logid = {
         let mut world = state.world.lock();
-        *world.stats.lookup_codes.entry(code).or_default() += 1;
+        count_code(&mut world, endpoint, code);
         next_logid(&mut world)
     };
     (
         [("x-tt-logid", logid.clone())],
         axum::Json(json!({
-            "extra": {"logid": logid, "now": now_ms, "error_code": code, "description": description, "sub_error_code": 0, "sub_description": ""},
+            "extra": {"logid": logid, "now": now_ms, "error_code": code, "description": description, "sub_error_code": sub_code, "sub_description": ""},
             "data": {"error_code": code, "description": description}
         })),
     )
         .into_response()
+}
+
+/// A success envelope around `data`, with a fresh logid.
+fn success_envelope(state: &SandboxState, endpoint: Endpoint, data: Value) -> Response {
+    let now_ms = state.clock.now_unix_ms();
+    let logid = {
+        let mut world = state.world.lock();
+        count_code(&mut world, endpoint, 0);
+        next_logid(&mut world)
+    };
+    (
+        [("x-tt-logid", logid.clone())],
+        axum::Json(json!({
+            "extra": {"logid": logid, "now": now_ms, "error_code": 0, "description": "", "sub_error_code": 0, "sub_description": ""},
+            "data": data
+        })),
+    )
+        .into_response()
+}
+
+// === refund list and audit endpoints ===
+
+async fn after_sale_order_list(
+    State(state): State<Arc<SandboxState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let config = config_after_latency(&state).await;
+    let token = access_token_header(&headers);
+    let now_ms = state.clock.now_unix_ms();
+    let page = {
+        let mut world = state.world.lock();
+        world.stats.list_calls += 1;
+        world.stats.last_list_query = query.clone().into_iter().collect();
+        rules::list_refunds(&mut world, token, &query, &config, now_ms)
+    };
+    match page {
+        Err((code, description)) => error_envelope(&state, Endpoint::List, code, description, 0),
+        Ok(page) => success_envelope(
+            &state,
+            Endpoint::List,
+            json!({"error_code": 0, "description": "", "has_more": page.has_more, "cursor": page.cursor, "after_sale_order_list": page.items}),
+        ),
+    }
+}
+
+async fn after_sale_order_audit(
+    State(state): State<Arc<SandboxState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let config = config_after_latency(&state).await;
+    let fault = {
+        let mut world = state.world.lock();
+        world.stats.audit_calls += 1;
+        world.audit_faults.pop_front()
+    };
+    // A late or broken answer comes after the audit was taken: the request
+    // reached Douyin, only its answer is lost.
+    let answer_lost = matches!(fault, Some(Fault::Delay(_) | Fault::DropConnection));
+    if let Some(fault) = fault.clone()
+        && !answer_lost
+    {
+        if let Fault::ErrorCode(code) = fault {
+            return error_envelope(&state, Endpoint::Audit, code, "injected fault", 0);
+        }
+        if let Some(response) = fault_response(&state, fault).await {
+            return response;
+        }
+    }
+    let token = access_token_header(&headers);
+    let now_ms = state.clock.now_unix_ms();
+    let verdict = {
+        let mut world = state.world.lock();
+        rules::audit_refund(&mut world, token, &body, &config, now_ms)
+    };
+    let response = match verdict {
+        Err((code, description, sub_code)) => {
+            error_envelope(&state, Endpoint::Audit, code, description, sub_code)
+        }
+        Ok(()) => success_envelope(
+            &state,
+            Endpoint::Audit,
+            json!({"error_code": 0, "description": "", "reentry": false}),
+        ),
+    };
+    match fault {
+        Some(fault @ (Fault::Delay(_) | Fault::DropConnection)) => {
+            fault_response(&state, fault).await.unwrap_or(response)
+        }
+        _ => response,
+    }
 }
 
 /// The answer of a fault that replaces the real answer; None for a delay.

@@ -1,9 +1,11 @@
 //! Douyin's rules as pure functions of the sandbox's world and the time: who
-//! gets a token, which tokens are still valid, which lookups are admitted.
+//! gets a token, which tokens are still valid, which lookups are admitted,
+//! what the refund list pages hold, and which refund audits are taken.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::{IssuedToken, SandboxConfig, World, issue_token};
 use crate::clock::duration_ms;
@@ -116,6 +118,59 @@ pub(super) fn judge_token(
     }
 }
 
+/// The gateway's first check on every goodlife call: the token must be
+/// valid. Returns the app (client_key) that owns it.
+fn check_token(
+    world: &World,
+    token: &str,
+    config: &SandboxConfig,
+    now_ms: i64,
+) -> Result<String, (i64, &'static str)> {
+    match judge_token(world, token, config, now_ms) {
+        TokenVerdict::Valid => Ok(world.token_owner.get(token).cloned().unwrap_or_default()),
+        TokenVerdict::Expired => Err((codes::TOKEN_EXPIRED, "access_token过期,请刷新或重新授权")),
+        TokenVerdict::Unknown | TokenVerdict::Superseded => {
+            Err((codes::TOKEN_INVALID, "access_token无效"))
+        }
+    }
+}
+
+/// Counts a call in a one-second window of at most `qps` calls (0 = no
+/// limit); a full window is Douyin's 2119003.
+fn take_window_slot(
+    window: &mut VecDeque<i64>,
+    qps: usize,
+    now_ms: i64,
+) -> Result<(), (i64, &'static str)> {
+    if qps == 0 {
+        return Ok(());
+    }
+    while window.front().is_some_and(|at| *at <= now_ms - 1000) {
+        window.pop_front();
+    }
+    if window.len() >= qps {
+        return Err((codes::TOO_MANY_REQUESTS, "请求太过频繁,请稍后再试"));
+    }
+    window.push_back(now_ms);
+    Ok(())
+}
+
+fn merchant_authorised(
+    world: &World,
+    account_id: &str,
+    owner: &str,
+) -> Result<(), (i64, &'static str)> {
+    let authorised = world
+        .authorized
+        .get(account_id)
+        .is_some_and(|apps| apps.contains(owner));
+    if authorised {
+        Ok(())
+    } else {
+        Err((codes::MERCHANT_NOT_AUTHORISED, "应用未获商家授权"))
+    }
+}
+
 /// Admits a lookup or answers Douyin's code, in the gateway's order: token,
 /// rate limit, parameters, merchant authorisation.
 pub(super) fn admit_lookup(
@@ -125,46 +180,161 @@ pub(super) fn admit_lookup(
     config: &SandboxConfig,
     now_ms: i64,
 ) -> Result<(), (i64, &'static str)> {
-    match judge_token(world, token, config, now_ms) {
-        TokenVerdict::Valid => {}
-        TokenVerdict::Expired => {
-            return Err((codes::TOKEN_EXPIRED, "access_token过期,请刷新或重新授权"));
-        }
-        TokenVerdict::Unknown | TokenVerdict::Superseded => {
-            return Err((codes::TOKEN_INVALID, "access_token无效"));
-        }
-    }
-    let owner = world.token_owner.get(token).cloned().unwrap_or_default();
-    if config.lookup_qps > 0 {
-        let app = world
-            .apps
-            .get_mut(&owner)
-            .expect("a valid token has an owner");
-        while app
-            .lookups_ms
-            .front()
-            .is_some_and(|at| *at <= now_ms - 1000)
-        {
-            app.lookups_ms.pop_front();
-        }
-        if app.lookups_ms.len() >= config.lookup_qps {
-            world.stats.lookup_window_overruns += 1;
-            return Err((codes::TOO_MANY_REQUESTS, "请求太过频繁,请稍后再试"));
-        }
-        app.lookups_ms.push_back(now_ms);
+    let owner = check_token(world, token, config, now_ms)?;
+    let app = world
+        .apps
+        .get_mut(&owner)
+        .expect("a valid token has an owner");
+    if let Err(refusal) = take_window_slot(&mut app.lookups_ms, config.lookup_qps, now_ms) {
+        world.stats.lookup_window_overruns += 1;
+        return Err(refusal);
     }
     let account_id = query.get("account_id").filter(|value| !value.is_empty());
     let order_id = query.get("order_id").filter(|value| !value.is_empty());
     let (Some(account_id), Some(_)) = (account_id, order_id) else {
         return Err((codes::INVALID_PARAMETER, "参数不合法"));
     };
-    let authorised = world
-        .authorized
-        .get(account_id)
-        .is_some_and(|apps| apps.contains(&owner));
-    if !authorised {
-        return Err((codes::MERCHANT_NOT_AUTHORISED, "应用未获商家授权"));
+    merchant_authorised(world, account_id, &owner)
+}
+
+/// One page of refunds as the list API answers it.
+pub(super) struct RefundPage {
+    pub(super) items: Vec<Value>,
+    pub(super) has_more: bool,
+    pub(super) cursor: String,
+}
+
+/// Answers the refund list, in the gateway's order: token, the
+/// per-developer rate limit (all apps together), parameters (page_size
+/// 1–100, a cursor this sandbox issued, time pairs), merchant authorisation;
+/// then a page of the merchant's seeded refunds, filtered.
+pub(super) fn list_refunds(
+    world: &mut World,
+    token: &str,
+    query: &HashMap<String, String>,
+    config: &SandboxConfig,
+    now_ms: i64,
+) -> Result<RefundPage, (i64, &'static str)> {
+    let owner = check_token(world, token, config, now_ms)?;
+    if let Err(refusal) = take_window_slot(
+        &mut world.list_calls_ms,
+        config.list_qps_per_developer,
+        now_ms,
+    ) {
+        world.stats.list_window_overruns += 1;
+        return Err(refusal);
     }
+    let invalid = (codes::INVALID_PARAMETER, "参数不合法");
+    let number = |name: &str| -> Result<Option<i64>, (i64, &'static str)> {
+        query
+            .get(name)
+            .map(|value| value.parse::<i64>().map_err(|_| invalid))
+            .transpose()
+    };
+    let page_size = number("page_size")?.ok_or(invalid)?;
+    if !(1..=100).contains(&page_size) {
+        return Err(invalid);
+    }
+    let offset: usize = match query.get("cursor").map(String::as_str) {
+        None | Some("" | "0") => 0,
+        Some(cursor) => cursor.parse().map_err(|_| invalid)?,
+    };
+    let pair = |start: &str, end: &str| -> Result<Option<(i64, i64)>, (i64, &'static str)> {
+        match (number(start)?, number(end)?) {
+            (None, None) => Ok(None),
+            (Some(start), Some(end)) => Ok(Some((start, end))),
+            _ => Err(invalid),
+        }
+    };
+    let created = pair("create_order_start_time", "create_order_end_time")?;
+    let refund_done = pair("refund_done_start_time", "refund_done_end_time")?;
+    let refund_status = number("refund_status")?;
+    let account_id = query
+        .get("account_id")
+        .filter(|value| !value.is_empty())
+        .ok_or(invalid)?;
+    merchant_authorised(world, account_id, &owner)?;
+    let within = |item: &Value, field: &str, range: Option<(i64, i64)>| {
+        range.is_none_or(|(start, end)| {
+            item[field]
+                .as_i64()
+                .is_some_and(|value| (start..=end).contains(&value))
+        })
+    };
+    let matching: Vec<&Value> = world
+        .refund_orders
+        .get(account_id)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|item| within(item, "create_time", created))
+        .filter(|item| within(item, "complete_time", refund_done))
+        .filter(|item| {
+            refund_status.is_none_or(|status| {
+                item["refund_info_list"][0]["refund_status"].as_i64() == Some(status)
+            })
+        })
+        .collect();
+    let end = (offset + usize::try_from(page_size).unwrap_or(1)).min(matching.len());
+    let start = offset.min(end);
+    Ok(RefundPage {
+        items: matching[start..end]
+            .iter()
+            .map(|item| (*item).clone())
+            .collect(),
+        has_more: end < matching.len(),
+        cursor: end.to_string(),
+    })
+}
+
+#[derive(Deserialize)]
+struct AuditRequest {
+    account_id: Option<String>,
+    order_id: Option<String>,
+    certificate_id: Option<String>,
+    audit_status: Option<bool>,
+    reject_reason: Option<String>,
+}
+
+/// Decides a refund audit, in the gateway's order: token, parameters,
+/// merchant authorisation, then once per (account, order, certificate).
+/// A rejection without a reason is refused with 2119001 (assumed: Douyin's
+/// sibling audit page, 审核回调, says a rejection without a reason is refused,
+/// without naming the code). A second audit of the same refund, whatever its
+/// decision, is answered 2191005 with sub code 20001 (assumed, see
+/// `codes::REFUND_ALREADY_AUDITED`).
+pub(super) fn audit_refund(
+    world: &mut World,
+    token: &str,
+    body: &[u8],
+    config: &SandboxConfig,
+    now_ms: i64,
+) -> Result<(), (i64, &'static str, i64)> {
+    let without_sub = |(code, description): (i64, &'static str)| (code, description, 0);
+    let owner = check_token(world, token, config, now_ms).map_err(without_sub)?;
+    let invalid = (codes::INVALID_PARAMETER, "参数不合法", 0);
+    let request: AuditRequest = serde_json::from_slice(body).map_err(|_| invalid)?;
+    let (Some(account_id), Some(order_id), Some(certificate_id), Some(approve)) = (
+        request.account_id.filter(|value| !value.is_empty()),
+        request.order_id.filter(|value| !value.is_empty()),
+        request.certificate_id.filter(|value| !value.is_empty()),
+        request.audit_status,
+    ) else {
+        return Err(invalid);
+    };
+    if !approve && request.reject_reason.unwrap_or_default().trim().is_empty() {
+        return Err(invalid);
+    }
+    merchant_authorised(world, &account_id, &owner).map_err(without_sub)?;
+    let key = (account_id, order_id, certificate_id);
+    if world.audits.contains_key(&key) {
+        return Err((
+            codes::REFUND_ALREADY_AUDITED,
+            "逆向交易类错误",
+            codes::REFUND_ALREADY_AUDITED_SUB_CODE,
+        ));
+    }
+    world.audits.insert(key, approve);
     Ok(())
 }
 

@@ -3,12 +3,13 @@
 //! one-owner lock file, the master key check, the embedded migrations, key
 //! rotation, close); each table's queries live in a file of their own behind
 //! one type (`store.apps()`, `store.merchants()`, `store.tokens()`,
-//! `store.clients()`, `store.audit()`). Callers see records and plain
+//! `store.clients()`, `store.audit()`, `store.audit_decisions()`). Callers see records and plain
 //! answers ("was it new", "how many went"), never rows, SQLite types or
 //! SQLite's error codes, so a second backend can sit beside this one.
 
 mod apps;
 mod audit;
+mod audit_decisions;
 mod clients;
 mod merchants;
 mod meta;
@@ -29,6 +30,9 @@ use crate::sealing::{MasterKey, SealError};
 
 pub(crate) use apps::{AppRecord, AppTable};
 pub(crate) use audit::{AuditRecord, AuditTable};
+pub(crate) use audit_decisions::{
+    AuditDecisionTable, DecisionAuthor, DecisionRecord, DecisionState,
+};
 pub(crate) use clients::{ClientRecord, ClientTable};
 pub(crate) use merchants::{MerchantRecord, MerchantTable};
 pub(crate) use tokens::FetchFailure;
@@ -277,6 +281,10 @@ impl Store {
     /// The audit trail.
     pub(crate) fn audit(&self) -> AuditTable<'_> {
         AuditTable { store: self }
+    }
+
+    pub(crate) fn audit_decisions(&self) -> AuditDecisionTable<'_> {
+        AuditDecisionTable { store: self }
     }
 
     /// Makes the config-sourced clients, apps and merchants exactly those

@@ -3,15 +3,15 @@
 
 use std::time::Duration;
 
+use douyin_tokend::proto::douyin::goodlife::v1::AuditAfterSaleOrderRequest;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use douyin_tokend::proto::tokend::v1::*;
 use douyin_tokend::sandbox::DOCUMENTED_ORDER_ID;
 use tonic::Code;
 
-use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, TestApp, after_sale_request};
-
-const OTHER_CLIENT_KEY: &str = "awotherapp0000002";
-const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
+use crate::helpers::{
+    ACCOUNT_ID, CLIENT_KEY, OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY, TestApp, after_sale_request,
+};
 
 async fn create_client(
     app: &TestApp,
@@ -50,14 +50,28 @@ fn by_app(client_key: &str) -> GetAccessTokenRequest {
     }
 }
 
-/// The status code of each RPC family for one key: lookup, hand-out, report, admin.
-async fn codes_for(app: &TestApp, api_key: &str, current_token: &str) -> [Code; 4] {
+/// The status code of each RPC family for one key: lookup, refund decision,
+/// hand-out, report, admin.
+async fn codes_for(app: &TestApp, api_key: &str, current_token: &str) -> [Code; 5] {
     let code = |result: Result<(), tonic::Status>| {
         result.map_or_else(|status| status.code(), |()| Code::Ok)
     };
     let lookup = app
         .after_sale_client_with(api_key)
         .get_after_sale_order_detail(after_sale_request(ACCOUNT_ID, "order-1"))
+        .await;
+    // A rejection of a refund only the sandbox knows of: the first client
+    // allowed to decide gets it applied, the others never reach Douyin.
+    let decision = app
+        .after_sale_client_with(api_key)
+        .audit_after_sale_order(AuditAfterSaleOrderRequest {
+            account_id: ACCOUNT_ID.to_owned(),
+            order_id: "order-1".to_owned(),
+            certificate_id: "certificate-1".to_owned(),
+            audit_status: false,
+            reject_reason: "already used in store".to_owned(),
+            resend_after_unknown_outcome: false,
+        })
         .await;
     let handout = app
         .token_client_with(api_key)
@@ -78,6 +92,7 @@ async fn codes_for(app: &TestApp, api_key: &str, current_token: &str) -> [Code; 
         .await;
     [
         code(lookup.map(drop)),
+        code(decision.map(drop)),
         code(handout.map(drop)),
         code(report.map(drop)),
         code(admin.map(drop)),
@@ -92,10 +107,11 @@ async fn each_scope_opens_exactly_its_own_calls() {
     let token = app.access_token_for(ACCOUNT_ID).await.unwrap().access_token;
     let (ok, denied) = (Code::Ok, Code::PermissionDenied);
     let cases = [
-        ("aftersale.read", [ok, denied, denied, denied]),
-        ("token.read", [denied, ok, denied, denied]),
-        ("token.report", [denied, denied, ok, denied]),
-        ("admin", [denied, denied, denied, ok]),
+        ("aftersale.read", [ok, denied, denied, denied, denied]),
+        ("aftersale.audit", [denied, ok, denied, denied, denied]),
+        ("token.read", [denied, denied, ok, denied, denied]),
+        ("token.report", [denied, denied, denied, ok, denied]),
+        ("admin", [denied, denied, denied, denied, ok]),
     ];
     for (scope, expected) in cases {
         let key = create_client(&app, &format!("only-{scope}"), &[scope], &[], &[]).await;
@@ -107,6 +123,11 @@ async fn each_scope_opens_exactly_its_own_calls() {
         );
     }
     assert!(!token.is_empty());
+    assert_eq!(
+        app.sandbox.state().stats().audit_calls,
+        1,
+        "only the client with aftersale.audit reached Douyin's audit"
+    );
     app.stop().await;
 }
 
@@ -159,14 +180,7 @@ async fn a_missing_or_unknown_key_is_unauthenticated_and_health_needs_none() {
 async fn merchant_and_app_bounds_are_enforced() {
     let app = TestApp::spawn().await;
     app.register_default().await;
-    app.sandbox
-        .state()
-        .add_app(OTHER_CLIENT_KEY, "other-secret");
-    app.sandbox
-        .state()
-        .authorize_merchant(OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY);
-    app.register(OTHER_CLIENT_KEY, "other-secret", OTHER_ACCOUNT_ID)
-        .await;
+    app.register_other_app().await;
     let merchant_bound = create_client(
         &app,
         "shop-a",

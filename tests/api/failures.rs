@@ -66,7 +66,7 @@ async fn every_douyin_code_maps_to_its_grpc_status_with_error_info_and_retries_o
     let goodlife = Fault::ErrorCode;
     let in_data_only = Fault::CodeInDataOnly;
     let gateway = Fault::GatewayEnvelope;
-    let table: [DouyinAnswerRow; 23] = [
+    let table: [DouyinAnswerRow; 24] = [
         (goodlife, 2119001, Code::InvalidArgument, 1),
         (goodlife, 2100005, Code::InvalidArgument, 1),
         (goodlife, 4000001, Code::InvalidArgument, 1),
@@ -81,6 +81,7 @@ async fn every_douyin_code_maps_to_its_grpc_status_with_error_info_and_retries_o
         (goodlife, 3000001, Code::Unavailable, 3),
         (goodlife, 5000001, Code::Unavailable, 3),
         (goodlife, 2119010, Code::Unimplemented, 1),
+        (goodlife, 2191005, Code::FailedPrecondition, 1),
         (goodlife, 4000003, Code::FailedPrecondition, 1),
         (gateway, 28001005, Code::Unavailable, 3),
         (gateway, 28001006, Code::Unavailable, 3),

@@ -29,6 +29,9 @@ use tonic::transport::Channel;
 pub const CLIENT_KEY: &str = "awtestkey00000001";
 pub const CLIENT_SECRET: &str = "test-secret-0001";
 pub const ACCOUNT_ID: &str = "7100000000000000001";
+/// A second app and its merchant, for tests of what apps share or not.
+pub const OTHER_CLIENT_KEY: &str = "awotherapp0000002";
+pub const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
 /// The key of the test's admin client (every scope), configured by hash only.
 pub const ADMIN_API_KEY: &str = "dtk_test_admin_key_00000000000000000000000000000000";
 pub const START_UNIX_MS: i64 = 1_767_225_600_000;
@@ -326,6 +329,19 @@ impl TestApp {
             })
             .await
             .unwrap();
+    }
+
+    /// Makes the second app and its merchant known to the sandbox and
+    /// registers them in the daemon.
+    pub async fn register_other_app(&self) {
+        self.sandbox
+            .state()
+            .add_app(OTHER_CLIENT_KEY, "other-secret");
+        self.sandbox
+            .state()
+            .authorize_merchant(OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY);
+        self.register(OTHER_CLIENT_KEY, "other-secret", OTHER_ACCOUNT_ID)
+            .await;
     }
 
     /// Registers the sandbox's default app and merchant.

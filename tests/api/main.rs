@@ -10,6 +10,7 @@ mod helpers;
 mod access;
 mod admin;
 mod after_sale;
+mod after_sale_list_audit;
 mod check_config;
 mod demo;
 mod failures;

@@ -10,10 +10,7 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{ACCOUNT_ID, TestApp, after_sale_request};
-
-const OTHER_CLIENT_KEY: &str = "awotherapp0000002";
-const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
+use crate::helpers::{ACCOUNT_ID, OTHER_ACCOUNT_ID, TestApp, after_sale_request};
 
 /// On paused tokio time: the daemon's pacing and the sandbox's one-second
 /// window read the same simulated clock, about 2.5 simulated seconds of load
@@ -29,14 +26,7 @@ async fn three_times_the_allowed_rate_never_trips_douyins_limit_and_the_excess_f
     })
     .await;
     app.register_default().await;
-    app.sandbox
-        .state()
-        .add_app(OTHER_CLIENT_KEY, "other-secret");
-    app.sandbox
-        .state()
-        .authorize_merchant(OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY);
-    app.register(OTHER_CLIENT_KEY, "other-secret", OTHER_ACCOUNT_ID)
-        .await;
+    app.register_other_app().await;
     app.access_token_for(ACCOUNT_ID).await.unwrap();
     app.access_token_for(OTHER_ACCOUNT_ID).await.unwrap();
     tokio::time::pause();

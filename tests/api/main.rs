@@ -19,6 +19,7 @@ mod metrics;
 mod request_id;
 mod sealing;
 mod service_lifecycle;
+mod soak;
 mod token_lifecycle;
 mod traffic;
 mod transport;

@@ -7,7 +7,9 @@ impl Bench {
     pub(crate) async fn soak(&self, arguments: &SoakArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         if arguments.simulated {
-            heading("Soak, simulated: ten minutes on a manual clock (the form tests/soak.rs runs)");
+            heading(
+                "Soak, simulated: ten minutes on a manual clock (the form tests/api/soak.rs runs)",
+            );
             let plan = SoakPlan::default();
             let report = soak::run_simulated(&plan).await?;
             print_soak_report(

@@ -20,6 +20,8 @@ use crate::domain::{AccountId, ClientKey};
 pub(crate) enum Scope {
     /// GetAfterSaleOrderDetail.
     AfterSaleRead,
+    /// WatchAfterSaleEvents.
+    AfterSaleEvents,
     /// GetAccessToken.
     TokenRead,
     /// ReportInvalidToken.
@@ -29,8 +31,9 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    pub(crate) const ALL: [Scope; 4] = [
+    pub(crate) const ALL: [Scope; 5] = [
         Self::AfterSaleRead,
+        Self::AfterSaleEvents,
         Self::TokenRead,
         Self::TokenReport,
         Self::Admin,
@@ -39,6 +42,7 @@ impl Scope {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::AfterSaleRead => "aftersale.read",
+            Self::AfterSaleEvents => "aftersale.events",
             Self::TokenRead => "token.read",
             Self::TokenReport => "token.report",
             Self::Admin => "admin",
@@ -49,7 +53,7 @@ impl Scope {
         Self::ALL
             .into_iter()
             .find(|scope| scope.as_str() == text)
-            .ok_or_else(|| format!("unknown scope {text:?}; scopes are aftersale.read, token.read, token.report, admin"))
+            .ok_or_else(|| format!("unknown scope {text:?}; scopes are aftersale.read, aftersale.events, token.read, token.report, admin"))
     }
 }
 
@@ -204,6 +208,15 @@ impl ApiClient {
         account_id: &AccountId,
         client_key: &ClientKey,
     ) -> Result<(), AccessDenied> {
+        self.require_merchant_within_bounds(account_id)?;
+        self.require_app(client_key)
+    }
+
+    /// Whether the merchant is within the client's merchant bounds (its app aside).
+    pub(crate) fn require_merchant_within_bounds(
+        &self,
+        account_id: &AccountId,
+    ) -> Result<(), AccessDenied> {
         if self
             .merchants
             .as_ref()
@@ -214,7 +227,13 @@ impl ApiClient {
                 what: format!("merchant {account_id}"),
             });
         }
-        self.require_app(client_key)
+        Ok(())
+    }
+
+    /// Whether an event of this merchant, for this app, is the client's to
+    /// see: the bounds of `require_merchant`, as a filter on a stream.
+    pub(crate) fn may_see(&self, account_id: &AccountId, client_key: &ClientKey) -> bool {
+        self.require_merchant(account_id, client_key).is_ok()
     }
 
     /// Whether the client may name this app directly. A client bounded to some

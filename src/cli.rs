@@ -124,7 +124,7 @@ pub enum ClientCommand {
     /// Create a client on the daemon and print its key, once.
     Create {
         name: String,
-        /// aftersale.read, token.read, token.report or admin (repeatable).
+        /// aftersale.read, aftersale.events, token.read, token.report or admin (repeatable).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// Only this app, by client_key (repeatable).

@@ -187,10 +187,19 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
         ),
         None => None,
     };
+    let webhook_listener = match config.webhook.listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for the webhook on {address}"))?,
+        ),
+        None => None,
+    };
     let app = App::start(config, clock).await?;
     let served = async {
         let options = ServeOptions {
             metrics_listener,
+            webhook_listener,
             notifier,
             reload_requests: Some(reload_requests),
             config_path,

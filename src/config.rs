@@ -84,7 +84,7 @@ pub struct WebhookConfig {
     #[serde(with = "humane_duration")]
     pub(crate) retention: Duration,
     /// Larger bodies are refused with 400 before they are read whole.
-    pub(crate) max_body_bytes: usize,
+    pub max_body_bytes: usize,
     /// Certificate and key of this listener (Douyin requires an https callback);
     /// absent: plain HTTP, for a terminating proxy in front.
     pub tls: Option<TlsConfig>,

@@ -3,8 +3,10 @@
 //! fetch budget, and the after-sale detail endpoint with per-app QPS, Douyin's
 //! error envelopes and the documented example. Knobs inject latency and faults.
 //! It rejects a superseded or expired token exactly as Douyin would, so a
-//! daemon regression shows up as a failing test.
+//! daemon regression shows up as a failing test. `notifications` pushes
+//! signed refund-request notifications to a daemon's webhook, as Douyin does.
 
+pub mod notifications;
 mod rules;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

@@ -21,3 +21,4 @@ mod service_lifecycle;
 mod token_lifecycle;
 mod traffic;
 mod transport;
+mod webhook;

@@ -131,6 +131,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", cli::run_client_command(&mut client, command).await?);
             Ok(())
         }
+        Command::Events { command, daemon } => {
+            let api_key = cli::api_key(cli.api_key_file.as_ref())?;
+            let address = daemon_address(&cli, daemon)?;
+            let transport = cli::client_transport(&cli)?;
+            let mut stdout = std::io::stdout();
+            cli::tail_events(&address, &transport, &api_key, command, &mut stdout).await
+        }
         Command::Audit { command, daemon } => {
             let mut client = connect_admin(&cli, daemon).await?;
             print!("{}", cli::run_audit_command(&mut client, command).await?);

@@ -484,3 +484,55 @@ async fn a_notification_acknowledged_right_before_sigkill_is_there_after_restart
     assert_eq!(events[0].order_id, "order-acked-then-killed");
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn events_tail_prints_one_json_line_per_event_as_they_come() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let app = app_with_webhook(|_| {}).await;
+    let sender = app.webhook_sender();
+    assert_eq!(
+        send(&sender, "before", ACCOUNT_ID, Signing::Correct).await,
+        200
+    );
+    let mut tail = tokio::process::Command::new(crate::daemon_process::BINARY)
+        .args([
+            "events",
+            "--daemon",
+            &app.address.to_string(),
+            "tail",
+            "--json",
+        ])
+        .env("DOUYIN_TOKEND_API_KEY", crate::helpers::ADMIN_API_KEY)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        let line = tokio::time::timeout(EVENT_PATIENCE, lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("tail still runs");
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let first = next_line().await;
+    assert_eq!(first["msg_id"], "before");
+    assert_eq!(first["sequence"], 1);
+    assert!(first.get("client_key").is_none(), "{first}");
+    assert!(
+        first["app"].as_str().unwrap().starts_with("app:"),
+        "{first}"
+    );
+    assert_eq!(
+        send(&sender, "after", ACCOUNT_ID, Signing::Correct).await,
+        200
+    );
+    let second = next_line().await;
+    assert_eq!(
+        (second["msg_id"].as_str(), second["sequence"].as_i64()),
+        (Some("after"), Some(2))
+    );
+    tail.kill().await.unwrap();
+    app.stop().await;
+}

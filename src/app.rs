@@ -365,23 +365,23 @@ impl App {
                 }
             }));
         }
-        let audit = self.audit.clone();
-        let retention = self.config.audit.retention;
+        // One pruning job for both: the audit trail and the after-sale events
+        // are kept on the same schedule, each for its own retention.
+        let (audit, events) = (self.audit.clone(), self.events.clone());
+        let (audit_retention, event_retention) =
+            (self.config.audit.retention, self.config.webhook.retention);
         jobs.push(ScheduledJob::new(&self.config.audit.prune, move || {
-            let audit = audit.clone();
+            let (audit, events) = (audit.clone(), events.clone());
             async move {
-                if let Err(error) = audit.prune(retention).await {
-                    tracing::error!(%error, "pruning the audit trail failed; will try at the next tick");
-                }
-            }
-        }));
-        let events = self.events.clone();
-        let retention = self.config.webhook.retention;
-        jobs.push(ScheduledJob::new(&self.config.audit.prune, move || {
-            let events = events.clone();
-            async move {
-                if let Err(error) = events.prune(retention).await {
-                    tracing::error!(%error, "pruning after-sale events failed; will try at the next tick");
+                let audit_pruned = audit.prune(audit_retention).await;
+                let events_pruned = events.prune(event_retention).await;
+                for (what, pruned) in [
+                    ("the audit trail", audit_pruned),
+                    ("after-sale events", events_pruned),
+                ] {
+                    if let Err(error) = pruned {
+                        tracing::error!(%error, what, "pruning failed; will try at the next tick");
+                    }
                 }
             }
         }));

@@ -137,6 +137,14 @@ impl DaemonProcess {
             environment,
             patience: PATIENCE,
         };
+        Self::launch(config_path, launch, directory).await
+    }
+
+    async fn launch(
+        config_path: PathBuf,
+        launch: DaemonLaunch,
+        directory: tempfile::TempDir,
+    ) -> Self {
         let process = launch_or_panic(&launch).await;
         Self {
             grpc_address: process.grpc_address,
@@ -164,16 +172,7 @@ impl DaemonProcess {
         drop(process);
         // The notify socket of the killed process is still on disk.
         let _ = std::fs::remove_file(&launch.notify_path);
-        let process = launch_or_panic(&launch).await;
-        Self {
-            grpc_address: process.grpc_address,
-            metrics_address: process.metrics_address,
-            webhook_address: process.webhook_address,
-            process,
-            config_path,
-            launch,
-            _directory,
-        }
+        Self::launch(config_path, launch, _directory).await
     }
 
     /// The next datagram on the notify socket, within [`PATIENCE`].

@@ -63,9 +63,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".douyin.goodlife.v1.AuditAfterSaleOrderResponse.extra",
             OBJECT_ONLY,
         )
-        // tokend.v1 messages carry tokens, secrets and client keys: their Debug
-        // is written by hand in src/proto.rs and shows no field values.
-        .skip_debug([".tokend.v1"])
+        // A refund-request notification's content must be a JSON object, not an array.
+        .field_attribute(
+            ".douyin.goodlife.v1.AfterSaleEvent.apply_reason",
+            "#[serde(deserialize_with = \"crate::proto::json_object_only\")]",
+        )
+        // tokend.v1 messages carry tokens, secrets and client keys, and an
+        // AfterSaleEvent its app's client_key: their Debug is written by hand
+        // in src/proto.rs and shows no field values.
+        .skip_debug([".tokend.v1", ".douyin.goodlife.v1.AfterSaleEvent"])
         .compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -22,6 +22,8 @@ pub(crate) enum Scope {
     AfterSaleRead,
     /// AuditAfterSaleOrder: approving or rejecting refunds, a write.
     AfterSaleAudit,
+    /// WatchAfterSaleEvents.
+    AfterSaleEvents,
     /// GetAccessToken.
     TokenRead,
     /// ReportInvalidToken.
@@ -31,9 +33,10 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    pub(crate) const ALL: [Scope; 5] = [
+    pub(crate) const ALL: [Scope; 6] = [
         Self::AfterSaleRead,
         Self::AfterSaleAudit,
+        Self::AfterSaleEvents,
         Self::TokenRead,
         Self::TokenReport,
         Self::Admin,
@@ -43,6 +46,7 @@ impl Scope {
         match self {
             Self::AfterSaleRead => "aftersale.read",
             Self::AfterSaleAudit => "aftersale.audit",
+            Self::AfterSaleEvents => "aftersale.events",
             Self::TokenRead => "token.read",
             Self::TokenReport => "token.report",
             Self::Admin => "admin",
@@ -211,6 +215,15 @@ impl ApiClient {
         account_id: &AccountId,
         client_key: &ClientKey,
     ) -> Result<(), AccessDenied> {
+        self.require_merchant_within_bounds(account_id)?;
+        self.require_app(client_key)
+    }
+
+    /// Whether the merchant is within the client's merchant bounds (its app aside).
+    pub(crate) fn require_merchant_within_bounds(
+        &self,
+        account_id: &AccountId,
+    ) -> Result<(), AccessDenied> {
         if self
             .merchants
             .as_ref()
@@ -221,7 +234,13 @@ impl ApiClient {
                 what: format!("merchant {account_id}"),
             });
         }
-        self.require_app(client_key)
+        Ok(())
+    }
+
+    /// Whether an event of this merchant, for this app, is the client's to
+    /// see: the bounds of `require_merchant`, as a filter on a stream.
+    pub(crate) fn may_see(&self, account_id: &AccountId, client_key: &ClientKey) -> bool {
+        self.require_merchant(account_id, client_key).is_ok()
     }
 
     /// Whether the client may name this app directly. A client bounded to some

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::after_sale_events::AfterSaleEvents;
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, Declarations};
@@ -30,7 +31,8 @@ use crate::schedule::{ScheduledJob, Schedules};
 use crate::store::{MasterKeyOutcome, Store};
 use crate::systemd_notify::{self, SystemdNotifier, WatchdogFeed};
 use crate::token::TokenManager;
-use crate::transport::{Listener, server_tls};
+use crate::transport::{Listener, server_tls, webhook_tls};
+use crate::webhook::{self, WebhookReceiver};
 
 /// How long the components get to stop after the gRPC server drained.
 const COMPONENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,6 +42,8 @@ const COMPONENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ServeOptions {
     /// Serves Prometheus metrics; the caller binds it from `metrics_listen`.
     pub metrics_listener: Option<TcpListener>,
+    /// Receives Douyin's notifications; the caller binds it from `webhook.listen`.
+    pub webhook_listener: Option<TcpListener>,
     /// systemd's notify socket: READY, RELOADING, STOPPING and the watchdog.
     pub notifier: SystemdNotifier,
     /// Each item asks to re-read apps and merchants from `config_path` (SIGHUP).
@@ -57,6 +61,8 @@ pub struct App {
     pub(crate) registry: Registry,
     pub lookup: LookupService,
     pub audit: AuditLog,
+    /// The refund-request notifications the webhook stored.
+    pub events: AfterSaleEvents,
     /// Handles to the metric families, as the recording modules hold them.
     pub(crate) metrics: Metrics,
     /// This daemon's metrics and scrape-time readings, served on `metrics_listen`.
@@ -89,6 +95,9 @@ impl App {
         let douyin = DouyinClient::new(&config.douyin, metrics.clone())
             .context("cannot build the HTTP client")?;
         let audit = AuditLog::start(store.clone(), clock.clone());
+        let events = AfterSaleEvents::start(store.clone(), clock.clone())
+            .await
+            .context("cannot start the after-sale event log")?;
         let tasks = TaskTracker::new();
         let tokens = TokenManager::load(
             store.clone(),
@@ -123,6 +132,7 @@ impl App {
             registry,
             lookup,
             audit,
+            events,
             metrics,
             metrics_registry: Arc::new(metrics_registry),
         })
@@ -159,12 +169,20 @@ impl App {
     ) -> anyhow::Result<()> {
         let ServeOptions {
             metrics_listener,
+            webhook_listener,
             notifier,
             reload_requests,
             config_path,
         } = options;
         let listener = listener.into();
         let tls = self.config.tls.as_ref().map(server_tls).transpose()?;
+        let webhook_tls = self
+            .config
+            .webhook
+            .tls
+            .as_ref()
+            .map(webhook_tls)
+            .transpose()?;
         let grpc_address = listener.describe();
         let sweeping = self.config.refresh.sweep.is_some();
         let schedule = Schedules::start(self.scheduled_jobs())
@@ -208,6 +226,29 @@ impl App {
                 )
                 .map(|served| served.context("cannot serve metrics")),
             );
+        }
+        if let Some(webhook_listener) = webhook_listener {
+            let webhook_address = webhook_listener.local_addr()?;
+            let scheme = if webhook_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let path = self.config.webhook.path.clone();
+            status.push_str(&format!(", webhook on {scheme}://{webhook_address}{path}"));
+            let tokens = self.tokens.clone();
+            let receiver = WebhookReceiver::new(
+                self.events.clone(),
+                Arc::new(move |client_key| tokens.app_secret(client_key)),
+                self.metrics.clone(),
+                self.config.webhook.max_body_bytes,
+            );
+            let stopping = stopping.clone();
+            components.spawn("webhook listener", async move {
+                webhook::serve(webhook_listener, webhook_tls, &path, receiver, stopping)
+                    .await
+                    .context("cannot serve the webhook")
+            });
         }
         if let Some(timeout) = notifier.watchdog_timeout() {
             let feed = if sweeping {
@@ -256,6 +297,8 @@ impl App {
             clock: self.clock.clone(),
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
+            events: self.events.clone(),
+            stopping: stopping.clone(),
         };
         let mut grpc = std::pin::pin!(grpc::serve(
             dependencies,
@@ -311,7 +354,8 @@ impl App {
         }
     }
 
-    /// The periodic jobs: the refresh sweep (unless "off") and audit pruning.
+    /// The periodic jobs: the refresh sweep (unless "off"), and pruning of the
+    /// audit trail and of after-sale events on the same schedule.
     fn scheduled_jobs(&self) -> Vec<ScheduledJob> {
         let mut jobs = Vec::new();
         if let Some(sweep) = &self.config.refresh.sweep {
@@ -323,13 +367,23 @@ impl App {
                 }
             }));
         }
-        let audit = self.audit.clone();
-        let retention = self.config.audit.retention;
+        // One pruning job for both: the audit trail and the after-sale events
+        // are kept on the same schedule, each for its own retention.
+        let (audit, events) = (self.audit.clone(), self.events.clone());
+        let (audit_retention, event_retention) =
+            (self.config.audit.retention, self.config.webhook.retention);
         jobs.push(ScheduledJob::new(&self.config.audit.prune, move || {
-            let audit = audit.clone();
+            let (audit, events) = (audit.clone(), events.clone());
             async move {
-                if let Err(error) = audit.prune(retention).await {
-                    tracing::error!(%error, "pruning the audit trail failed; will try at the next tick");
+                let audit_pruned = audit.prune(audit_retention).await;
+                let events_pruned = events.prune(event_retention).await;
+                for (what, pruned) in [
+                    ("the audit trail", audit_pruned),
+                    ("after-sale events", events_pruned),
+                ] {
+                    if let Err(error) = pruned {
+                        tracing::error!(%error, what, "pruning failed; will try at the next tick");
+                    }
                 }
             }
         }));
@@ -388,7 +442,7 @@ impl App {
     /// Waits (up to `COMPONENT_STOP_TIMEOUT`) for the work still running on
     /// its own tasks (a sweep, token fetches, lookup flights) so a token
     /// fetched during shutdown is still stored, then writes the last audit
-    /// lines and closes the database. Call after `serve` returned.
+    /// lines, ends the event writer and closes the database. Call after `serve` returned.
     pub async fn close(&self) {
         self.tasks.close();
         if tokio::time::timeout(COMPONENT_STOP_TIMEOUT, self.tasks.wait())
@@ -401,6 +455,7 @@ impl App {
             );
         }
         self.audit.stop().await;
+        self.events.stop().await;
         self.store.close().await;
     }
 }
@@ -466,20 +521,22 @@ pub fn check_watchdog_feed(
     Ok(())
 }
 
-/// Proves the `[tls]` files (certificates and key parse, the key belongs to
+/// Proves the `[tls]` and `[webhook.tls]` files (certificates and key parse, the key belongs to
 /// the certificate, the client CA parses), naming the config key when one
 /// cannot serve: check-config and serve reject the same files, before
 /// anything is created on disk.
 pub fn check_tls_files(config: &Config) -> Result<(), ConfigError> {
-    match &config.tls {
-        Some(tls) => server_tls(tls)
-            .map(drop)
-            .map_err(|error| ConfigError::Invalid {
-                key: error.key.to_owned(),
-                message: error.message,
-            }),
-        None => Ok(()),
+    let refused = |error: crate::transport::TlsFileError| ConfigError::Invalid {
+        key: error.key,
+        message: error.message,
+    };
+    if let Some(tls) = &config.tls {
+        server_tls(tls).map_err(refused)?;
     }
+    if let Some(tls) = &config.webhook.tls {
+        webhook_tls(tls).map_err(refused)?;
+    }
+    Ok(())
 }
 
 /// The config's apps with their secrets read (from `$CREDENTIALS_DIRECTORY`

@@ -117,6 +117,31 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonAddress,
     },
+    /// Follow the refund-request notifications a running daemon's webhook
+    /// stored (needs a key with the aftersale.events scope).
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print stored events after a sequence, then new ones as they arrive,
+    /// until interrupted.
+    Tail {
+        /// Start after this sequence (0: from the oldest kept).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Only this merchant, by account_id (repeatable).
+        #[arg(long = "merchant")]
+        merchants: Vec<String>,
+        /// One JSON object per line (the app as its fingerprint, no raw body).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,7 +149,7 @@ pub enum ClientCommand {
     /// Create a client on the daemon and print its key, once.
     Create {
         name: String,
-        /// aftersale.read, aftersale.audit, token.read, token.report or admin (repeatable).
+        /// aftersale.read, aftersale.audit, aftersale.events, token.read, token.report or admin (repeatable).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// Only this app, by client_key (repeatable).
@@ -642,4 +667,100 @@ pub async fn run_audit_command(
         ));
     }
     Ok(out)
+}
+
+/// `events tail`: streams the daemon's after-sale events to `out`, one line
+/// each, flushed as they come, until the stream ends (an error naming the
+/// sequence to resume after) or the process is interrupted. The app shows as
+/// its fingerprint: the client key stays out of terminals and log files.
+pub async fn tail_events(
+    address: &str,
+    transport: &crate::transport::ClientTransport,
+    api_key: &str,
+    command: &EventsCommand,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    use crate::proto::douyin::goodlife::v1::WatchAfterSaleEventsRequest;
+    use crate::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
+
+    let EventsCommand::Tail {
+        after,
+        merchants,
+        json,
+    } = command;
+    let channel = crate::transport::connect(address, transport).await?;
+    let mut client = AfterSaleServiceClient::with_interceptor(channel, BearerAuth::new(api_key)?);
+    let mut stream = client
+        .watch_after_sale_events(WatchAfterSaleEventsRequest {
+            after_sequence: *after,
+            account_ids: merchants.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut last_sequence = *after;
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return Ok(()),
+            Err(status) => {
+                return Err(status_error(status).context(format!(
+                    "the event stream ended after sequence {last_sequence}"
+                )));
+            }
+        };
+        last_sequence = event.sequence;
+        let line = if *json {
+            event_json_line(&event)?
+        } else {
+            event_text_line(&event)
+        };
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+}
+
+/// The app of an event as `app:<fingerprint>`.
+fn event_app(event: &crate::proto::douyin::goodlife::v1::AfterSaleEvent) -> String {
+    crate::domain::ClientKey::parse(&event.client_key)
+        .map_or_else(|_| "app:?".to_owned(), |key| key.to_string())
+}
+
+fn event_json_line(
+    event: &crate::proto::douyin::goodlife::v1::AfterSaleEvent,
+) -> anyhow::Result<String> {
+    let mut value = serde_json::to_value(event)?;
+    if let Some(object) = value.as_object_mut() {
+        object.remove("client_key");
+        object.remove("raw_json");
+        object.insert(
+            "app".to_owned(),
+            serde_json::Value::String(event_app(event)),
+        );
+    }
+    Ok(value.to_string())
+}
+
+fn event_text_line(event: &crate::proto::douyin::goodlife::v1::AfterSaleEvent) -> String {
+    let reasons = event
+        .apply_reason
+        .as_ref()
+        .map(|reason| format!("{:?}", reason.code))
+        .unwrap_or_else(|| "[]".to_owned());
+    format!(
+        "#{} {} merchant {} order {} certificate {} refund {} reasons {} {} msg {}",
+        event.sequence,
+        format_unix_ms(event.received_at_unix_ms),
+        event.account_id,
+        event.order_id,
+        if event.certificate_id.is_empty() {
+            "-"
+        } else {
+            &event.certificate_id
+        },
+        event.refund_amount,
+        reasons,
+        event_app(event),
+        event.msg_id
+    )
 }

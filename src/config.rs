@@ -67,6 +67,52 @@ pub struct Config {
     pub clients: Vec<ClientEntry>,
     /// Where Prometheus scrapes `/metrics`; absent (the default) turns metrics off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Douyin's refund-request notifications (抖音码退款申请通知); off by default.
+    pub webhook: WebhookConfig,
+}
+
+/// The webhook receiver of Douyin's refund-request notifications.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// `host:port` (e.g. `0.0.0.0:8443`); absent (the default) turns the receiver off.
+    #[serde(deserialize_with = "tcp_address")]
+    pub listen: Option<SocketAddr>,
+    /// The URL path Douyin posts to; the console's callback URL ends with it.
+    pub path: String,
+    /// How long stored notifications are kept (pruned on `audit.prune`'s schedule).
+    #[serde(with = "humane_duration")]
+    pub(crate) retention: Duration,
+    /// Larger bodies are refused with 400 before they are read whole.
+    pub max_body_bytes: usize,
+    /// Certificate and key of this listener (Douyin requires an https callback);
+    /// absent: plain HTTP, for a terminating proxy in front.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            path: "/douyin/webhook".to_owned(),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            max_body_bytes: 64 * 1024,
+            tls: None,
+        }
+    }
+}
+
+/// `webhook.listen`: `host:port` as `listen` takes it, but never a Unix socket.
+fn tcp_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    match String::deserialize(deserializer)?.parse::<ListenAddress>() {
+        Ok(ListenAddress::Tcp(address)) => Ok(Some(address)),
+        Ok(ListenAddress::Unix(_)) => Err(serde::de::Error::custom(
+            "Douyin reaches the webhook over TCP: give host:port, like 0.0.0.0:8443",
+        )),
+        Err(message) => Err(serde::de::Error::custom(message)),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -280,6 +326,27 @@ pub struct TlsConfig {
     pub client_ca_file: Option<PathBuf>,
 }
 
+impl TlsConfig {
+    /// Each named file is a readable file; `table` is the key it sits under.
+    fn check_files_exist(&self, table: &str) -> Result<(), ConfigError> {
+        for (name, file) in [
+            ("cert_file", Some(&self.cert_file)),
+            ("key_file", Some(&self.key_file)),
+            ("client_ca_file", self.client_ca_file.as_ref()),
+        ] {
+            if let Some(file) = file
+                && !file.is_file()
+            {
+                return Err(ConfigError::invalid(
+                    format!("{table}.{name}"),
+                    format!("{} is not a readable file", file.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How long the audit trail is kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -308,7 +375,7 @@ pub struct ClientEntry {
     pub(crate) name: String,
     /// `douyin-tokend client new-key` prints a key and this hash.
     pub(crate) key_sha256: KeyHash,
-    /// Any of "aftersale.read", "aftersale.audit", "token.read", "token.report", "admin".
+    /// Any of "aftersale.read", "aftersale.audit", "aftersale.events", "token.read", "token.report", "admin".
     pub(crate) scopes: BTreeSet<Scope>,
     /// Only these apps (client_key), when given.
     pub(crate) apps: Option<BTreeSet<ClientKey>>,
@@ -436,6 +503,7 @@ impl Default for Config {
             merchants: Vec::new(),
             clients: Vec::new(),
             metrics_listen: None,
+            webhook: WebhookConfig::default(),
         }
     }
 }
@@ -609,21 +677,9 @@ impl Config {
             ));
         }
         if let Some(tls) = &self.tls {
-            for (key, file) in [
-                ("tls.cert_file", Some(&tls.cert_file)),
-                ("tls.key_file", Some(&tls.key_file)),
-                ("tls.client_ca_file", tls.client_ca_file.as_ref()),
-            ] {
-                if let Some(file) = file
-                    && !file.is_file()
-                {
-                    return Err(ConfigError::invalid(
-                        key,
-                        format!("{} is not a readable file", file.display()),
-                    ));
-                }
-            }
+            tls.check_files_exist("tls")?;
         }
+        self.validate_webhook()?;
         if refresh.budget == 0 || refresh.budget_reserve >= refresh.budget {
             return Err(ConfigError::invalid(
                 "refresh.budget_reserve",
@@ -690,6 +746,60 @@ impl Config {
                     "names no app declared under [[apps]]",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `[webhook]`: a path Douyin can post to, a listener of its own, a sane
+    /// body bound, TLS files that exist (proven whole by `app::check_tls_files`).
+    fn validate_webhook(&self) -> Result<(), ConfigError> {
+        let webhook = &self.webhook;
+        let path_is_plain = webhook.path.starts_with('/')
+            && webhook
+                .path
+                .bytes()
+                .all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'?' | b'#' | b'%'));
+        if !path_is_plain {
+            return Err(ConfigError::invalid(
+                "webhook.path",
+                "must start with '/' and hold printable ASCII without '?', '#' or '%', like /douyin/webhook",
+            ));
+        }
+        if webhook.retention.is_zero() {
+            return Err(ConfigError::invalid(
+                "webhook.retention",
+                "must be above zero",
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&webhook.max_body_bytes) {
+            return Err(ConfigError::invalid(
+                "webhook.max_body_bytes",
+                "must be between 1024 and 16777216 (a notification is well under 4 KiB)",
+            ));
+        }
+        if let Some(listen) = webhook.listen
+            && listen.port() != 0
+        {
+            let grpc_port = match &self.listen {
+                ListenAddress::Tcp(address) => Some(address.port()),
+                ListenAddress::Unix(_) => None,
+            };
+            let metrics_port = self.metrics_listen.map(|address| address.port());
+            if grpc_port == Some(listen.port()) || metrics_port == Some(listen.port()) {
+                return Err(ConfigError::invalid(
+                    "webhook.listen",
+                    "needs a port of its own (listen and metrics_listen use this one)",
+                ));
+            }
+        }
+        if let Some(tls) = &webhook.tls {
+            if tls.client_ca_file.is_some() {
+                return Err(ConfigError::invalid(
+                    "webhook.tls.client_ca_file",
+                    "Douyin presents no client certificate; leave it out",
+                ));
+            }
+            tls.check_files_exist("webhook.tls")?;
         }
         Ok(())
     }
@@ -1085,6 +1195,61 @@ mod tests {
         for (text, key) in cases {
             let error = Config::from_toml_str(text).unwrap_err();
             assert!(error.starts_with(key), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_webhook_is_off_by_default_and_its_settings_are_checked() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config.webhook.listen, None);
+        assert_eq!(config.webhook.path, "/douyin/webhook");
+        assert_eq!(
+            config.webhook.retention,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert_eq!(config.webhook.max_body_bytes, 64 * 1024);
+        let on = Config::from_toml_str(
+            "[webhook]\nlisten = \"127.0.0.1:8443\"\npath = \"/hooks/douyin\"\nretention = \"7d\"",
+        )
+        .unwrap();
+        on.validate().unwrap();
+        assert_eq!(on.webhook.listen.unwrap().port(), 8443);
+        let parse_errors = [
+            ("[webhook]\nlisten = \"unix:/run/x.sock\"", "webhook.listen"),
+            ("[webhook]\nlisten = \"nowhere\"", "webhook.listen"),
+            ("[webhook]\nretention = \"soon\"", "webhook.retention"),
+            ("[webhook]\nsecret = \"x\"", "webhook"),
+        ];
+        for (text, key) in parse_errors {
+            let error = Config::from_toml_str(text).unwrap_err();
+            assert!(error.starts_with(key), "{text}: {error}");
+        }
+        let invalid = [
+            ("[webhook]\npath = \"douyin\"", "webhook.path"),
+            ("[webhook]\npath = \"/a b\"", "webhook.path"),
+            ("[webhook]\npath = \"/a?b=1\"", "webhook.path"),
+            ("[webhook]\nretention = \"0s\"", "webhook.retention"),
+            ("[webhook]\nmax_body_bytes = 10", "webhook.max_body_bytes"),
+            (
+                "listen = \"127.0.0.1:7000\"\n[webhook]\nlisten = \"0.0.0.0:7000\"",
+                "webhook.listen",
+            ),
+            (
+                "metrics_listen = \"127.0.0.1:9100\"\n[webhook]\nlisten = \"127.0.0.1:9100\"",
+                "webhook.listen",
+            ),
+            (
+                "[webhook]\nlisten = \"127.0.0.1:8443\"\ntls = { cert_file = \"/nonexistent/cert.pem\", key_file = \"/nonexistent/key.pem\" }",
+                "webhook.tls.cert_file",
+            ),
+            (
+                "[webhook]\ntls = { cert_file = \"Cargo.toml\", key_file = \"Cargo.toml\", client_ca_file = \"Cargo.toml\" }",
+                "webhook.tls.client_ca_file",
+            ),
+        ];
+        for (text, key) in invalid {
+            let error = Config::from_toml_str(text).unwrap().validate().unwrap_err();
+            assert!(error.to_string().starts_with(key), "{text}: {error}");
         }
     }
 

@@ -8,6 +8,8 @@
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and the RPC span.
 //! - [`grpc`]: tonic services and the one failure → `Status` mapping.
 //! - [`lookup`]: the after-sale use case (token, upstream, refresh-and-retry once).
+//! - [`webhook`], [`after_sale_events`]: Douyin's refund-request notifications,
+//!   verified, stored durably, streamed to watchers.
 //! - `registry`: apps and merchants, in SQLite and in memory.
 //! - [`token`]: token lifecycle: policy, single-flight fetches, the sweep, the scheduler.
 //! - [`store`]: the only SQL.
@@ -20,6 +22,7 @@
 //! the rest is `pub(crate)`, so the compiler reports what nothing uses.
 
 pub mod access;
+pub mod after_sale_events;
 pub mod app;
 pub mod audit;
 pub mod bench;
@@ -44,3 +47,4 @@ pub mod systemd_notify;
 pub mod telemetry;
 pub mod token;
 pub mod transport;
+pub mod webhook;

@@ -131,6 +131,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", cli::run_client_command(&mut client, command).await?);
             Ok(())
         }
+        Command::Events { command, daemon } => {
+            let api_key = cli::api_key(cli.api_key_file.as_ref())?;
+            let address = daemon_address(&cli, daemon)?;
+            let transport = cli::client_transport(&cli)?;
+            let mut stdout = std::io::stdout();
+            cli::tail_events(&address, &transport, &api_key, command, &mut stdout).await
+        }
         Command::Audit { command, daemon } => {
             let mut client = connect_admin(&cli, daemon).await?;
             print!("{}", cli::run_audit_command(&mut client, command).await?);
@@ -187,10 +194,19 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
         ),
         None => None,
     };
+    let webhook_listener = match config.webhook.listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for the webhook on {address}"))?,
+        ),
+        None => None,
+    };
     let app = App::start(config, clock).await?;
     let served = async {
         let options = ServeOptions {
             metrics_listener,
+            webhook_listener,
             notifier,
             reload_requests: Some(reload_requests),
             config_path,

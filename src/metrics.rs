@@ -106,6 +106,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -129,6 +134,7 @@ pub struct Metrics {
     lookup_duration: HistogramFamily<GrpcCodeLabel>,
     lookup_queue_depth: Gauge,
     unauthenticated_calls: Family<ReasonLabel, Counter>,
+    webhook_notifications: Family<OutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -145,6 +151,7 @@ impl Metrics {
             lookup_duration: Family::new_with_constructor(latency_histogram),
             lookup_queue_depth: Gauge::default(),
             unauthenticated_calls: Family::default(),
+            webhook_notifications: Family::default(),
         }
     }
 
@@ -199,6 +206,11 @@ impl Metrics {
             "unauthenticated_calls",
             "Calls refused before any handler for a missing or unknown API key, by reason",
             metrics.unauthenticated_calls.clone(),
+        );
+        registry.register(
+            "webhook_notifications",
+            "Requests to the webhook by outcome (stored, duplicate, url_check, other_event, malformed, too_large, slow_body, missing_msg_id, missing_signature, unknown_app, bad_signature, busy, store_failed)",
+            metrics.webhook_notifications.clone(),
         );
         metrics
     }
@@ -267,6 +279,16 @@ impl Metrics {
         self.unauthenticated_calls
             .get_or_create(&ReasonLabel {
                 reason: reason_label,
+            })
+            .inc();
+    }
+
+    /// One request to the webhook ended with `outcome_label` (the webhook's
+    /// `NotificationOutcome::metric_label`).
+    pub(crate) fn record_webhook_notification(&self, outcome_label: &'static str) {
+        self.webhook_notifications
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome_label,
             })
             .inc();
     }

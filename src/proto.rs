@@ -1,5 +1,6 @@
 //! The generated gRPC code, quarantined here, plus hand-written `Debug` for the
-//! `tokend.v1` messages, which carry tokens, secrets and client keys.
+//! `tokend.v1` messages, which carry tokens, secrets and client keys, and for
+//! `AfterSaleEvent`, which carries its app's client key.
 
 #![allow(clippy::all, clippy::pedantic)]
 
@@ -100,4 +101,5 @@ mod opaque_debug_impls {
         ListAuditResponse,
         AuditEntry,
     );
+    opaque_debug!(super::douyin::goodlife::v1::AfterSaleEvent);
 }

@@ -93,6 +93,38 @@ pub(crate) fn record_logid(logid: &str) {
     }
 }
 
+/// Lets one log line through per `interval` for something a remote sender can
+/// repeat at will (a refused API key, a badly signed webhook), counting the
+/// lines held back, so a scanner cannot flood the journal.
+pub(crate) struct LogThrottle {
+    interval: std::time::Duration,
+    last_logged: parking_lot::Mutex<Option<tokio::time::Instant>>,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    pub(crate) fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval,
+            last_logged: parking_lot::Mutex::new(None),
+            unlogged: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be logged now.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let mut last_logged = self.last_logged.lock();
+        let now = tokio::time::Instant::now();
+        if last_logged.is_some_and(|at| now.duration_since(at) < self.interval) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last_logged = Some(now);
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// Printable ASCII without spaces, bounded: safe to log and to index.
 fn is_usable_request_id(id: &str) -> bool {
     !id.is_empty()

@@ -85,15 +85,30 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
 pub struct TlsFileError {
-    pub key: &'static str,
+    pub key: String,
     pub message: String,
 }
 
-fn tls_error(key: &'static str, message: impl Into<String>) -> TlsFileError {
+/// `table` is where the TLS settings sit in the config (`tls`, `webhook.tls`).
+fn tls_error(table: &str, name: &str, message: impl Into<String>) -> TlsFileError {
     TlsFileError {
-        key,
+        key: if name.is_empty() {
+            table.to_owned()
+        } else {
+            format!("{table}.{name}")
+        },
         message: message.into(),
     }
+}
+
+fn read_tls_file(table: &str, name: &str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    std::fs::read(path).map_err(|error| {
+        tls_error(
+            table,
+            name,
+            format!("cannot read {}: {error}", path.display()),
+        )
+    })
 }
 
 /// The server side of `[tls]`, with its files proven: the certificate chain
@@ -101,23 +116,20 @@ fn tls_error(key: &'static str, message: impl Into<String>) -> TlsFileError {
 /// any) parses. tonic would only find out when the server starts, after
 /// systemd already heard READY=1.
 pub(crate) fn server_tls(config: &TlsConfig) -> Result<ServerTlsConfig, TlsFileError> {
-    let read = |key: &'static str, path: &Path| {
-        std::fs::read(path)
-            .map_err(|error| tls_error(key, format!("cannot read {}: {error}", path.display())))
-    };
-    let certificate_pem = read("tls.cert_file", &config.cert_file)?;
-    let key_pem = read("tls.key_file", &config.key_file)?;
-    prove_identity(&certificate_pem, &key_pem, config)?;
+    let certificate_pem = read_tls_file("tls", "cert_file", &config.cert_file)?;
+    let key_pem = read_tls_file("tls", "key_file", &config.key_file)?;
+    prove_identity(&certificate_pem, &key_pem, config, "tls")?;
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(certificate_pem, key_pem));
     if let Some(client_ca) = &config.client_ca_file {
-        let client_ca_pem = read("tls.client_ca_file", client_ca)?;
+        let client_ca_pem = read_tls_file("tls", "client_ca_file", client_ca)?;
         let roots = parse_certificates(&client_ca_pem, client_ca)
-            .map_err(|message| tls_error("tls.client_ca_file", message))?;
+            .map_err(|message| tls_error("tls", "client_ca_file", message))?;
         let mut store = rustls::RootCertStore::empty();
         for root in roots {
             store.add(root).map_err(|error| {
                 tls_error(
-                    "tls.client_ca_file",
+                    "tls",
+                    "client_ca_file",
                     format!(
                         "{}: a certificate is not a usable CA: {error}",
                         client_ca.display()
@@ -130,20 +142,35 @@ pub(crate) fn server_tls(config: &TlsConfig) -> Result<ServerTlsConfig, TlsFileE
     Ok(tls)
 }
 
-/// Builds the rustls server config tonic will build, to see it succeed.
+/// The TLS of the webhook listener (`[webhook.tls]`; no client certificates:
+/// Douyin presents none), its files proven like `[tls]`'s, for HTTP/1.1.
+pub(crate) fn webhook_tls(config: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, TlsFileError> {
+    let certificate_pem = read_tls_file("webhook.tls", "cert_file", &config.cert_file)?;
+    let key_pem = read_tls_file("webhook.tls", "key_file", &config.key_file)?;
+    let mut server_config = prove_identity(&certificate_pem, &key_pem, config, "webhook.tls")?;
+    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+        server_config,
+    )))
+}
+
+/// Builds the rustls server config of these files (as tonic will for
+/// `[tls]`), to see it succeed; `table` names the settings in errors.
 fn prove_identity(
     certificate_pem: &[u8],
     key_pem: &[u8],
     config: &TlsConfig,
-) -> Result<(), TlsFileError> {
+    table: &str,
+) -> Result<rustls::ServerConfig, TlsFileError> {
     use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject;
 
     let chain = parse_certificates(certificate_pem, &config.cert_file)
-        .map_err(|message| tls_error("tls.cert_file", message))?;
+        .map_err(|message| tls_error(table, "cert_file", message))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| {
         tls_error(
-            "tls.key_file",
+            table,
+            "key_file",
             format!(
                 "{} holds no usable PEM private key: {error}",
                 config.key_file.display()
@@ -153,20 +180,20 @@ fn prove_identity(
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| tls_error("tls", format!("the TLS provider offers no protocol version: {error}")))?
+        .map_err(|error| tls_error(table, "", format!("the TLS provider offers no protocol version: {error}")))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|error| {
             tls_error(
-                "tls.key_file",
+                table,
+                "key_file",
                 format!(
                     "{} and {} do not make a TLS identity (does the key belong to the certificate?): {error}",
                     config.cert_file.display(),
                     config.key_file.display()
                 ),
             )
-        })?;
-    Ok(())
+        })
 }
 
 /// Every certificate in a PEM file; none at all is an error.

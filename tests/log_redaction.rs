@@ -11,8 +11,13 @@ mod helpers;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use douyin_tokend::proto::douyin::goodlife::v1::WatchAfterSaleEventsRequest;
 use douyin_tokend::proto::tokend::v1::*;
+use douyin_tokend::sandbox::notifications::{RefundRequestContent, Signing};
 use douyin_tokend::sandbox::{DOCUMENTED_ORDER_ID, Fault};
+
+/// The order id of the notifications sent: no log line may quote a body.
+const BODY_MARKER: &str = "order-body-never-logged";
 
 use helpers::{ACCOUNT_ID, CLIENT_KEY, CLIENT_SECRET, TestApp};
 
@@ -47,7 +52,10 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
     let mut visible = String::new();
 
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(|config, _| {
+        config.webhook.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
     // A bad secret first (failure path), then the right one.
     app.register(CLIENT_KEY, "wrong-secret-value", ACCOUNT_ID)
         .await;
@@ -152,6 +160,30 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
             .map(|entry| (&entry.app, &entry.reason))
             .collect::<Vec<_>>()
     ));
+    // The webhook: a forged notification (refused, logged), a valid one,
+    // and the event as a watcher gets it.
+    let sender = app.webhook_sender();
+    let content = RefundRequestContent::example(ACCOUNT_ID, BODY_MARKER);
+    for (msg_id, signing, expected) in [
+        ("forged", Signing::WrongSecret, 401),
+        ("valid", Signing::Correct, 200),
+    ] {
+        let status = sender
+            .send_refund_request(CLIENT_KEY, CLIENT_SECRET, msg_id, &content, signing)
+            .await
+            .unwrap();
+        assert_eq!(status, expected);
+    }
+    let mut events = app
+        .after_sale_client()
+        .watch_after_sale_events(WatchAfterSaleEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let event = events.message().await.unwrap().unwrap();
+    assert_eq!(event.client_key, CLIENT_KEY, "the contract carries it");
+    visible.push_str(&format!("{event:?}"));
+    drop(events);
     let master_key = std::fs::read_to_string(app.config.master_key_path(None)).unwrap();
     app.stop().await;
 
@@ -163,6 +195,14 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
     assert!(
         logged.contains("Douyin rejected"),
         "the failure paths ran: {logged}"
+    );
+    assert!(
+        logged.contains("refused a webhook request") && logged.contains("bad_signature"),
+        "the forged notification was logged: {logged}"
+    );
+    assert!(
+        !logged.contains(BODY_MARKER),
+        "a notification body reached the log:\n{logged}"
     );
     let everything = format!("{logged}\n{visible}");
     for secret in [

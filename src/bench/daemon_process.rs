@@ -40,6 +40,8 @@ pub struct DaemonProcess {
     pub grpc_address: SocketAddr,
     /// Where metrics are served, when the config asked for them.
     pub metrics_address: Option<SocketAddr>,
+    /// Where the webhook listens, when the config turned it on (plain HTTP or TLS).
+    pub webhook_address: Option<SocketAddr>,
     pub(crate) log_path: PathBuf,
 }
 
@@ -113,6 +115,8 @@ impl DaemonProcess {
             notify_socket,
             grpc_address,
             metrics_address: address_after(status, "metrics on http://"),
+            webhook_address: address_after(status, "webhook on http://")
+                .or_else(|| address_after(status, "webhook on https://")),
             log_path,
         })
     }
@@ -183,7 +187,11 @@ mod tests {
 
     #[test]
     fn addresses_are_read_from_the_ready_status() {
-        let status = "serving gRPC on 127.0.0.1:4321, metrics on http://127.0.0.1:9100/metrics";
+        let status = "serving gRPC on 127.0.0.1:4321, metrics on http://127.0.0.1:9100/metrics, webhook on https://127.0.0.1:8443/douyin/webhook";
+        assert_eq!(
+            address_after(status, "webhook on https://"),
+            Some("127.0.0.1:8443".parse().unwrap())
+        );
         assert_eq!(
             address_after(status, "serving gRPC on "),
             Some("127.0.0.1:4321".parse().unwrap())

@@ -35,7 +35,7 @@ impl Fleet {
         format!("awbench{app:09}")
     }
 
-    pub(crate) fn client_secret(&self, app: usize) -> String {
+    pub fn client_secret(&self, app: usize) -> String {
         format!("bench-secret-{app}")
     }
 

@@ -26,7 +26,7 @@ pub fn bench_client() -> ClientEntry {
 /// The same entry as config file text, for a spawned daemon.
 pub fn bench_client_toml() -> String {
     format!(
-        "[[clients]]\nname = \"bench\"\nkey_sha256 = \"{}\"\nscopes = [\"admin\", \"aftersale.read\", \"token.read\", \"token.report\"]\n",
+        "[[clients]]\nname = \"bench\"\nkey_sha256 = \"{}\"\nscopes = [\"admin\", \"aftersale.read\", \"aftersale.events\", \"token.read\", \"token.report\"]\n",
         KeyHash::of_key(BENCH_API_KEY).to_hex()
     )
 }

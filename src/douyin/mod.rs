@@ -176,7 +176,7 @@ impl DouyinClient {
 
 /// reqwest is built without a default crypto provider (ring builds faster than
 /// aws-lc); install ring once per process before the first client is built.
-fn install_tls_provider() {
+pub(crate) fn install_tls_provider() {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
         // An error means another provider is already installed, which is as good.

@@ -18,6 +18,7 @@ use crate::proto::douyin::goodlife::v1::after_sale_service_server::AfterSaleServ
 use crate::proto::douyin::goodlife::v1::{
     AuditAfterSaleOrderRequest, AuditAfterSaleOrderResponse, Extra, GetAfterSaleOrderDetailRequest,
     GetAfterSaleOrderDetailResponse, ListAfterSaleOrdersRequest, ListAfterSaleOrdersResponse,
+    WatchAfterSaleEventsRequest,
 };
 use crate::registry::Registry;
 use crate::telemetry;
@@ -26,10 +27,22 @@ pub(crate) struct AfterSaleGrpc {
     pub(crate) lookup: LookupService,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
+    pub(crate) events: crate::after_sale_events::AfterSaleEvents,
+    /// Cancelled at shutdown: event streams end then, not at the grace's end.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 #[tonic::async_trait]
 impl AfterSaleService for AfterSaleGrpc {
+    type WatchAfterSaleEventsStream = super::after_sale_events::AfterSaleEventStream;
+
+    async fn watch_after_sale_events(
+        &self,
+        request: Request<WatchAfterSaleEventsRequest>,
+    ) -> Result<Response<Self::WatchAfterSaleEventsStream>, Status> {
+        super::after_sale_events::watch(&self.events, &self.stopping, request)
+    }
+
     async fn get_after_sale_order_detail(
         &self,
         request: Request<GetAfterSaleOrderDetailRequest>,

@@ -5,6 +5,7 @@
 
 mod admin;
 mod after_sale;
+mod after_sale_events;
 pub(crate) mod health;
 mod request_id;
 pub(crate) mod status;
@@ -41,6 +42,9 @@ pub(crate) struct GrpcDependencies {
     pub(crate) clock: SharedClock,
     pub(crate) audit: AuditLog,
     pub(crate) metrics: Metrics,
+    pub(crate) events: crate::after_sale_events::AfterSaleEvents,
+    /// Cancelled when shutdown starts (streams end then).
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The authenticated caller, put in each request's extensions by the interceptor.
@@ -84,25 +88,21 @@ fn authenticate_with(
 /// Logs refused API keys at most once per `REFUSAL_LOG_INTERVAL`, with the
 /// peer's address and how many refusals the quiet time held, never the
 /// presented key: a scanner must not be able to flood the journal.
-#[derive(Default)]
-struct RefusalLog {
-    last_logged: parking_lot::Mutex<Option<Instant>>,
-    unlogged: std::sync::atomic::AtomicU64,
+struct RefusalLog(crate::telemetry::LogThrottle);
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        Self(crate::telemetry::LogThrottle::new(REFUSAL_LOG_INTERVAL))
+    }
 }
 
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl RefusalLog {
     fn note(&self, reason: &'static str, peer: Option<std::net::SocketAddr>) {
-        use std::sync::atomic::Ordering;
-        let mut last_logged = self.last_logged.lock();
-        let now = Instant::now();
-        if last_logged.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_INTERVAL) {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
+        let Some(unlogged_before) = self.0.admit() else {
             return;
-        }
-        *last_logged = Some(now);
-        let unlogged_before = self.unlogged.swap(0, Ordering::Relaxed);
+        };
         let peer = peer.map_or_else(|| "a Unix socket peer".to_owned(), |peer| peer.to_string());
         tracing::warn!(
             reason,
@@ -169,6 +169,8 @@ pub(crate) async fn serve(
                 lookup: dependencies.lookup.clone(),
                 registry: dependencies.registry.clone(),
                 metrics: dependencies.metrics.clone(),
+                events: dependencies.events.clone(),
+                stopping: dependencies.stopping.clone(),
             },
             authenticate.clone(),
         ))

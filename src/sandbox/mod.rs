@@ -5,8 +5,10 @@
 //! paging over seeded refunds and the per-developer QPS, and the refund audit,
 //! taken once per refund. Knobs inject latency and faults.
 //! It rejects a superseded or expired token exactly as Douyin would, so a
-//! daemon regression shows up as a failing test.
+//! daemon regression shows up as a failing test. `notifications` pushes
+//! signed refund-request notifications to a daemon's webhook, as Douyin does.
 
+pub mod notifications;
 mod rules;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

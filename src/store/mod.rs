@@ -3,10 +3,11 @@
 //! one-owner lock file, the master key check, the embedded migrations, key
 //! rotation, close); each table's queries live in a file of their own behind
 //! one type (`store.apps()`, `store.merchants()`, `store.tokens()`,
-//! `store.clients()`, `store.audit()`, `store.audit_decisions()`). Callers see records and plain
+//! `store.clients()`, `store.audit()`, `store.audit_decisions()`, `store.after_sale_events()`). Callers see records and plain
 //! answers ("was it new", "how many went"), never rows, SQLite types or
 //! SQLite's error codes, so a second backend can sit beside this one.
 
+mod after_sale_events;
 mod apps;
 mod audit;
 mod audit_decisions;
@@ -28,6 +29,9 @@ use sqlx::{SqliteConnection, SqlitePool};
 use crate::domain::{AccountId, ClientKey, ClientSecret};
 use crate::sealing::{MasterKey, SealError};
 
+pub(crate) use after_sale_events::{
+    AfterSaleEventRecord, AfterSaleEventTable, AfterSaleEventWriter, StoredAfterSaleEvent,
+};
 pub(crate) use apps::{AppRecord, AppTable};
 pub(crate) use audit::{AuditRecord, AuditTable};
 pub(crate) use audit_decisions::{
@@ -285,6 +289,11 @@ impl Store {
 
     pub(crate) fn audit_decisions(&self) -> AuditDecisionTable<'_> {
         AuditDecisionTable { store: self }
+    }
+
+    /// The refund-request notifications the webhook stored.
+    pub(crate) fn after_sale_events(&self) -> AfterSaleEventTable<'_> {
+        AfterSaleEventTable { store: self }
     }
 
     /// Makes the config-sourced clients, apps and merchants exactly those

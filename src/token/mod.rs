@@ -986,6 +986,14 @@ impl TokenManager {
         }
     }
 
+    /// The secret of a registered app, for checking the signature of a
+    /// notification Douyin pushed for it (the webhook).
+    pub(crate) fn app_secret(&self, client_key: &ClientKey) -> Option<ClientSecret> {
+        let apps = self.inner.apps.read();
+        let slot = apps.get(client_key)?;
+        Some(slot.state.lock().secret.clone())
+    }
+
     pub(crate) fn app_removed(&self, client_key: &ClientKey) {
         let mut apps = self.inner.apps.write();
         if let Some(slot) = apps.remove(client_key) {

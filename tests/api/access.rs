@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use douyin_tokend::proto::douyin::goodlife::v1::AuditAfterSaleOrderRequest;
+use douyin_tokend::proto::douyin::goodlife::v1::WatchAfterSaleEventsRequest;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use douyin_tokend::proto::tokend::v1::*;
 use douyin_tokend::sandbox::DOCUMENTED_ORDER_ID;
@@ -51,8 +52,8 @@ fn by_app(client_key: &str) -> GetAccessTokenRequest {
 }
 
 /// The status code of each RPC family for one key: lookup, refund decision,
-/// hand-out, report, admin.
-async fn codes_for(app: &TestApp, api_key: &str, current_token: &str) -> [Code; 5] {
+/// hand-out, report, admin, event watch.
+async fn codes_for(app: &TestApp, api_key: &str, current_token: &str) -> [Code; 6] {
     let code = |result: Result<(), tonic::Status>| {
         result.map_or_else(|status| status.code(), |()| Code::Ok)
     };
@@ -90,12 +91,17 @@ async fn codes_for(app: &TestApp, api_key: &str, current_token: &str) -> [Code; 
         .admin_client_with(api_key)
         .list_apps(ListAppsRequest {})
         .await;
+    let watch = app
+        .after_sale_client_with(api_key)
+        .watch_after_sale_events(WatchAfterSaleEventsRequest::default())
+        .await;
     [
         code(lookup.map(drop)),
         code(decision.map(drop)),
         code(handout.map(drop)),
         code(report.map(drop)),
         code(admin.map(drop)),
+        code(watch.map(drop)),
     ]
 }
 
@@ -107,11 +113,12 @@ async fn each_scope_opens_exactly_its_own_calls() {
     let token = app.access_token_for(ACCOUNT_ID).await.unwrap().access_token;
     let (ok, denied) = (Code::Ok, Code::PermissionDenied);
     let cases = [
-        ("aftersale.read", [ok, denied, denied, denied, denied]),
-        ("aftersale.audit", [denied, ok, denied, denied, denied]),
-        ("token.read", [denied, denied, ok, denied, denied]),
-        ("token.report", [denied, denied, denied, ok, denied]),
-        ("admin", [denied, denied, denied, denied, ok]),
+        ("aftersale.read", [ok, denied, denied, denied, denied, denied]),
+        ("aftersale.audit", [denied, ok, denied, denied, denied, denied]),
+        ("token.read", [denied, denied, ok, denied, denied, denied]),
+        ("token.report", [denied, denied, denied, ok, denied, denied]),
+        ("admin", [denied, denied, denied, denied, ok, denied]),
+        ("aftersale.events", [denied, denied, denied, denied, denied, ok]),
     ];
     for (scope, expected) in cases {
         let key = create_client(&app, &format!("only-{scope}"), &[scope], &[], &[]).await;

@@ -75,7 +75,7 @@ pub fn admin_key() -> douyin_tokend::cli::BearerAuth {
 /// default app and these merchants of it.
 pub fn app_and_merchants(account_ids: &[&str]) -> String {
     let mut text = format!(
-        "[[clients]]\nname = \"test-admin\"\nkey_sha256 = \"{}\"\nscopes = [\"admin\", \"aftersale.read\", \"token.read\", \"token.report\"]\n\
+        "[[clients]]\nname = \"test-admin\"\nkey_sha256 = \"{}\"\nscopes = [\"admin\", \"aftersale.read\", \"aftersale.events\", \"token.read\", \"token.report\"]\n\
          [[apps]]\nclient_key = \"{CLIENT_KEY}\"\nclient_secret_env = \"{SECRET_VARIABLE}\"\n",
         douyin_tokend::access::KeyHash::of_key(ADMIN_API_KEY).to_hex()
     );
@@ -91,7 +91,10 @@ pub struct DaemonProcess {
     process: douyin_tokend::bench::daemon_process::DaemonProcess,
     pub grpc_address: SocketAddr,
     pub metrics_address: Option<SocketAddr>,
+    pub webhook_address: Option<SocketAddr>,
     pub config_path: PathBuf,
+    /// How it was started, to start it again on the same database.
+    launch: DaemonLaunch,
     _directory: tempfile::TempDir,
 }
 
@@ -134,21 +137,42 @@ impl DaemonProcess {
             environment,
             patience: PATIENCE,
         };
-        let process =
-            match douyin_tokend::bench::daemon_process::DaemonProcess::start(&launch).await {
-                Ok(process) => process,
-                Err(error) => panic!(
-                    "{error:#}\n{}",
-                    std::fs::read_to_string(&launch.log_path).unwrap_or_default()
-                ),
-            };
+        Self::launch(config_path, launch, directory).await
+    }
+
+    async fn launch(
+        config_path: PathBuf,
+        launch: DaemonLaunch,
+        directory: tempfile::TempDir,
+    ) -> Self {
+        let process = launch_or_panic(&launch).await;
         Self {
             grpc_address: process.grpc_address,
             metrics_address: process.metrics_address,
+            webhook_address: process.webhook_address,
             process,
             config_path,
+            launch,
             _directory: directory,
         }
+    }
+
+    /// SIGKILL (no shutdown at all), then the same binary, config and database
+    /// again, up to READY=1. Ports are new (the config asks for port 0).
+    pub async fn restart_after_sigkill(mut self) -> Self {
+        self.send_signal("KILL");
+        self.exit_within(PATIENCE).await;
+        let Self {
+            process,
+            config_path,
+            launch,
+            _directory,
+            ..
+        } = self;
+        drop(process);
+        // The notify socket of the killed process is still on disk.
+        let _ = std::fs::remove_file(&launch.notify_path);
+        Self::launch(config_path, launch, _directory).await
     }
 
     /// The next datagram on the notify socket, within [`PATIENCE`].
@@ -216,6 +240,18 @@ impl DaemonProcess {
             format!("{preamble}{config_head}\n{config_body}"),
         )
         .unwrap();
+    }
+}
+
+async fn launch_or_panic(
+    launch: &DaemonLaunch,
+) -> douyin_tokend::bench::daemon_process::DaemonProcess {
+    match douyin_tokend::bench::daemon_process::DaemonProcess::start(launch).await {
+        Ok(process) => process,
+        Err(error) => panic!(
+            "{error:#}\n{}",
+            std::fs::read_to_string(&launch.log_path).unwrap_or_default()
+        ),
     }
 }
 

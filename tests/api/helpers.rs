@@ -96,6 +96,8 @@ pub struct TestApp {
     pub config: Config,
     /// Where `/metrics` is served, when the config asked for `metrics_listen`.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Where the webhook listens, when the config asked for `webhook.listen`.
+    pub webhook_address: Option<std::net::SocketAddr>,
     channel: Channel,
     /// Where the daemon listens (plain TCP on loopback).
     pub address: std::net::SocketAddr,
@@ -204,8 +206,17 @@ impl TestApp {
         let metrics_address = metrics_listener
             .as_ref()
             .map(|listener| listener.local_addr().unwrap());
+        // Likewise for the webhook.
+        let webhook_listener = match config.webhook.listen {
+            Some(_) => Some(TcpListener::bind(("127.0.0.1", 0)).await.unwrap()),
+            None => None,
+        };
+        let webhook_address = webhook_listener
+            .as_ref()
+            .map(|listener| listener.local_addr().unwrap());
         let options = ServeOptions {
             metrics_listener,
+            webhook_listener,
             ..ServeOptions::default()
         };
         let server =
@@ -220,6 +231,7 @@ impl TestApp {
             app,
             config,
             metrics_address,
+            webhook_address,
             channel,
             address,
             stop,
@@ -273,6 +285,15 @@ impl TestApp {
     /// The connection to the daemon every client helper shares (no API key).
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// Posts notifications to this daemon's webhook (the config must turn it on).
+    pub fn webhook_sender(&self) -> douyin_tokend::sandbox::notifications::NotificationSender {
+        let address = self.webhook_address.expect("the webhook is on");
+        douyin_tokend::sandbox::notifications::NotificationSender::new(format!(
+            "http://{address}{}",
+            self.config.webhook.path
+        ))
     }
 
     /// Clients authenticated as the test's admin (every scope).

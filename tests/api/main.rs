@@ -23,3 +23,4 @@ mod soak;
 mod token_lifecycle;
 mod traffic;
 mod transport;
+mod webhook;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::helpers::{self, ACCOUNT_ID, CLIENT_KEY, TestApp};
 
 /// GET /metrics over plain HTTP/1.1; returns the body.
-async fn scrape(app: &TestApp) -> String {
+pub(crate) async fn scrape(app: &TestApp) -> String {
     let address = app.metrics_address.expect("metrics are on");
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream

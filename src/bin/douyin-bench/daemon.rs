@@ -13,6 +13,8 @@ pub(crate) struct DaemonSettings {
     /// Extra `[lookup]` lines.
     pub(crate) lookup: String,
     pub(crate) log_filter: String,
+    /// More tables, written after everything else (e.g. `[webhook]`).
+    pub(crate) extra_tables: String,
 }
 
 impl Default for DaemonSettings {
@@ -22,6 +24,7 @@ impl Default for DaemonSettings {
             refresh: String::new(),
             lookup: String::new(),
             log_filter: "info,tokio_cron_scheduler=warn,sqlx=warn".to_owned(),
+            extra_tables: String::new(),
         }
     }
 }
@@ -46,12 +49,13 @@ impl SpawnedDaemon {
         let config = format!(
             "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nshutdown_grace = \"1s\"\n\n\
              [douyin]\nbase_url = \"{sandbox_url}\"\n\n\
-             [refresh]\nsweep = \"{}\"\n{}\n\n[lookup]\n{}\n\n{}",
+             [refresh]\nsweep = \"{}\"\n{}\n\n[lookup]\n{}\n\n{}\n{}",
             database.display(),
             settings.sweep,
             settings.refresh,
             settings.lookup,
             douyin_tokend::bench::bench_client_toml(),
+            settings.extra_tables,
         );
         std::fs::write(&config_path, config)?;
         let notify_path = directory.join("bench-daemon.notify");

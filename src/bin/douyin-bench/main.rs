@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! cargo build --release --bins
-//! target/release/douyin-bench overhead|throughput|tokens|scale|soak|all
+//! target/release/douyin-bench overhead|throughput|tokens|scale|soak|webhook|all
 //! ```
 
 use std::collections::BTreeMap;
@@ -44,10 +44,12 @@ mod overhead;
 mod scale;
 mod soak_scenario;
 mod throughput;
+mod webhook;
 
 use daemon::*;
 use overhead::*;
 use scale::*;
+use webhook::WebhookArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,6 +81,9 @@ enum Scenario {
     /// 5. Short tokens, steady load, faults and invalidations for minutes;
     ///    token errors, 2119003, fetches against the minimum, memory over time.
     Soak(SoakArgs),
+    /// 6. Refund-request notifications: accepted per second (each stored
+    ///    before its 200) and webhook → watcher latency at a fixed rate.
+    Webhook(WebhookArgs),
     /// Every scenario with its default (short) settings, one after another.
     All,
 }
@@ -239,11 +244,13 @@ fn main() -> anyhow::Result<()> {
             Scenario::Tokens(arguments) => bench.tokens(&arguments).await,
             Scenario::Scale(arguments) => bench.scale(&arguments).await,
             Scenario::Soak(arguments) => bench.soak(&arguments).await,
+            Scenario::Webhook(arguments) => bench.webhook(&arguments).await,
             Scenario::All => {
                 bench.overhead(&OverheadArgs::default()).await?;
                 bench.throughput(&ThroughputArgs::default()).await?;
                 bench.tokens(&TokensArgs::default()).await?;
                 bench.scale(&ScaleArgs::default()).await?;
+                bench.webhook(&WebhookArgs::default()).await?;
                 bench.soak(&SoakArgs::default()).await
             }
         }

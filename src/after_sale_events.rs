@@ -1,0 +1,319 @@
+//! The durable log of refund-request notifications: one writer task commits
+//! the webhook's inserts in groups (each caller answered only after the
+//! commit that holds its event), publishes the latest committed sequence, and
+//! serves watchers that replay from the store and then follow that sequence,
+//! re-reading the store, so a slow watcher never misses or repeats an event.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::domain::{AccountId, ClientKey};
+use crate::proto::douyin::goodlife::v1::AfterSaleEvent;
+use crate::store::{
+    AfterSaleEventRecord, AfterSaleEventWriter, Store, StoreError, StoredAfterSaleEvent,
+};
+use crate::webhook::notification;
+
+/// Most events committed in one transaction; more wait for the next one.
+const MAX_GROUP: usize = 512;
+/// Inserts waiting for the writer; the webhook's own concurrency bound keeps
+/// it from filling, and a full queue makes senders wait, never fail.
+const QUEUE_CAPACITY: usize = 4096;
+/// Events a watcher reads from the store at a time.
+const WATCH_PAGE: i64 = 256;
+
+/// A verified notification to store.
+#[derive(Debug, Clone)]
+pub(crate) struct NewAfterSaleEvent {
+    pub(crate) client_key: ClientKey,
+    pub(crate) msg_id: String,
+    pub(crate) event: String,
+    pub(crate) account_id: AccountId,
+    pub(crate) raw_json: String,
+}
+
+/// What storing a notification did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Appended {
+    /// Committed under this sequence.
+    Stored { sequence: i64 },
+    /// Its app already has an event with this Msg-Id: nothing new stored.
+    Duplicate,
+}
+
+/// The group holding the event could not be committed (logged by the writer).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the after-sale event could not be stored")]
+pub(crate) struct AppendFailed;
+
+/// Why a watch ended while the caller was still listening.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WatchEnded {
+    #[error("the daemon is shutting down; resume with after_sequence = {last_sequence}")]
+    ShuttingDown { last_sequence: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+enum WriterCommand {
+    Append(
+        AfterSaleEventRecord,
+        oneshot::Sender<Result<Appended, AppendFailed>>,
+    ),
+    /// Finish the group in hand, close the connection, answer, end.
+    Stop(oneshot::Sender<()>),
+}
+
+/// The event log. Cheap to clone; clones share the writer.
+#[derive(Clone)]
+pub struct AfterSaleEvents {
+    sender: mpsc::Sender<WriterCommand>,
+    committed: watch::Receiver<i64>,
+    store: Store,
+    clock: SharedClock,
+}
+
+impl AfterSaleEvents {
+    /// Opens the writer's connection and starts the writer task.
+    pub(crate) async fn start(store: Store, clock: SharedClock) -> Result<Self, StoreError> {
+        let latest = store.after_sale_events().latest_sequence().await?;
+        let writer = store.after_sale_events().open_writer().await?;
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let (committed_sender, committed) = watch::channel(latest);
+        tokio::spawn(write_in_groups(writer, receiver, committed_sender));
+        Ok(Self {
+            sender,
+            committed,
+            store,
+            clock,
+        })
+    }
+
+    /// Stores a verified notification; returns once it is committed (or known
+    /// to be a repeat). Dropping the future does not cancel the insert.
+    pub(crate) async fn append(&self, event: NewAfterSaleEvent) -> Result<Appended, AppendFailed> {
+        let record = AfterSaleEventRecord {
+            client_key: event.client_key.expose().to_owned(),
+            msg_id: event.msg_id,
+            event: event.event,
+            account_id: event.account_id.as_str().to_owned(),
+            received_at_ms: self.clock.now_unix_ms(),
+            raw_json: event.raw_json,
+        };
+        let (answer, answered) = oneshot::channel();
+        self.sender
+            .send(WriterCommand::Append(record, answer))
+            .await
+            .map_err(|_| AppendFailed)?;
+        answered.await.map_err(|_| AppendFailed)?
+    }
+
+    /// Writes the group in hand and ends the writer; watchers see the end.
+    /// Call before the store closes.
+    pub(crate) async fn stop(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.sender.send(WriterCommand::Stop(done)).await.is_ok() {
+            let _ = stopped.await;
+        }
+    }
+
+    /// Deletes events older than `retention`. The scheduler triggers this; tests call it.
+    pub async fn prune(&self, retention: Duration) -> Result<u64, StoreError> {
+        let cutoff = self.clock.now_unix_ms() - crate::clock::duration_ms(retention);
+        let pruned = self.store.after_sale_events().prune(cutoff).await?;
+        if pruned > 0 {
+            tracing::info!(pruned, "after-sale events past retention removed");
+        }
+        Ok(pruned)
+    }
+
+    /// The events after `after_sequence` that `visible` lets through, stored
+    /// ones first and then new ones as they are committed, in sequence order,
+    /// until the caller drops the stream, `stopping` is cancelled or the
+    /// writer ends. The stream reads the store a page at a time, as fast as
+    /// its consumer takes events: nothing queues up for a slow watcher, and
+    /// it cannot lag behind a channel and lose events.
+    pub(crate) fn watch(
+        &self,
+        after_sequence: i64,
+        visible: impl Fn(&AfterSaleEvent) -> bool + Send + Sync + 'static,
+        stopping: CancellationToken,
+    ) -> BoxStream<'static, Result<AfterSaleEvent, WatchEnded>> {
+        let watcher = Watcher {
+            store: self.store.clone(),
+            committed: self.committed.clone(),
+            cursor: after_sequence,
+            ready: VecDeque::new(),
+            visible: Box::new(visible),
+            stopping,
+            ended: false,
+        };
+        stream::unfold(watcher, |mut watcher| async move {
+            let next = watcher.next().await?;
+            Some((next, watcher))
+        })
+        .boxed()
+    }
+}
+
+struct Watcher {
+    store: Store,
+    committed: watch::Receiver<i64>,
+    /// Every event up to here was delivered or filtered out.
+    cursor: i64,
+    ready: VecDeque<AfterSaleEvent>,
+    visible: Box<dyn Fn(&AfterSaleEvent) -> bool + Send + Sync>,
+    stopping: CancellationToken,
+    ended: bool,
+}
+
+impl Watcher {
+    async fn next(&mut self) -> Option<Result<AfterSaleEvent, WatchEnded>> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            if let Some(event) = self.ready.pop_front() {
+                return Some(Ok(event));
+            }
+            if self.stopping.is_cancelled() {
+                return Some(Err(self.end_for_shutdown()));
+            }
+            // Marked seen before reading, so a commit after this read wakes
+            // `changed` below: no commit falls between reading and waiting.
+            let latest = *self.committed.borrow_and_update();
+            if latest > self.cursor {
+                if let Err(error) = self.read_page(latest).await {
+                    self.ended = true;
+                    return Some(Err(error.into()));
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = self.committed.changed() => {
+                    if changed.is_err() {
+                        return Some(Err(self.end_for_shutdown()));
+                    }
+                }
+                () = self.stopping.cancelled() => {}
+            }
+        }
+    }
+
+    /// Reads the next page after the cursor; an empty page (the events were
+    /// pruned meanwhile) moves the cursor to `latest` so the loop cannot spin.
+    async fn read_page(&mut self, latest: i64) -> Result<(), StoreError> {
+        let page = self
+            .store
+            .after_sale_events()
+            .list_after(self.cursor, WATCH_PAGE)
+            .await?;
+        if page.is_empty() {
+            self.cursor = latest;
+        }
+        for stored in page {
+            self.cursor = stored.sequence;
+            let event = event_from_stored(stored)?;
+            if (self.visible)(&event) {
+                self.ready.push_back(event);
+            }
+        }
+        Ok(())
+    }
+
+    fn end_for_shutdown(&mut self) -> WatchEnded {
+        self.ended = true;
+        WatchEnded::ShuttingDown {
+            last_sequence: self.cursor,
+        }
+    }
+}
+
+/// A stored notification as the stream carries it: the envelope's fields, the
+/// content decoded again from the body (the one copy kept), the raw body.
+fn event_from_stored(stored: StoredAfterSaleEvent) -> Result<AfterSaleEvent, StoreError> {
+    let corrupt = |error: notification::Malformed| {
+        StoreError::Corrupt(format!(
+            "after-sale event {} does not decode: {error}",
+            stored.sequence
+        ))
+    };
+    let envelope =
+        notification::read_envelope(stored.record.raw_json.as_bytes()).map_err(corrupt)?;
+    let content = notification::decode_refund_request(&envelope.content).map_err(corrupt)?;
+    let record = stored.record;
+    Ok(AfterSaleEvent {
+        sequence: stored.sequence,
+        msg_id: record.msg_id,
+        event: record.event,
+        client_key: record.client_key,
+        received_at_unix_ms: record.received_at_ms,
+        raw_json: record.raw_json,
+        ..content
+    })
+}
+
+/// The writer: takes every insert waiting (up to `MAX_GROUP`), commits them in
+/// one transaction, answers each, publishes the new latest sequence. Inserts
+/// arriving during a commit form the next group, so a burst costs one fsync
+/// per group, not one per notification, with no added wait when it is quiet.
+async fn write_in_groups(
+    mut writer: AfterSaleEventWriter,
+    mut receiver: mpsc::Receiver<WriterCommand>,
+    committed: watch::Sender<i64>,
+) {
+    let mut group: Vec<(
+        AfterSaleEventRecord,
+        oneshot::Sender<Result<Appended, AppendFailed>>,
+    )> = Vec::with_capacity(MAX_GROUP);
+    loop {
+        let mut stop = None;
+        match receiver.recv().await {
+            Some(WriterCommand::Append(record, answer)) => group.push((record, answer)),
+            Some(WriterCommand::Stop(done)) => stop = Some(done),
+            None => break,
+        }
+        while stop.is_none() && group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(WriterCommand::Append(record, answer)) => group.push((record, answer)),
+                Ok(WriterCommand::Stop(done)) => stop = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !group.is_empty() {
+            let records: Vec<&AfterSaleEventRecord> =
+                group.iter().map(|(record, _)| record).collect();
+            match writer.insert_group(&records).await {
+                Ok(sequences) => {
+                    if let Some(latest) = sequences.iter().flatten().max() {
+                        committed.send_replace(*latest);
+                    }
+                    for ((_, answer), sequence) in group.drain(..).zip(sequences) {
+                        let appended = match sequence {
+                            Some(sequence) => Appended::Stored { sequence },
+                            None => Appended::Duplicate,
+                        };
+                        let _ = answer.send(Ok(appended));
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, events = group.len(), "cannot store after-sale events; the webhook answers 500 and Douyin pushes them again");
+                    for (_, answer) in group.drain(..) {
+                        let _ = answer.send(Err(AppendFailed));
+                    }
+                }
+            }
+        }
+        if let Some(done) = stop {
+            writer.close().await;
+            let _ = done.send(());
+            return;
+        }
+    }
+    writer.close().await;
+}

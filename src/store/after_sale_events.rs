@@ -1,0 +1,157 @@
+//! The `after_sale_events` table: refund-request notifications the webhook
+//! acknowledged, in the order they were stored. One writer connection of its
+//! own (`AfterSaleEventWriter`, synchronous=FULL) commits them in groups;
+//! readers page through them by sequence.
+
+use sqlx::{Connection, SqliteConnection};
+
+use super::{Store, StoreError, collect_rows, query_error};
+
+/// A notification to store. Holds no secret: the signature is not kept (see
+/// the migration), and the client key is stored as plainly as in `apps`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct AfterSaleEventRecord {
+    pub(crate) client_key: String,
+    pub(crate) msg_id: String,
+    pub(crate) event: String,
+    pub(crate) account_id: String,
+    pub(crate) received_at_ms: i64,
+    /// The body byte for byte.
+    pub(crate) raw_json: String,
+}
+
+/// A stored notification and its sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredAfterSaleEvent {
+    pub(crate) sequence: i64,
+    pub(crate) record: AfterSaleEventRecord,
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredRow {
+    sequence: i64,
+    #[sqlx(flatten)]
+    record: AfterSaleEventRecord,
+}
+
+/// The queries on `after_sale_events`; from `Store::after_sale_events`.
+pub(crate) struct AfterSaleEventTable<'store> {
+    pub(super) store: &'store Store,
+}
+
+impl AfterSaleEventTable<'_> {
+    /// A connection of its own for the one writer, taken out of the pool and
+    /// set to `synchronous = FULL`: a notification acknowledged to Douyin must
+    /// survive a power loss too, not only a crash of the process (the pool's
+    /// NORMAL), since Douyin will not send it again. Group commits pay the
+    /// extra fsync once per group.
+    pub(crate) async fn open_writer(&self) -> Result<AfterSaleEventWriter, StoreError> {
+        let mut connection = self
+            .store
+            .pool
+            .acquire()
+            .await
+            .map_err(query_error("open the event writer's connection"))?
+            .detach();
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut connection)
+            .await
+            .map_err(query_error("make the event writer's commits durable"))?;
+        Ok(AfterSaleEventWriter { connection })
+    }
+
+    /// The highest sequence stored, 0 when there is none.
+    pub(crate) async fn latest_sequence(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM after_sale_events")
+            .fetch_one(&self.store.pool)
+            .await
+            .map_err(query_error("read the latest event sequence"))
+    }
+
+    /// Up to `limit` events with a sequence above `after_sequence`, in sequence order.
+    pub(crate) async fn list_after(
+        &self,
+        after_sequence: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredAfterSaleEvent>, StoreError> {
+        let rows = sqlx::query_as::<_, StoredRow>(
+            "SELECT sequence, client_key, msg_id, event, account_id,
+                    received_at AS received_at_ms, raw_json
+             FROM after_sale_events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2",
+        )
+        .bind(after_sequence)
+        .bind(limit)
+        .fetch(&self.store.pool);
+        collect_rows(rows, "list after-sale events", |row: StoredRow| {
+            Ok(StoredAfterSaleEvent {
+                sequence: row.sequence,
+                record: row.record,
+            })
+        })
+        .await
+    }
+
+    /// Deletes events received before `before_ms`; returns how many. Their
+    /// sequences are not handed out again (AUTOINCREMENT).
+    pub(crate) async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM after_sale_events WHERE received_at < ?")
+                .bind(before_ms)
+                .execute(&self.store.pool)
+                .await
+                .map_err(query_error("prune after-sale events"))?
+                .rows_affected(),
+        )
+    }
+}
+
+/// The one connection that inserts events (see `open_writer`).
+pub(crate) struct AfterSaleEventWriter {
+    connection: SqliteConnection,
+}
+
+impl AfterSaleEventWriter {
+    /// Inserts `records` in one transaction, committed before this returns.
+    /// Each gets its new sequence, or `None` when its app already has an event
+    /// with its Msg-Id (a repeated push), also within the group.
+    pub(crate) async fn insert_group(
+        &mut self,
+        records: &[&AfterSaleEventRecord],
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        let mut transaction = self
+            .connection
+            .begin()
+            .await
+            .map_err(query_error("begin storing events"))?;
+        let mut sequences = Vec::with_capacity(records.len());
+        for record in records {
+            let sequence: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO after_sale_events
+                     (client_key, msg_id, event, account_id, received_at, raw_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (client_key, msg_id) DO NOTHING
+                 RETURNING sequence",
+            )
+            .bind(&record.client_key)
+            .bind(&record.msg_id)
+            .bind(&record.event)
+            .bind(&record.account_id)
+            .bind(record.received_at_ms)
+            .bind(&record.raw_json)
+            .fetch_optional(&mut *transaction)
+            .await
+            .map_err(query_error("store an event"))?;
+            sequences.push(sequence);
+        }
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit stored events"))?;
+        Ok(sequences)
+    }
+
+    /// Closes the connection (before the pool closes, at shutdown).
+    pub(crate) async fn close(self) {
+        let _ = self.connection.close().await;
+    }
+}

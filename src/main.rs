@@ -20,6 +20,12 @@ use futures::stream::StreamExt;
 /// sysexits' EX_USAGE / EX_CONFIG family: the operator must fix the config.
 const EXIT_BAD_CONFIG: u8 = 64;
 
+/// mimalloc instead of glibc's malloc: a gRPC call allocates and frees many
+/// small buffers across threads, and glibc's malloc (with its consolidation)
+/// was about a tenth of the daemon's CPU under load.
+#[global_allocator]
+static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {

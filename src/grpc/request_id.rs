@@ -64,8 +64,11 @@ where
             .get(&REQUEST_ID_HEADER)
             .and_then(|value| value.to_str().ok());
         let request_id = RequestId::for_call(caller_request_id);
-        let header_value = HeaderValue::from_str(request_id.as_str())
+        let mut header_value = HeaderValue::from_str(request_id.as_str())
             .expect("a usable request id is printable ASCII, always a valid header value");
+        // Every id is new, so HPACK indexing would only churn the connection's
+        // header table: marked sensitive, it is sent as a never-indexed literal.
+        header_value.set_sensitive(true);
         // Written back so that whatever reads the metadata further in sees the
         // call's id, not a malformed one the caller sent.
         request

@@ -1,5 +1,5 @@
 //! The webhook and the event stream through the real path: signed
-//! notifications posted over HTTP by the sandbox, stored in SQLite, streamed
+//! notifications posted over HTTP (and HTTPS) by the sandbox, stored in SQLite, streamed
 //! over gRPC by WatchAfterSaleEvents, and the real binary killed right after
 //! acknowledging one.
 
@@ -21,6 +21,7 @@ use crate::daemon_process::{
     DaemonProcess, DaemonSettings, PATIENCE, admin_key, real_time_sandbox,
 };
 use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, CLIENT_SECRET, TestApp};
+use crate::transport::TestPki;
 
 /// Header names and values of one post.
 type Headers = Vec<(&'static str, String)>;
@@ -191,6 +192,50 @@ async fn a_thousand_notifications_with_repeats_and_forgeries_reach_two_watchers_
     );
     let next = take(&mut steady, 1).await;
     assert_eq!(next[0].msg_id, "sentinel");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn over_https_a_signed_notification_is_stored_and_streamed_and_plain_http_is_not_served() {
+    let pki = TestPki::new();
+    let tls = pki.server_tls(false);
+    let app = app_with_webhook(|config| config.webhook.tls = Some(tls)).await;
+    let https_url = app.webhook_url();
+    assert!(https_url.starts_with("https://127.0.0.1:"), "{https_url}");
+
+    // Neither plain HTTP nor a sender that does not trust the certificate gets through.
+    let plain_http = NotificationSender::new(https_url.replacen("https://", "http://", 1));
+    let untrusting = NotificationSender::new(https_url.clone());
+    for (sender, case) in [(&plain_http, "plain HTTP"), (&untrusting, "untrusted CA")] {
+        let refused = sender
+            .send_refund_request(
+                CLIENT_KEY,
+                CLIENT_SECRET,
+                case,
+                &RefundRequestContent::example(ACCOUNT_ID, "order-refused"),
+                Signing::Correct,
+            )
+            .await;
+        assert!(refused.is_err(), "{case}: {refused:?}");
+    }
+
+    let mut stream = watch(&mut app.after_sale_client(), 0, &[]).await.unwrap();
+    let sender = app.webhook_sender_trusting(&pki.ca_pem);
+    assert_eq!(
+        send(&sender, "over-tls", ACCOUNT_ID, Signing::Correct).await,
+        200
+    );
+    let events = take(&mut stream, 1).await;
+    assert_eq!(events[0].msg_id, "over-tls", "nothing refused was stored");
+    assert_eq!(events[0].sequence, 1);
+    assert_eq!(events[0].order_id, "order-over-tls");
+    assert_eq!(events[0].refund_amount, 1990);
+    // And the next one after it: the listener keeps serving over TLS.
+    assert_eq!(
+        send(&sender, "over-tls-again", ACCOUNT_ID, Signing::Correct).await,
+        200
+    );
+    assert_eq!(take(&mut stream, 1).await[0].msg_id, "over-tls-again");
     app.stop().await;
 }
 

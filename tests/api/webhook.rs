@@ -477,6 +477,68 @@ async fn events_past_retention_are_pruned_and_their_sequences_never_come_back() 
 }
 
 #[tokio::test]
+async fn a_watcher_resuming_after_pruned_events_gets_out_of_range_naming_the_gap_and_can_resume_past_it()
+ {
+    use tonic_types::StatusExt;
+    let app = app_with_webhook(|_| {}).await;
+    let sender = app.webhook_sender();
+    for msg_id in ["old-1", "old-2", "old-3"] {
+        assert_eq!(
+            send(&sender, msg_id, ACCOUNT_ID, Signing::Correct).await,
+            200
+        );
+    }
+    // A watcher saw old-1 (sequence 1) and went away for longer than the retention.
+    app.advance(Duration::from_secs(31 * 24 * 3600));
+    assert_eq!(
+        send(&sender, "new-1", ACCOUNT_ID, Signing::Correct).await,
+        200
+    );
+    let retention = Duration::from_secs(30 * 24 * 3600);
+    assert_eq!(app.app.events.prune(retention).await.unwrap(), 3);
+
+    let assert_gap_reported = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        let info = status.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, "AFTER_SALE_EVENTS_PRUNED");
+        assert_eq!(info.domain, "douyin-tokend");
+        assert_eq!(info.metadata["after_sequence"], "1");
+        assert_eq!(info.metadata["pruned_through"], "3");
+        assert!(
+            status.message().contains("after_sequence = 3"),
+            "says how to resume: {status:?}"
+        );
+    };
+    assert_gap_reported(
+        watch(&mut app.after_sale_client(), 1, &[])
+            .await
+            .unwrap_err(),
+    );
+
+    // Resuming after pruned_through accepts the gap: the next kept event, nothing else.
+    let mut resumed = watch(&mut app.after_sale_client(), 3, &[]).await.unwrap();
+    assert_eq!(
+        take(&mut resumed, 1).await[0].msg_id,
+        "new-1",
+        "the first kept event after the gap"
+    );
+    // 0 (from the oldest kept) and a kept sequence are no gap.
+    let mut from_oldest = watch(&mut app.after_sale_client(), 0, &[]).await.unwrap();
+    assert_eq!(take(&mut from_oldest, 1).await[0].sequence, 4);
+    assert!(watch(&mut app.after_sale_client(), 4, &[]).await.is_ok());
+    drop((resumed, from_oldest));
+
+    // The daemon remembers what it pruned across a restart.
+    let app = app.restart().await;
+    assert_gap_reported(
+        watch(&mut app.after_sale_client(), 1, &[])
+            .await
+            .unwrap_err(),
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn shutdown_ends_open_streams_at_once_with_where_to_resume() {
     let app = app_with_webhook(|config| config.shutdown_grace = Duration::from_secs(30)).await;
     assert_eq!(

@@ -18,8 +18,8 @@ use tonic::transport::Channel;
 
 use crate::app::{App, ServeOptions};
 use crate::cli::{
-    AuthenticatedChannel, BearerAuth, MerchantCommand, admin_client, event_text_line,
-    format_token_table, run_merchant_command,
+    BearerAuth, MerchantCommand, admin_client, event_text_line, format_token_table,
+    run_merchant_command,
 };
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{ClientEntry, Config};
@@ -169,13 +169,7 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
             include_raw_json: false,
         })
         .await
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "the lookup failed: {:?}: {}",
-                status.code(),
-                status.message()
-            )
-        })?
+        .map_err(call_failed("GetAfterSaleOrderDetail"))?
         .into_inner();
     writeln!(
         out,
@@ -210,7 +204,7 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
             )),
         })
         .await
-        .map_err(|status| anyhow::anyhow!("GetAccessToken failed: {}", status.message()))?
+        .map_err(call_failed("GetAccessToken"))?
         .into_inner();
     let fetched_after_restart =
         sandbox.state().stats().tokens_issued_total() - fetched_before_restart;
@@ -251,7 +245,7 @@ async fn show_the_after_sale_chapter(
             account_ids: vec![DEMO_ACCOUNT_ID.to_owned()],
         })
         .await
-        .map_err(|status| anyhow::anyhow!("WatchAfterSaleEvents failed: {}", status.message()))?
+        .map_err(call_failed("WatchAfterSaleEvents"))?
         .into_inner();
     writeln!(
         out,
@@ -280,7 +274,7 @@ async fn show_the_after_sale_chapter(
     let event = tokio::time::timeout(EVENT_PATIENCE, watcher.message())
         .await
         .context("the watcher saw no event")?
-        .map_err(|status| anyhow::anyhow!("the event stream failed: {}", status.message()))?
+        .map_err(call_failed("the event stream"))?
         .context("the event stream ended")?;
     drop(watcher);
     writeln!(out, "watcher received event {}", event_text_line(&event))?;
@@ -310,7 +304,7 @@ async fn show_the_after_sale_chapter(
             include_raw_json: false,
         })
         .await
-        .map_err(|status| anyhow::anyhow!("the lookup failed: {}", status.message()))?
+        .map_err(call_failed("GetAfterSaleOrderDetail"))?
         .into_inner();
     let orders = detail
         .data
@@ -335,7 +329,11 @@ async fn show_the_after_sale_chapter(
         ..Default::default()
     };
     for attempt in ["approve", "approve again"] {
-        let answer = audit(&mut after_sale, approval.clone()).await?;
+        let answer = after_sale
+            .audit_after_sale_order(approval.clone())
+            .await
+            .map_err(call_failed("AuditAfterSaleOrder"))?
+            .into_inner();
         writeln!(
             out,
             "AuditAfterSaleOrder({attempt}): {}; audit calls the sandbox Douyin received so far: {}",
@@ -353,7 +351,7 @@ async fn show_the_after_sale_chapter(
             ..Default::default()
         })
         .await
-        .map_err(|status| anyhow::anyhow!("the list failed: {}", status.message()))?
+        .map_err(call_failed("ListAfterSaleOrders"))?
         .into_inner();
     let listed = page
         .data
@@ -368,21 +366,9 @@ async fn show_the_after_sale_chapter(
     Ok(())
 }
 
-async fn audit(
-    after_sale: &mut AfterSaleServiceClient<AuthenticatedChannel>,
-    request: AuditAfterSaleOrderRequest,
-) -> anyhow::Result<AuditAfterSaleOrderResponse> {
-    Ok(after_sale
-        .audit_after_sale_order(request)
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "the audit failed: {:?}: {}",
-                status.code(),
-                status.message()
-            )
-        })?
-        .into_inner())
+/// Turns a failed call's status into the demo's error, naming the call.
+fn call_failed(call: &'static str) -> impl Fn(tonic::Status) -> anyhow::Error {
+    move |status| anyhow::anyhow!("{call} failed: {:?}: {}", status.code(), status.message())
 }
 
 fn describe_audit(answer: &AuditAfterSaleOrderResponse) -> String {

@@ -29,6 +29,9 @@ type Headers = Vec<(&'static str, String)>;
 const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
 /// Upper bound for the events a test waits for (nothing here sleeps).
 const EVENT_PATIENCE: Duration = Duration::from_secs(60);
+/// `webhook.retention`'s default, and a time past it.
+const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+const PAST_RETENTION: Duration = Duration::from_secs(31 * 24 * 3600);
 
 async fn app_with_webhook(adjust: impl FnOnce(&mut douyin_tokend::config::Config)) -> TestApp {
     let app = TestApp::spawn_with(|config, _| {
@@ -94,6 +97,21 @@ async fn take(stream: &mut Streaming<AfterSaleEvent>, count: usize) -> Vec<After
         )
     });
     events
+}
+
+/// Stores `old`, lets them age past the retention, stores `new`, prunes;
+/// returns how many were pruned.
+async fn store_age_and_prune(app: &TestApp, old: &[&str], new: &str) -> u64 {
+    let sender = app.webhook_sender();
+    for msg_id in old {
+        assert_eq!(
+            send(&sender, msg_id, ACCOUNT_ID, Signing::Correct).await,
+            200
+        );
+    }
+    app.advance(PAST_RETENTION);
+    assert_eq!(send(&sender, new, ACCOUNT_ID, Signing::Correct).await, 200);
+    app.app.events.prune(RETENTION).await.unwrap()
 }
 
 fn assert_strictly_increasing(events: &[AfterSaleEvent]) {
@@ -443,27 +461,17 @@ async fn watchers_see_only_the_merchants_they_may_and_need_the_scope() {
 #[tokio::test]
 async fn events_past_retention_are_pruned_and_their_sequences_never_come_back() {
     let app = app_with_webhook(|_| {}).await;
-    let sender = app.webhook_sender();
-    for msg_id in ["old-1", "old-2"] {
-        assert_eq!(
-            send(&sender, msg_id, ACCOUNT_ID, Signing::Correct).await,
-            200
-        );
-    }
-    app.advance(Duration::from_secs(31 * 24 * 3600));
     assert_eq!(
-        send(&sender, "new-1", ACCOUNT_ID, Signing::Correct).await,
-        200
+        store_age_and_prune(&app, &["old-1", "old-2"], "new-1").await,
+        2
     );
-    let retention = Duration::from_secs(30 * 24 * 3600);
-    assert_eq!(app.app.events.prune(retention).await.unwrap(), 2);
     let mut stream = watch(&mut app.after_sale_client(), 0, &[]).await.unwrap();
     let kept = take(&mut stream, 1).await;
     assert_eq!((kept[0].msg_id.as_str(), kept[0].sequence), ("new-1", 3));
 
     // Even with every event pruned, a new one gets a sequence never used.
-    app.advance(Duration::from_secs(31 * 24 * 3600));
-    assert_eq!(app.app.events.prune(retention).await.unwrap(), 1);
+    app.advance(PAST_RETENTION);
+    assert_eq!(app.app.events.prune(RETENTION).await.unwrap(), 1);
     let app = app.restart().await;
     let sender = app.webhook_sender();
     // A repeat of a pruned Msg-Id is new again: Douyin's repeats come within days.
@@ -481,21 +489,11 @@ async fn a_watcher_resuming_after_pruned_events_gets_out_of_range_naming_the_gap
  {
     use tonic_types::StatusExt;
     let app = app_with_webhook(|_| {}).await;
-    let sender = app.webhook_sender();
-    for msg_id in ["old-1", "old-2", "old-3"] {
-        assert_eq!(
-            send(&sender, msg_id, ACCOUNT_ID, Signing::Correct).await,
-            200
-        );
-    }
     // A watcher saw old-1 (sequence 1) and went away for longer than the retention.
-    app.advance(Duration::from_secs(31 * 24 * 3600));
     assert_eq!(
-        send(&sender, "new-1", ACCOUNT_ID, Signing::Correct).await,
-        200
+        store_age_and_prune(&app, &["old-1", "old-2", "old-3"], "new-1").await,
+        3
     );
-    let retention = Duration::from_secs(30 * 24 * 3600);
-    assert_eq!(app.app.events.prune(retention).await.unwrap(), 3);
 
     let assert_gap_reported = |status: tonic::Status| {
         assert_eq!(status.code(), Code::OutOfRange, "{status:?}");

@@ -51,11 +51,21 @@ pub(crate) enum Appended {
 #[error("the after-sale event could not be stored")]
 pub(crate) struct AppendFailed;
 
-/// Why a watch ended while the caller was still listening.
+/// Why a watch ended (or never began) while the caller was still listening.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum WatchEnded {
     #[error("the daemon is shutting down; resume with after_sequence = {last_sequence}")]
     ShuttingDown { last_sequence: i64 },
+    /// Events the watcher had not seen were removed by pruning (older than
+    /// `webhook.retention`): it would miss them. Resuming after
+    /// `pruned_through` accepts the gap.
+    #[error(
+        "the events after sequence {after_sequence} up to {pruned_through} were pruned (older than webhook.retention) and cannot be sent; to go on without them, resume with after_sequence = {pruned_through}"
+    )]
+    Pruned {
+        after_sequence: i64,
+        pruned_through: i64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -138,26 +148,41 @@ impl AfterSaleEvents {
     /// writer ends. The stream reads the store a page at a time, as fast as
     /// its consumer takes events: nothing queues up for a slow watcher, and
     /// it cannot lag behind a channel and lose events.
-    pub(crate) fn watch(
+    ///
+    /// Never silently past a gap: when events after `after_sequence` were
+    /// already pruned this refuses with `WatchEnded::Pruned`, and a stream
+    /// whose next events are pruned before it reads them ends with it.
+    /// `after_sequence` 0 asks for the oldest kept, so pruning before its
+    /// first event is no gap.
+    pub(crate) async fn watch(
         &self,
         after_sequence: i64,
         visible: impl Fn(&AfterSaleEvent) -> bool + Send + Sync + 'static,
         stopping: CancellationToken,
-    ) -> BoxStream<'static, Result<AfterSaleEvent, WatchEnded>> {
+    ) -> Result<BoxStream<'static, Result<AfterSaleEvent, WatchEnded>>, WatchEnded> {
+        let from_oldest_kept = after_sequence == 0;
+        let pruned_through = self.store.after_sale_events().pruned_through().await?;
+        if !from_oldest_kept && pruned_through > after_sequence {
+            return Err(WatchEnded::Pruned {
+                after_sequence,
+                pruned_through,
+            });
+        }
         let watcher = Watcher {
             store: self.store.clone(),
             committed: self.committed.clone(),
             cursor: after_sequence,
+            from_oldest_kept,
             ready: VecDeque::new(),
             visible: Box::new(visible),
             stopping,
             ended: false,
         };
-        stream::unfold(watcher, |mut watcher| async move {
+        Ok(stream::unfold(watcher, |mut watcher| async move {
             let next = watcher.next().await?;
             Some((next, watcher))
         })
-        .boxed()
+        .boxed())
     }
 }
 
@@ -166,6 +191,9 @@ struct Watcher {
     committed: watch::Receiver<i64>,
     /// Every event up to here was delivered or filtered out.
     cursor: i64,
+    /// Asked for the oldest kept and has read no event yet: pruning moves
+    /// its start instead of making a gap.
+    from_oldest_kept: bool,
     ready: VecDeque<AfterSaleEvent>,
     visible: Box<dyn Fn(&AfterSaleEvent) -> bool + Send + Sync>,
     stopping: CancellationToken,
@@ -188,9 +216,9 @@ impl Watcher {
             // `changed` below: no commit falls between reading and waiting.
             let latest = *self.committed.borrow_and_update();
             if latest > self.cursor {
-                if let Err(error) = self.read_page(latest).await {
+                if let Err(ended) = self.read_page(latest).await {
                     self.ended = true;
-                    return Some(Err(error.into()));
+                    return Some(Err(ended));
                 }
                 continue;
             }
@@ -205,16 +233,29 @@ impl Watcher {
         }
     }
 
-    /// Reads the next page after the cursor; an empty page (the events were
-    /// pruned meanwhile) moves the cursor to `latest` so the loop cannot spin.
-    async fn read_page(&mut self, latest: i64) -> Result<(), StoreError> {
-        let page = self
+    /// Reads the next page after the cursor, with how far events were pruned
+    /// in the same snapshot: pruned events it had not read end the watch
+    /// (`Pruned`) unless it is still looking for the oldest kept. An empty
+    /// page moves the cursor to `latest` so the loop cannot spin.
+    async fn read_page(&mut self, latest: i64) -> Result<(), WatchEnded> {
+        let (page, pruned_through) = self
             .store
             .after_sale_events()
-            .list_after(self.cursor, WATCH_PAGE)
+            .list_after_with_pruned_through(self.cursor, WATCH_PAGE)
             .await?;
+        if pruned_through > self.cursor {
+            if !self.from_oldest_kept {
+                return Err(WatchEnded::Pruned {
+                    after_sequence: self.cursor,
+                    pruned_through,
+                });
+            }
+            self.cursor = pruned_through;
+        }
         if page.is_empty() {
-            self.cursor = latest;
+            self.cursor = self.cursor.max(latest);
+        } else {
+            self.from_oldest_kept = false;
         }
         for stored in page {
             self.cursor = stored.sequence;
@@ -316,4 +357,104 @@ async fn write_in_groups(
         }
     }
     writer.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::sandbox::notifications::{RefundRequestContent, refund_request_body};
+
+    const CLIENT_KEY: &str = "awtestkey00000001";
+    const ACCOUNT_ID: &str = "7100000000000000001";
+    const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+    const START_MS: i64 = 1_767_225_600_000;
+
+    fn refund_request(msg_id: &str) -> NewAfterSaleEvent {
+        NewAfterSaleEvent {
+            client_key: ClientKey::parse(CLIENT_KEY).unwrap(),
+            msg_id: msg_id.to_owned(),
+            event: notification::REFUND_REQUEST_EVENT.to_owned(),
+            account_id: AccountId::parse(ACCOUNT_ID).unwrap(),
+            raw_json: refund_request_body(
+                CLIENT_KEY,
+                &RefundRequestContent::example(ACCOUNT_ID, &format!("order-{msg_id}")),
+            ),
+        }
+    }
+
+    async fn append(events: &AfterSaleEvents, msg_id: &str) -> i64 {
+        match events.append(refund_request(msg_id)).await.unwrap() {
+            Appended::Stored { sequence } => sequence,
+            Appended::Duplicate => panic!("{msg_id} is new"),
+        }
+    }
+
+    /// The stream is polled only here, so it reads the store exactly when
+    /// the test asks for the next event: pruning can be put between reads.
+    #[tokio::test]
+    async fn a_stream_whose_unread_events_are_pruned_ends_saying_so_instead_of_skipping_them() {
+        let (_directory, store) = crate::store::temporary_store().await;
+        let clock = ManualClock::starting_at(START_MS);
+        let events = AfterSaleEvents::start(store, clock.clone()).await.unwrap();
+        append(&events, "seen").await;
+        let mut stream = events
+            .watch(0, |_| true, CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().msg_id, "seen");
+        let unread = append(&events, "unread").await;
+        clock.advance(RETENTION + Duration::from_secs(1));
+        append(&events, "kept").await;
+        assert_eq!(events.prune(RETENTION).await.unwrap(), 2);
+
+        let ended = stream.next().await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                ended,
+                WatchEnded::Pruned { after_sequence: 1, pruned_through } if pruned_through == unread
+            ),
+            "{ended:?}"
+        );
+        assert!(stream.next().await.is_none(), "the stream ends there");
+
+        // From the oldest kept, pruning is no gap: it starts at "kept".
+        let mut from_oldest = events
+            .watch(0, |_| true, CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(from_oldest.next().await.unwrap().unwrap().msg_id, "kept");
+        events.stop().await;
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_a_prefix_of_the_sequence_even_when_times_are_out_of_order() {
+        let (_directory, store) = crate::store::temporary_store().await;
+        let mut writer = store.after_sale_events().open_writer().await.unwrap();
+        // Committed in this order, but the first one's clock reading is the
+        // later one (two webhook requests racing to the writer).
+        for (msg_id, received_at_ms) in [("read-later", START_MS + 5), ("read-earlier", START_MS)] {
+            let event = refund_request(msg_id);
+            let record = AfterSaleEventRecord {
+                client_key: CLIENT_KEY.to_owned(),
+                msg_id: event.msg_id,
+                event: event.event,
+                account_id: ACCOUNT_ID.to_owned(),
+                received_at_ms,
+                raw_json: event.raw_json,
+            };
+            writer.insert_group(&[&record]).await.unwrap();
+        }
+        writer.close().await;
+        // Only "read-earlier" (sequence 2) is before the cutoff; "read-later"
+        // (sequence 1) goes with it, so what is gone is everything up to 2.
+        let table = store.after_sale_events();
+        assert_eq!(table.prune(START_MS + 1).await.unwrap(), 2);
+        assert_eq!(table.pruned_through().await.unwrap(), 2);
+        let (kept, pruned_through) = table.list_after_with_pruned_through(0, 10).await.unwrap();
+        assert_eq!((kept.len(), pruned_through), (0, 2));
+        // Nothing more to prune: the mark stays.
+        assert_eq!(table.prune(START_MS + 1).await.unwrap(), 0);
+        assert_eq!(table.pruned_through().await.unwrap(), 2);
+    }
 }

@@ -741,7 +741,9 @@ fn event_json_line(
     Ok(value.to_string())
 }
 
-fn event_text_line(event: &crate::proto::douyin::goodlife::v1::AfterSaleEvent) -> String {
+pub(crate) fn event_text_line(
+    event: &crate::proto::douyin::goodlife::v1::AfterSaleEvent,
+) -> String {
     let reasons = event
         .apply_reason
         .as_ref()

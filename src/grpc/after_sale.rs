@@ -40,7 +40,7 @@ impl AfterSaleService for AfterSaleGrpc {
         &self,
         request: Request<WatchAfterSaleEventsRequest>,
     ) -> Result<Response<Self::WatchAfterSaleEventsStream>, Status> {
-        super::after_sale_events::watch(&self.events, &self.stopping, request)
+        super::after_sale_events::watch(&self.events, &self.stopping, request).await
     }
 
     async fn get_after_sale_order_detail(

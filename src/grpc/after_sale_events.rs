@@ -11,13 +11,13 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, status};
 use crate::access::{ApiClient, Scope};
-use crate::after_sale_events::{AfterSaleEvents, WatchEnded};
+use crate::after_sale_events::AfterSaleEvents;
 use crate::domain::{AccountId, ClientKey};
 use crate::proto::douyin::goodlife::v1::{AfterSaleEvent, WatchAfterSaleEventsRequest};
 
 pub(crate) type AfterSaleEventStream = BoxStream<'static, Result<AfterSaleEvent, Status>>;
 
-pub(crate) fn watch(
+pub(crate) async fn watch(
     events: &AfterSaleEvents,
     stopping: &CancellationToken,
     request: Request<WatchAfterSaleEventsRequest>,
@@ -44,7 +44,9 @@ pub(crate) fn watch(
     let visible = move |event: &AfterSaleEvent| visible_to(&client, &account_ids, event);
     let stream = events
         .watch(request.after_sequence, visible, stopping.clone())
-        .map(|item| item.map_err(|ended| watch_status(&ended)));
+        .await
+        .map_err(|ended| status::watch_status(&ended))?
+        .map(|item| item.map_err(|ended| status::watch_status(&ended)));
     Ok(Response::new(stream.boxed()))
 }
 
@@ -63,14 +65,4 @@ fn visible_to(
     };
     (account_ids.is_empty() || account_ids.contains(&account_id))
         && client.may_see(&account_id, &client_key)
-}
-
-fn watch_status(ended: &WatchEnded) -> Status {
-    match ended {
-        WatchEnded::ShuttingDown { .. } => Status::unavailable(ended.to_string()),
-        WatchEnded::Store(error) => {
-            tracing::error!(%error, "an event watch failed reading the database");
-            Status::internal("the daemon's database failed; see its log")
-        }
-    }
 }

@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::access::AccessDenied;
+use crate::after_sale_events::WatchEnded;
 use crate::douyin::after_sale::LookupFailure;
 use crate::douyin::{CodeClass, DouyinError, TransportError, codes};
 use crate::lookup::refund_audit::AuditError;
@@ -236,6 +237,37 @@ pub(crate) fn registry_status(error: &RegistryError) -> Status {
 
 /// A database failure: logged here in full, shown to the caller without
 /// SQLite's words.
+/// Why an event watch ended or was refused: shutdown (UNAVAILABLE, resume
+/// later), pruned events the watcher would miss (OUT_OF_RANGE with where to
+/// resume), or the database.
+pub(crate) fn watch_status(ended: &WatchEnded) -> Status {
+    match ended {
+        WatchEnded::ShuttingDown { last_sequence } => status(
+            Code::Unavailable,
+            ended.to_string(),
+            "SHUTTING_DOWN",
+            TOKEND_DOMAIN,
+            HashMap::from([("last_sequence".to_owned(), last_sequence.to_string())]),
+            None,
+        ),
+        WatchEnded::Pruned {
+            after_sequence,
+            pruned_through,
+        } => status(
+            Code::OutOfRange,
+            ended.to_string(),
+            "AFTER_SALE_EVENTS_PRUNED",
+            TOKEND_DOMAIN,
+            HashMap::from([
+                ("after_sequence".to_owned(), after_sequence.to_string()),
+                ("pruned_through".to_owned(), pruned_through.to_string()),
+            ]),
+            None,
+        ),
+        WatchEnded::Store(error) => store_failed(error),
+    }
+}
+
 fn store_failed(error: &StoreError) -> Status {
     tracing::error!(%error, "database failure");
     status(

@@ -36,6 +36,7 @@ use crate::douyin::after_sale::PATH as AFTER_SALE_PATH;
 use crate::douyin::after_sale_audit::PATH as AFTER_SALE_AUDIT_PATH;
 use crate::douyin::after_sale_list::PATH as AFTER_SALE_LIST_PATH;
 use crate::douyin::codes;
+use notifications::RefundRequestContent;
 
 pub use rules::TokenVerdict;
 
@@ -342,6 +343,32 @@ impl SandboxState {
             .lock()
             .refund_orders
             .insert(account_id.to_owned(), orders);
+    }
+
+    /// Opens a refund as a customer's request does: the merchant's refund list
+    /// gains it, under review (refund_status 10, 审核中 as third-party code
+    /// reads the undocumented values), until an audit decides it. Send the
+    /// matching notification with `notifications::NotificationSender`.
+    pub fn add_refund_request(&self, request: &RefundRequestContent) {
+        let item = json!({
+            "after_sale_id": format!("AS-{}-{}", request.order_id, request.certificate_id),
+            "order_id": request.order_id,
+            "merchant_account_id": request.account_id.parse::<i64>().unwrap_or(0),
+            "status": 1,
+            "create_time": request.refund_time,
+            "update_time": request.refund_time,
+            "refund_amount": request.refund_amount,
+            "refund_info_list": [{
+                "certificate_id": request.certificate_id,
+                "refund_status": rules::REFUND_UNDER_REVIEW,
+            }],
+        });
+        self.world
+            .lock()
+            .refund_orders
+            .entry(request.account_id.clone())
+            .or_default()
+            .push(item);
     }
 
     /// The decision taken for a refund: Some(true) approved, Some(false) rejected.

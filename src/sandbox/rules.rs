@@ -334,8 +334,54 @@ pub(super) fn audit_refund(
             codes::REFUND_ALREADY_AUDITED_SUB_CODE,
         ));
     }
+    mark_refund_audited(world, &key, approve, now_ms);
     world.audits.insert(key, approve);
     Ok(())
+}
+
+/// Refund statuses as third-party code reads Douyin's undocumented values
+/// (see `RefundInfo.refund_status` in the proto): under review, reviewed
+/// (approved) and rejected.
+pub(super) const REFUND_UNDER_REVIEW: i64 = 10;
+const REFUND_APPROVED: i64 = 20;
+const REFUND_REJECTED: i64 = 25;
+
+/// Shows a decision in the refund list, as Douyin's list shows audited
+/// refunds: the refund's status and the audit time (milliseconds, as
+/// third-party code reads it). Refunds not in the list are left alone.
+fn mark_refund_audited(
+    world: &mut World,
+    (account_id, order_id, certificate_id): &(String, String, String),
+    approve: bool,
+    now_ms: i64,
+) {
+    let Some(orders) = world.refund_orders.get_mut(account_id) else {
+        return;
+    };
+    for order in orders
+        .iter_mut()
+        .filter(|order| order["order_id"].as_str() == Some(order_id))
+    {
+        let Some(refunds) = order["refund_info_list"].as_array_mut() else {
+            continue;
+        };
+        let mut decided = false;
+        for refund in refunds
+            .iter_mut()
+            .filter(|refund| refund["certificate_id"].as_str() == Some(certificate_id))
+        {
+            refund["refund_status"] = Value::from(if approve {
+                REFUND_APPROVED
+            } else {
+                REFUND_REJECTED
+            });
+            decided = true;
+        }
+        if decided {
+            order["audit_time"] = Value::from(now_ms);
+            order["update_time"] = Value::from(now_ms / 1000);
+        }
+    }
 }
 
 #[cfg(test)]

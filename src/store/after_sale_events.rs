@@ -1,7 +1,9 @@
 //! The `after_sale_events` table: refund-request notifications the webhook
 //! acknowledged, in the order they were stored. One writer connection of its
 //! own (`AfterSaleEventWriter`, synchronous=FULL) commits them in groups;
-//! readers page through them by sequence.
+//! readers page through them by sequence. Pruning removes a prefix of the
+//! sequence and records its end in `meta`, so a reader can tell "pruned"
+//! from "never there".
 
 use sqlx::{Connection, SqliteConnection};
 
@@ -68,12 +70,34 @@ impl AfterSaleEventTable<'_> {
             .map_err(query_error("read the latest event sequence"))
     }
 
-    /// Up to `limit` events with a sequence above `after_sequence`, in sequence order.
-    pub(crate) async fn list_after(
+    /// The highest sequence pruning ever removed, 0 when none was: every
+    /// event up to it is gone (see `prune`).
+    pub(crate) async fn pruned_through(&self) -> Result<i64, StoreError> {
+        let mut connection = self
+            .store
+            .pool
+            .acquire()
+            .await
+            .map_err(query_error("read how far events were pruned"))?;
+        read_pruned_through(&mut connection).await
+    }
+
+    /// Up to `limit` events with a sequence above `after_sequence`, in
+    /// sequence order, and how far events were pruned, both from one snapshot:
+    /// a page that lacks events because they were pruned always comes with
+    /// the mark that says so.
+    pub(crate) async fn list_after_with_pruned_through(
         &self,
         after_sequence: i64,
         limit: i64,
-    ) -> Result<Vec<StoredAfterSaleEvent>, StoreError> {
+    ) -> Result<(Vec<StoredAfterSaleEvent>, i64), StoreError> {
+        let mut snapshot = self
+            .store
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin reading after-sale events"))?;
+        let pruned_through = read_pruned_through(&mut snapshot).await?;
         let rows = sqlx::query_as::<_, StoredRow>(
             "SELECT sequence, client_key, msg_id, event, account_id,
                     received_at AS received_at_ms, raw_json
@@ -81,28 +105,87 @@ impl AfterSaleEventTable<'_> {
         )
         .bind(after_sequence)
         .bind(limit)
-        .fetch(&self.store.pool);
-        collect_rows(rows, "list after-sale events", |row: StoredRow| {
+        .fetch(&mut *snapshot);
+        let page = collect_rows(rows, "list after-sale events", |row: StoredRow| {
             Ok(StoredAfterSaleEvent {
                 sequence: row.sequence,
                 record: row.record,
             })
         })
-        .await
+        .await?;
+        // Read only: nothing to commit, and ending it releases the snapshot.
+        snapshot
+            .rollback()
+            .await
+            .map_err(query_error("end reading after-sale events"))?;
+        Ok((page, pruned_through))
     }
 
-    /// Deletes events received before `before_ms`; returns how many. Their
-    /// sequences are not handed out again (AUTOINCREMENT).
+    /// Deletes the events received before `before_ms`, and every event with a
+    /// lower sequence than one of them (received within the same few
+    /// milliseconds, committed in a different order), so what is gone is
+    /// always a prefix of the sequence: everything up to the recorded
+    /// `pruned_through`, which a watcher resuming below it is told about.
+    /// Returns how many were deleted. Their sequences are not handed out
+    /// again (AUTOINCREMENT).
     pub(crate) async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(
-            sqlx::query("DELETE FROM after_sale_events WHERE received_at < ?")
-                .bind(before_ms)
-                .execute(&self.store.pool)
-                .await
-                .map_err(query_error("prune after-sale events"))?
-                .rows_affected(),
+        let mut transaction = self
+            .store
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin pruning after-sale events"))?;
+        let newest_expired: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(sequence) FROM after_sale_events WHERE received_at < ?1",
         )
+        .bind(before_ms)
+        .fetch_one(&mut *transaction)
+        .await
+        .map_err(query_error("find the after-sale events to prune"))?;
+        let Some(pruned_through) = newest_expired else {
+            return Ok(0);
+        };
+        let pruned = sqlx::query("DELETE FROM after_sale_events WHERE sequence <= ?1")
+            .bind(pruned_through)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error("prune after-sale events"))?
+            .rows_affected();
+        // Text, as every meta value; it only grows, since everything below
+        // the previous mark is already gone.
+        sqlx::query(
+            "INSERT INTO meta (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(PRUNED_THROUGH_META)
+        .bind(pruned_through.to_string())
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("record how far events were pruned"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(query_error("commit pruning after-sale events"))?;
+        Ok(pruned)
     }
+}
+
+/// The `meta` row holding the highest pruned sequence.
+const PRUNED_THROUGH_META: &str = "after_sale_events.pruned_through";
+
+async fn read_pruned_through(connection: &mut SqliteConnection) -> Result<i64, StoreError> {
+    let value: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE name = ?1")
+        .bind(PRUNED_THROUGH_META)
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(query_error("read how far events were pruned"))?;
+    value.map_or(Ok(0), |value| {
+        value.parse().map_err(|_| {
+            StoreError::Corrupt(format!(
+                "meta {PRUNED_THROUGH_META} is not a sequence: {value:?}"
+            ))
+        })
+    })
 }
 
 /// The one connection that inserts events (see `open_writer`).

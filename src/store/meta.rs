@@ -1,6 +1,7 @@
-//! The `meta` table: daemon-wide facts. Today only `key_check`, a value sealed
+//! The `meta` table: daemon-wide facts. Here `key_check`, a value sealed
 //! with the master key so that a wrong key is recognised before anything is
-//! read or written. No table type of its own: `Store::open` reads it before a
+//! read or written; `after_sale_events.rs` keeps how far events were pruned
+//! in it too. No table type of its own: `Store::open` reads it before a
 //! `Store` exists, and only the store itself writes it.
 
 use sqlx::{SqliteConnection, SqlitePool};

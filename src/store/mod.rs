@@ -403,21 +403,24 @@ fn parse_client_key(text: &str) -> Result<ClientKey, StoreError> {
     ClientKey::parse(text).map_err(|error| StoreError::Corrupt(error.to_string()))
 }
 
+/// A store on a new database in a directory of its own, for unit tests
+/// (keep the directory as long as the store).
+#[cfg(test)]
+pub(crate) async fn temporary_store() -> (tempfile::TempDir, Store) {
+    let directory = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(
+        &directory.path().join("test.db"),
+        &directory.path().join("master.key"),
+    )
+    .await
+    .unwrap();
+    (directory, store)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::AccessToken;
-
-    async fn temporary_store() -> (tempfile::TempDir, Store) {
-        let directory = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(
-            &directory.path().join("test.db"),
-            &directory.path().join("master.key"),
-        )
-        .await
-        .unwrap();
-        (directory, store)
-    }
 
     fn key(text: &str) -> ClientKey {
         ClientKey::parse(text).unwrap()

@@ -287,13 +287,31 @@ impl TestApp {
         self.channel.clone()
     }
 
-    /// Posts notifications to this daemon's webhook (the config must turn it on).
-    pub fn webhook_sender(&self) -> douyin_tokend::sandbox::notifications::NotificationSender {
+    /// The webhook's URL: https when `webhook.tls` is set (the config must turn it on).
+    pub fn webhook_url(&self) -> String {
         let address = self.webhook_address.expect("the webhook is on");
-        douyin_tokend::sandbox::notifications::NotificationSender::new(format!(
-            "http://{address}{}",
-            self.config.webhook.path
-        ))
+        let scheme = if self.config.webhook.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{address}{}", self.config.webhook.path)
+    }
+
+    /// Posts notifications to this daemon's webhook.
+    pub fn webhook_sender(&self) -> douyin_tokend::sandbox::notifications::NotificationSender {
+        douyin_tokend::sandbox::notifications::NotificationSender::new(self.webhook_url())
+    }
+
+    /// Posts notifications to this daemon's https webhook, trusting `ca_pem`.
+    pub fn webhook_sender_trusting(
+        &self,
+        ca_pem: &[u8],
+    ) -> douyin_tokend::sandbox::notifications::NotificationSender {
+        douyin_tokend::sandbox::notifications::NotificationSender::trusting(
+            self.webhook_url(),
+            Some(ca_pem),
+        )
     }
 
     /// Clients authenticated as the test's admin (every scope).

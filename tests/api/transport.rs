@@ -17,15 +17,16 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::helpers::{ADMIN_API_KEY, START_UNIX_MS, TestApp};
 
-/// A throwaway CA with a server certificate for "localhost" and a client certificate.
-struct TestPki {
+/// A throwaway CA with a server certificate for "localhost" and 127.0.0.1,
+/// and a client certificate. The webhook's TLS tests use it too.
+pub(crate) struct TestPki {
     directory: tempfile::TempDir,
-    ca_pem: Vec<u8>,
+    pub(crate) ca_pem: Vec<u8>,
     client_pem: (Vec<u8>, Vec<u8>),
 }
 
 impl TestPki {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -38,16 +39,23 @@ impl TestPki {
         ];
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::from_params(&ca_params, &ca_key);
-        let issue = |name: &str, usage: ExtendedKeyUsagePurpose| {
+        let issue = |names: &[&str], usage: ExtendedKeyUsagePurpose| {
             let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-            params.distinguished_name.push(DnType::CommonName, name);
+            let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+            // rcgen makes "127.0.0.1" an IP address name, which https://127.0.0.1 needs.
+            let mut params = CertificateParams::new(names.clone()).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, &names[0]);
             params.extended_key_usages = vec![usage];
             let cert = params.signed_by(&key, &issuer).unwrap();
             (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
         };
-        let server = issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
-        let client = issue("order-service", ExtendedKeyUsagePurpose::ClientAuth);
+        let server = issue(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let client = issue(&["order-service"], ExtendedKeyUsagePurpose::ClientAuth);
         let directory = tempfile::tempdir().unwrap();
         std::fs::write(directory.path().join("ca.pem"), ca_cert.pem()).unwrap();
         std::fs::write(directory.path().join("server.pem"), &server.0).unwrap();
@@ -59,7 +67,7 @@ impl TestPki {
         }
     }
 
-    fn server_tls(&self, mutual: bool) -> TlsConfig {
+    pub(crate) fn server_tls(&self, mutual: bool) -> TlsConfig {
         TlsConfig {
             cert_file: self.directory.path().join("server.pem"),
             key_file: self.directory.path().join("server.key"),

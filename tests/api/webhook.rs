@@ -1,5 +1,5 @@
 //! The webhook and the event stream through the real path: signed
-//! notifications posted over HTTP by the sandbox, stored in SQLite, streamed
+//! notifications posted over HTTP (and HTTPS) by the sandbox, stored in SQLite, streamed
 //! over gRPC by WatchAfterSaleEvents, and the real binary killed right after
 //! acknowledging one.
 
@@ -21,6 +21,7 @@ use crate::daemon_process::{
     DaemonProcess, DaemonSettings, PATIENCE, admin_key, real_time_sandbox,
 };
 use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, CLIENT_SECRET, TestApp};
+use crate::transport::TestPki;
 
 /// Header names and values of one post.
 type Headers = Vec<(&'static str, String)>;
@@ -28,6 +29,9 @@ type Headers = Vec<(&'static str, String)>;
 const OTHER_ACCOUNT_ID: &str = "7100000000000000002";
 /// Upper bound for the events a test waits for (nothing here sleeps).
 const EVENT_PATIENCE: Duration = Duration::from_secs(60);
+/// `webhook.retention`'s default, and a time past it.
+const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+const PAST_RETENTION: Duration = Duration::from_secs(31 * 24 * 3600);
 
 async fn app_with_webhook(adjust: impl FnOnce(&mut douyin_tokend::config::Config)) -> TestApp {
     let app = TestApp::spawn_with(|config, _| {
@@ -93,6 +97,21 @@ async fn take(stream: &mut Streaming<AfterSaleEvent>, count: usize) -> Vec<After
         )
     });
     events
+}
+
+/// Stores `old`, lets them age past the retention, stores `new`, prunes;
+/// returns how many were pruned.
+async fn store_age_and_prune(app: &TestApp, old: &[&str], new: &str) -> u64 {
+    let sender = app.webhook_sender();
+    for msg_id in old {
+        assert_eq!(
+            send(&sender, msg_id, ACCOUNT_ID, Signing::Correct).await,
+            200
+        );
+    }
+    app.advance(PAST_RETENTION);
+    assert_eq!(send(&sender, new, ACCOUNT_ID, Signing::Correct).await, 200);
+    app.app.events.prune(RETENTION).await.unwrap()
 }
 
 fn assert_strictly_increasing(events: &[AfterSaleEvent]) {
@@ -191,6 +210,50 @@ async fn a_thousand_notifications_with_repeats_and_forgeries_reach_two_watchers_
     );
     let next = take(&mut steady, 1).await;
     assert_eq!(next[0].msg_id, "sentinel");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn over_https_a_signed_notification_is_stored_and_streamed_and_plain_http_is_not_served() {
+    let pki = TestPki::new();
+    let tls = pki.server_tls(false);
+    let app = app_with_webhook(|config| config.webhook.tls = Some(tls)).await;
+    let https_url = app.webhook_url();
+    assert!(https_url.starts_with("https://127.0.0.1:"), "{https_url}");
+
+    // Neither plain HTTP nor a sender that does not trust the certificate gets through.
+    let plain_http = NotificationSender::new(https_url.replacen("https://", "http://", 1));
+    let untrusting = NotificationSender::new(https_url.clone());
+    for (sender, case) in [(&plain_http, "plain HTTP"), (&untrusting, "untrusted CA")] {
+        let refused = sender
+            .send_refund_request(
+                CLIENT_KEY,
+                CLIENT_SECRET,
+                case,
+                &RefundRequestContent::example(ACCOUNT_ID, "order-refused"),
+                Signing::Correct,
+            )
+            .await;
+        assert!(refused.is_err(), "{case}: {refused:?}");
+    }
+
+    let mut stream = watch(&mut app.after_sale_client(), 0, &[]).await.unwrap();
+    let sender = app.webhook_sender_trusting(&pki.ca_pem);
+    assert_eq!(
+        send(&sender, "over-tls", ACCOUNT_ID, Signing::Correct).await,
+        200
+    );
+    let events = take(&mut stream, 1).await;
+    assert_eq!(events[0].msg_id, "over-tls", "nothing refused was stored");
+    assert_eq!(events[0].sequence, 1);
+    assert_eq!(events[0].order_id, "order-over-tls");
+    assert_eq!(events[0].refund_amount, 1990);
+    // And the next one after it: the listener keeps serving over TLS.
+    assert_eq!(
+        send(&sender, "over-tls-again", ACCOUNT_ID, Signing::Correct).await,
+        200
+    );
+    assert_eq!(take(&mut stream, 1).await[0].msg_id, "over-tls-again");
     app.stop().await;
 }
 
@@ -398,27 +461,17 @@ async fn watchers_see_only_the_merchants_they_may_and_need_the_scope() {
 #[tokio::test]
 async fn events_past_retention_are_pruned_and_their_sequences_never_come_back() {
     let app = app_with_webhook(|_| {}).await;
-    let sender = app.webhook_sender();
-    for msg_id in ["old-1", "old-2"] {
-        assert_eq!(
-            send(&sender, msg_id, ACCOUNT_ID, Signing::Correct).await,
-            200
-        );
-    }
-    app.advance(Duration::from_secs(31 * 24 * 3600));
     assert_eq!(
-        send(&sender, "new-1", ACCOUNT_ID, Signing::Correct).await,
-        200
+        store_age_and_prune(&app, &["old-1", "old-2"], "new-1").await,
+        2
     );
-    let retention = Duration::from_secs(30 * 24 * 3600);
-    assert_eq!(app.app.events.prune(retention).await.unwrap(), 2);
     let mut stream = watch(&mut app.after_sale_client(), 0, &[]).await.unwrap();
     let kept = take(&mut stream, 1).await;
     assert_eq!((kept[0].msg_id.as_str(), kept[0].sequence), ("new-1", 3));
 
     // Even with every event pruned, a new one gets a sequence never used.
-    app.advance(Duration::from_secs(31 * 24 * 3600));
-    assert_eq!(app.app.events.prune(retention).await.unwrap(), 1);
+    app.advance(PAST_RETENTION);
+    assert_eq!(app.app.events.prune(RETENTION).await.unwrap(), 1);
     let app = app.restart().await;
     let sender = app.webhook_sender();
     // A repeat of a pruned Msg-Id is new again: Douyin's repeats come within days.
@@ -428,6 +481,58 @@ async fn events_past_retention_are_pruned_and_their_sequences_never_come_back() 
     );
     let mut stream = watch(&mut app.after_sale_client(), 0, &[]).await.unwrap();
     assert_eq!(take(&mut stream, 1).await[0].sequence, 4);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_resuming_after_pruned_events_gets_out_of_range_naming_the_gap_and_can_resume_past_it()
+ {
+    use tonic_types::StatusExt;
+    let app = app_with_webhook(|_| {}).await;
+    // A watcher saw old-1 (sequence 1) and went away for longer than the retention.
+    assert_eq!(
+        store_age_and_prune(&app, &["old-1", "old-2", "old-3"], "new-1").await,
+        3
+    );
+
+    let assert_gap_reported = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        let info = status.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, "AFTER_SALE_EVENTS_PRUNED");
+        assert_eq!(info.domain, "douyin-tokend");
+        assert_eq!(info.metadata["after_sequence"], "1");
+        assert_eq!(info.metadata["pruned_through"], "3");
+        assert!(
+            status.message().contains("after_sequence = 3"),
+            "says how to resume: {status:?}"
+        );
+    };
+    assert_gap_reported(
+        watch(&mut app.after_sale_client(), 1, &[])
+            .await
+            .unwrap_err(),
+    );
+
+    // Resuming after pruned_through accepts the gap: the next kept event, nothing else.
+    let mut resumed = watch(&mut app.after_sale_client(), 3, &[]).await.unwrap();
+    assert_eq!(
+        take(&mut resumed, 1).await[0].msg_id,
+        "new-1",
+        "the first kept event after the gap"
+    );
+    // 0 (from the oldest kept) and a kept sequence are no gap.
+    let mut from_oldest = watch(&mut app.after_sale_client(), 0, &[]).await.unwrap();
+    assert_eq!(take(&mut from_oldest, 1).await[0].sequence, 4);
+    assert!(watch(&mut app.after_sale_client(), 4, &[]).await.is_ok());
+    drop((resumed, from_oldest));
+
+    // The daemon remembers what it pruned across a restart.
+    let app = app.restart().await;
+    assert_gap_reported(
+        watch(&mut app.after_sale_client(), 1, &[])
+            .await
+            .unwrap_err(),
+    );
     app.stop().await;
 }
 

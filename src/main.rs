@@ -88,6 +88,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Reload { daemon } => {
+            let mut client = connect_admin(&cli, daemon).await?;
+            print!("{}", cli::reload(&mut client).await?);
+            Ok(())
+        }
         Command::RotateMasterKey => {
             let rotation =
                 douyin_tokend::app::rotate_master_key(&Config::load(cli.config.as_deref())?)
@@ -210,6 +215,7 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
             notifier,
             reload_requests: Some(reload_requests),
             config_path,
+            reload_key_file: reload_key_file(),
         };
         app.serve_with(listener, options, shutdown).await
     }
@@ -220,6 +226,15 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
         Err(error) => tracing::error!(error = %format!("{error:#}"), "stopped after a failure"),
     }
     served
+}
+
+/// `$RUNTIME_DIRECTORY/reload.key` under systemd (`RuntimeDirectory=`; the
+/// first directory when the unit names several), where the unit's
+/// `ExecReload=` finds the daemon's reload key; none outside systemd.
+fn reload_key_file() -> Option<std::path::PathBuf> {
+    let directories = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first = std::env::split_paths(&directories).next()?;
+    (!first.as_os_str().is_empty()).then(|| first.join("reload.key"))
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -113,12 +113,21 @@ async fn each_scope_opens_exactly_its_own_calls() {
     let token = app.access_token_for(ACCOUNT_ID).await.unwrap().access_token;
     let (ok, denied) = (Code::Ok, Code::PermissionDenied);
     let cases = [
-        ("aftersale.read", [ok, denied, denied, denied, denied, denied]),
-        ("aftersale.audit", [denied, ok, denied, denied, denied, denied]),
+        (
+            "aftersale.read",
+            [ok, denied, denied, denied, denied, denied],
+        ),
+        (
+            "aftersale.audit",
+            [denied, ok, denied, denied, denied, denied],
+        ),
         ("token.read", [denied, denied, ok, denied, denied, denied]),
         ("token.report", [denied, denied, denied, ok, denied, denied]),
         ("admin", [denied, denied, denied, denied, ok, denied]),
-        ("aftersale.events", [denied, denied, denied, denied, denied, ok]),
+        (
+            "aftersale.events",
+            [denied, denied, denied, denied, denied, ok],
+        ),
     ];
     for (scope, expected) in cases {
         let key = create_client(&app, &format!("only-{scope}"), &[scope], &[], &[]).await;

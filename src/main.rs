@@ -89,7 +89,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reload { daemon } => {
-            let mut client = connect_admin(&cli, daemon).await?;
+            let address = reload_address(&cli, daemon)?;
+            let api_key = cli::api_key(cli.api_key_file.as_ref())?;
+            let mut client =
+                cli::admin_client(&address, &cli::client_transport(&cli)?, &api_key).await?;
             print!("{}", cli::reload(&mut client).await?);
             Ok(())
         }
@@ -173,6 +176,27 @@ fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<Stri
         Some(address) => Ok(address.clone()),
         None => Ok(Config::load(cli.config.as_deref())?.listen.to_string()),
     }
+}
+
+/// The daemon's address for `reload`. A config file too broken to name it is
+/// the very failure the reload must report; under systemd (`ExecReload=`
+/// sets `$MAINPID`) the daemon also gets SIGHUP, so its STATUS and log record
+/// the failed reload as they do when asked over gRPC.
+fn reload_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<String> {
+    daemon_address(cli, daemon).map_err(|error| {
+        let Ok(main_pid) = std::env::var("MAINPID") else {
+            return error;
+        };
+        let signalled = std::process::Command::new("kill")
+            .args(["-HUP", main_pid.trim()])
+            .status()
+            .is_ok_and(|status| status.success());
+        if signalled {
+            error.context("configuration not reloaded (the daemon got SIGHUP to record it)")
+        } else {
+            error
+        }
+    })
 }
 
 async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {

@@ -105,7 +105,11 @@ async fn apps_and_merchants_are_added_listed_moved_and_removed() {
         .unwrap()
         .into_inner()
         .merchants;
-    assert_eq!(still_there.len(), 1, "a refused removal leaves the merchant");
+    assert_eq!(
+        still_there.len(),
+        1,
+        "a refused removal leaves the merchant"
+    );
     let removed = admin
         .remove_app(RemoveAppRequest {
             client_key: "awsecondapp".to_owned(),

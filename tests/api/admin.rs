@@ -73,17 +73,7 @@ async fn apps_and_merchants_are_added_listed_moved_and_removed() {
             (CLIENT_KEY.to_owned(), "admin".to_owned(), 1)
         ]
     );
-    let of_second = admin
-        .list_merchants(ListMerchantsRequest {
-            client_key: "awsecondapp".to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .merchants;
-    assert_eq!(of_second.len(), 1);
-    assert_eq!(of_second[0].account_id, "200");
-
+    // An app with merchants stays unless they go with it.
     let refused = admin
         .remove_app(RemoveAppRequest {
             client_key: "awsecondapp".to_owned(),
@@ -97,7 +87,7 @@ async fn apps_and_merchants_are_added_listed_moved_and_removed() {
         "{}",
         refused.message()
     );
-    let still_there = admin
+    let of_second = admin
         .list_merchants(ListMerchantsRequest {
             client_key: "awsecondapp".to_owned(),
         })
@@ -105,11 +95,9 @@ async fn apps_and_merchants_are_added_listed_moved_and_removed() {
         .unwrap()
         .into_inner()
         .merchants;
-    assert_eq!(
-        still_there.len(),
-        1,
-        "a refused removal leaves the merchant"
-    );
+    assert_eq!(of_second.len(), 1, "the refused removal left the merchant");
+    assert_eq!(of_second[0].account_id, "200");
+
     let removed = admin
         .remove_app(RemoveAppRequest {
             client_key: "awsecondapp".to_owned(),
@@ -229,15 +217,7 @@ async fn apps_and_merchants_from_the_config_file_are_synced_at_start_up() {
     let secret_file = secret_directory.path().join("secret");
     std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).unwrap();
     let app = TestApp::spawn_with(|config, _| {
-        config.apps.push(douyin_tokend::config::AppEntry {
-            client_key: ClientKey::parse(CLIENT_KEY).unwrap(),
-            client_secret_file: Some(secret_file.clone()),
-            client_secret_env: None,
-        });
-        config.merchants.push(douyin_tokend::config::MerchantEntry {
-            account_id: AccountId::parse(ACCOUNT_ID).unwrap(),
-            client_key: ClientKey::parse(CLIENT_KEY).unwrap(),
-        });
+        declare_default_app_and_merchant(config, &secret_file);
     })
     .await;
 
@@ -365,21 +345,20 @@ async fn what_the_config_file_declares_is_refused_over_admin_service_with_a_poin
     app.stop().await;
 }
 
+/// A client with one scope and no bounds, to create as some other admin than the test's.
+fn unbound_client(name: &str, scope: &str) -> CreateClientRequest {
+    CreateClientRequest {
+        name: name.to_owned(),
+        scopes: vec![scope.to_owned()],
+        apps: Vec::new(),
+        merchants: Vec::new(),
+    }
+}
+
 #[tokio::test]
 async fn the_last_client_with_the_admin_scope_cannot_be_removed() {
     let app = TestApp::spawn().await;
-    let ops_key = app
-        .admin_client()
-        .create_client(CreateClientRequest {
-            name: "ops".to_owned(),
-            scopes: vec!["admin".to_owned()],
-            apps: Vec::new(),
-            merchants: Vec::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
+    let ops_key = app.create_client("ops", &["admin"], &[], &[]).await;
     // The config's admin client goes from the file: "ops" is the only admin left.
     let mut stopped = app.stop_daemon().await;
     stopped.config.clients.clear();
@@ -399,14 +378,9 @@ async fn the_last_client_with_the_admin_scope_cannot_be_removed() {
         refused.message()
     );
     // With a second admin, the first may go.
-    ops.create_client(CreateClientRequest {
-        name: "ops-2".to_owned(),
-        scopes: vec!["admin".to_owned()],
-        apps: Vec::new(),
-        merchants: Vec::new(),
-    })
-    .await
-    .unwrap();
+    ops.create_client(unbound_client("ops-2", "admin"))
+        .await
+        .unwrap();
     ops.remove_client(RemoveClientRequest {
         name: "ops".to_owned(),
     })
@@ -418,18 +392,7 @@ async fn the_last_client_with_the_admin_scope_cannot_be_removed() {
 #[tokio::test]
 async fn every_admin_change_is_in_the_audit_trail_with_the_calling_client() {
     let app = TestApp::spawn().await;
-    let ops_key = app
-        .admin_client()
-        .create_client(CreateClientRequest {
-            name: "ops".to_owned(),
-            scopes: vec!["admin".to_owned()],
-            apps: Vec::new(),
-            merchants: Vec::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
+    let ops_key = app.create_client("ops", &["admin"], &[], &[]).await;
     let mut ops = app.admin_client_with(&ops_key);
     for secret in [CLIENT_SECRET, "rotated"] {
         ops.put_app(PutAppRequest {
@@ -464,29 +427,16 @@ async fn every_admin_change_is_in_the_audit_trail_with_the_calling_client() {
     })
     .await
     .unwrap();
-    ops.create_client(CreateClientRequest {
-        name: "reader".to_owned(),
-        scopes: vec!["aftersale.read".to_owned()],
-        apps: Vec::new(),
-        merchants: Vec::new(),
-    })
-    .await
-    .unwrap();
+    ops.create_client(unbound_client("reader", "aftersale.read"))
+        .await
+        .unwrap();
     ops.remove_client(RemoveClientRequest {
         name: "reader".to_owned(),
     })
     .await
     .unwrap();
 
-    let mut entries = ops
-        .list_audit(ListAuditRequest {
-            since_unix_ms: 0,
-            limit: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let mut entries = app.audit_entries().await;
     // Newest first; the order they were made in is easier to read.
     entries.reverse();
     let app_fingerprint = |key: &str| ClientKey::parse(key).unwrap().to_string();

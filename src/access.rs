@@ -28,17 +28,21 @@ pub(crate) enum Scope {
     TokenRead,
     /// ReportInvalidToken.
     TokenReport,
+    /// AdminService.ReloadConfig alone: what `systemctl reload` needs, and
+    /// nothing more (the daemon's own reload key holds only this).
+    ConfigReload,
     /// AdminService.
     Admin,
 }
 
 impl Scope {
-    pub(crate) const ALL: [Scope; 6] = [
+    pub(crate) const ALL: [Scope; 7] = [
         Self::AfterSaleRead,
         Self::AfterSaleAudit,
         Self::AfterSaleEvents,
         Self::TokenRead,
         Self::TokenReport,
+        Self::ConfigReload,
         Self::Admin,
     ];
 
@@ -49,6 +53,7 @@ impl Scope {
             Self::AfterSaleEvents => "aftersale.events",
             Self::TokenRead => "token.read",
             Self::TokenReport => "token.report",
+            Self::ConfigReload => "config.reload",
             Self::Admin => "admin",
         }
     }

@@ -26,7 +26,8 @@ use crate::lifecycle::Components;
 use crate::lookup::LookupService;
 use crate::lookup::refund_audit::DecisionBook;
 use crate::metrics::{self, Metrics, ScrapeTimeCollector, ScrapeTimeReadings};
-use crate::registry::{Registry, ReloadReport};
+use crate::registry::Registry;
+use crate::reload::{self, Reloader};
 use crate::schedule::{ScheduledJob, Schedules};
 use crate::store::{MasterKeyOutcome, Store};
 use crate::systemd_notify::{self, SystemdNotifier, WatchdogFeed};
@@ -46,9 +47,17 @@ pub struct ServeOptions {
     pub webhook_listener: Option<TcpListener>,
     /// systemd's notify socket: READY, RELOADING, STOPPING and the watchdog.
     pub notifier: SystemdNotifier,
-    /// Each item asks to re-read apps and merchants from `config_path` (SIGHUP).
+    /// Each item asks to re-read apps, merchants and API clients from
+    /// `config_path` (SIGHUP).
     pub reload_requests: Option<BoxStream<'static, ()>>,
+    /// The file reloads re-read (SIGHUP, AdminService.ReloadConfig); None:
+    /// defaults and environment, as at start.
     pub config_path: Option<PathBuf>,
+    /// Where to write a key that may only reload the configuration, made
+    /// afresh at each start (`$RUNTIME_DIRECTORY/reload.key` under systemd):
+    /// the unit's `ExecReload=douyin-tokend reload` reads it, so
+    /// `systemctl reload` works without an operator's key in the service.
+    pub reload_key_file: Option<PathBuf>,
 }
 
 /// The daemon's parts, built and connected. Cheap to clone.
@@ -173,6 +182,7 @@ impl App {
             notifier,
             reload_requests,
             config_path,
+            reload_key_file,
         } = options;
         let listener = listener.into();
         let tls = self.config.tls.as_ref().map(server_tls).transpose()?;
@@ -265,17 +275,28 @@ impl App {
                     .map(Ok),
             );
         }
+        let reloader = Reloader::new(
+            self.registry.clone(),
+            self.audit.clone(),
+            config_path,
+            notifier.clone(),
+            status.clone(),
+        );
         if let Some(reload_requests) = reload_requests {
             components.spawn(
                 "reload handler",
-                self.clone().handle_reloads(
-                    reload_requests,
-                    config_path,
-                    notifier.clone(),
-                    status.clone(),
-                    stopping.clone(),
-                ),
+                handle_reload_signals(reloader.clone(), reload_requests, stopping.clone()),
             );
+        }
+        if let Some(path) = &reload_key_file {
+            // Without the key, `systemctl reload` fails (truthfully) and
+            // SIGHUP still reloads: not a reason to refuse to serve.
+            if let Err(error) = self.write_reload_key(path).await {
+                tracing::warn!(
+                    error = %format!("{error:#}"),
+                    "no reload key: `douyin-tokend reload` needs an API key with the admin or config.reload scope; SIGHUP still reloads"
+                );
+            }
         }
 
         let grpc_shutdown = {
@@ -298,6 +319,7 @@ impl App {
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
             events: self.events.clone(),
+            reloader,
             stopping: stopping.clone(),
         };
         let mut grpc = std::pin::pin!(grpc::serve(
@@ -348,6 +370,10 @@ impl App {
         }
         components.wait_for_all(COMPONENT_STOP_TIMEOUT).await;
         schedule.stop().await;
+        if let Some(path) = &reload_key_file {
+            // The key dies with this process; a stale file would only mislead.
+            let _ = std::fs::remove_file(path);
+        }
         match failure {
             Some(error) => Err(error),
             None => Ok(()),
@@ -390,53 +416,44 @@ impl App {
         jobs
     }
 
-    /// Re-reads the config file and applies its apps, merchants and clients
-    /// (SIGHUP). Other settings take effect at the next restart.
-    pub(crate) async fn reload_config(
-        &self,
-        config_path: Option<&Path>,
-    ) -> anyhow::Result<ReloadReport> {
-        let config = Config::load(config_path)?;
-        let declarations = resolve_declarations(&config)?;
-        self.registry
-            .reload_config(&declarations)
-            .await
-            .context("cannot apply the config's apps, merchants and clients")
-    }
-
-    async fn handle_reloads(
-        self,
-        mut reload_requests: BoxStream<'static, ()>,
-        config_path: Option<PathBuf>,
-        notifier: SystemdNotifier,
-        ready_status: String,
-        stopping: CancellationToken,
-    ) -> anyhow::Result<()> {
-        loop {
-            tokio::select! {
-                () = stopping.cancelled() => return Ok(()),
-                request = reload_requests.next() => {
-                    if request.is_none() {
-                        return Err(anyhow!("reload requests can no longer arrive"));
-                    }
-                }
+    /// Makes a key that may only reload the configuration (scope
+    /// `config.reload`), lets it call, and writes it to `path` readable by
+    /// the daemon's user alone (mode 0600; root reads it too).
+    async fn write_reload_key(&self, path: &Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let key = crate::access::generate_api_key();
+        let client = crate::access::ApiClient::declare(
+            reload::RELOAD_KEY_CLIENT,
+            crate::access::KeyHash::of_key(&key),
+            [crate::access::Scope::ConfigReload].into(),
+            None,
+            None,
+        )?;
+        // A file left by an earlier run holds a key nobody accepts any more.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(
+                    anyhow::Error::new(error).context(format!("cannot replace {}", path.display()))
+                );
             }
-            notifier.reloading();
-            match self.reload_config(config_path.as_deref()).await {
-                Ok(report) => tracing::info!(
-                    apps_added = report.apps_added,
-                    apps_removed = report.apps_removed,
-                    merchants_added = report.merchants_added,
-                    merchants_removed = report.merchants_removed,
-                    "configuration reloaded: apps and merchants applied; other settings apply at the next restart"
-                ),
-                Err(error) => tracing::error!(
-                    error = %format!("{error:#}"),
-                    "configuration not reloaded; the previous apps and merchants stay in force"
-                ),
-            }
-            notifier.ready(&ready_status);
         }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        file.write_all(format!("{key}\n").as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        self.registry
+            .admit_internal_client(client)
+            .await
+            .context("cannot admit the reload key")?;
+        tracing::info!(path = %path.display(), "reload key written for `douyin-tokend reload`");
+        Ok(())
     }
 
     /// Waits (up to `COMPONENT_STOP_TIMEOUT`) for the work still running on
@@ -457,6 +474,28 @@ impl App {
         self.audit.stop().await;
         self.events.stop().await;
         self.store.close().await;
+    }
+}
+
+/// Turns each SIGHUP into a reload, until shutdown; a stream that ends
+/// early is a failure (signals could no longer arrive).
+async fn handle_reload_signals(
+    reloader: Reloader,
+    mut reload_requests: BoxStream<'static, ()>,
+    stopping: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return Ok(()),
+            request = reload_requests.next() => {
+                if request.is_none() {
+                    return Err(anyhow!("reload requests can no longer arrive"));
+                }
+            }
+        }
+        // The reloader logs, audits and tells systemd; a signal has nobody
+        // else to answer.
+        let _ = reloader.reload(reload::SIGNAL).await;
     }
 }
 

@@ -1,5 +1,6 @@
 //! The audit trail: every token fetch, forced refresh, hand-out, invalid
-//! report and refund decision, written to SQLite by one background writer in batches (identical
+//! report, refund decision, admin change (apps, merchants, clients) and
+//! configuration reload, with the client that asked, written to SQLite by one background writer in batches (identical
 //! hand-outs close together become one line with a count), listable, and
 //! pruned after the retention period. Apps and tokens appear only as fingerprints.
 
@@ -21,6 +22,16 @@ pub(crate) enum AuditAction {
     InvalidReport,
     /// A refund decision (抖音码核销后退款审批): sent, replayed or refused.
     RefundDecision,
+    AppAdded,
+    AppSecretReplaced,
+    AppRemoved,
+    MerchantAdded,
+    MerchantMoved,
+    MerchantRemoved,
+    ClientCreated,
+    ClientRemoved,
+    /// A configuration reload, applied or refused.
+    ConfigReload,
 }
 
 impl AuditAction {
@@ -31,6 +42,15 @@ impl AuditAction {
             Self::TokenHandout => "token_handout",
             Self::InvalidReport => "invalid_report",
             Self::RefundDecision => "refund_decision",
+            Self::AppAdded => "app_added",
+            Self::AppSecretReplaced => "app_secret_replaced",
+            Self::AppRemoved => "app_removed",
+            Self::MerchantAdded => "merchant_added",
+            Self::MerchantMoved => "merchant_moved",
+            Self::MerchantRemoved => "merchant_removed",
+            Self::ClientCreated => "client_created",
+            Self::ClientRemoved => "client_removed",
+            Self::ConfigReload => "config_reload",
         }
     }
 }
@@ -87,11 +107,34 @@ impl AuditLog {
         reason: &str,
         token: Option<&AccessToken>,
     ) {
+        self.append(client, action, Some(app), reason, token);
+    }
+
+    /// An admin change or a reload: who asked, what, and the app when one is
+    /// concerned (a client or a reload concerns none).
+    pub(crate) fn record_change(
+        &self,
+        client: &str,
+        action: AuditAction,
+        app: Option<&ClientKey>,
+        reason: &str,
+    ) {
+        self.append(client, action, app, reason, None);
+    }
+
+    fn append(
+        &self,
+        client: &str,
+        action: AuditAction,
+        app: Option<&ClientKey>,
+        reason: &str,
+        token: Option<&AccessToken>,
+    ) {
         let record = AuditRecord {
             at_ms: self.clock.now_unix_ms(),
             client: client.to_owned(),
             action: action.as_str().to_owned(),
-            app: app.to_string(),
+            app: app.map(ToString::to_string).unwrap_or_default(),
             reason: reason.to_owned(),
             token_fingerprint: token.map(AccessToken::fingerprint).unwrap_or_default(),
             count: 1,

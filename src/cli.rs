@@ -70,6 +70,15 @@ pub enum Command {
         #[arg(long, env = "CREDENTIALS_DIRECTORY")]
         credentials_directory: Option<PathBuf>,
     },
+    /// Ask the running daemon to re-read its config file and apply its apps,
+    /// merchants and API clients (as SIGHUP does), and print what changed.
+    /// Exits 1 with the reason when the file cannot be applied (nothing
+    /// changes then). The unit's ExecReload= runs it, with the key the daemon
+    /// writes for it; operators need a key with the admin or config.reload scope.
+    Reload {
+        #[command(flatten)]
+        daemon: DaemonAddress,
+    },
     /// Ask a running daemon's grpc.health.v1 service; exit 0 only when it
     /// answers SERVING.
     Healthcheck {
@@ -149,7 +158,7 @@ pub enum ClientCommand {
     /// Create a client on the daemon and print its key, once.
     Create {
         name: String,
-        /// aftersale.read, aftersale.audit, aftersale.events, token.read, token.report or admin (repeatable).
+        /// aftersale.read, aftersale.audit, aftersale.events, token.read, token.report, config.reload or admin (repeatable).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// Only this app, by client_key (repeatable).
@@ -214,9 +223,13 @@ pub enum AppCommand {
         client_secret_env: Option<String>,
     },
     List,
-    /// Remove an app with its merchants and token.
+    /// Remove an app and its token. An app that still serves merchants needs
+    /// --cascade; an app the config file declares is removed by editing the file.
     Remove {
         client_key: String,
+        /// Also remove the merchants the app serves.
+        #[arg(long)]
+        cascade: bool,
     },
 }
 
@@ -425,10 +438,14 @@ pub async fn run_app_command(
             }
             out
         }
-        AppCommand::Remove { client_key } => {
+        AppCommand::Remove {
+            client_key,
+            cascade,
+        } => {
             let answer = client
                 .remove_app(RemoveAppRequest {
                     client_key: client_key.clone(),
+                    cascade: *cascade,
                 })
                 .await
                 .map_err(status_error)?
@@ -523,6 +540,26 @@ pub async fn run_token_command(
             )
         }
     })
+}
+
+/// `reload`: asks the daemon to re-read its config file; Ok with what changed
+/// (and any notes), Err with the daemon's reason when nothing was applied.
+pub async fn reload(
+    client: &mut AdminServiceClient<AuthenticatedChannel>,
+) -> anyhow::Result<String> {
+    let answer = client
+        .reload_config(ReloadConfigRequest {})
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    let mut out = format!(
+        "configuration reloaded: {}\n",
+        crate::reload::summary(&answer)
+    );
+    for note in answer.notes {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    Ok(out)
 }
 
 /// The token status table the CLI and the demo print. Holds no token.

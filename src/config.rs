@@ -375,7 +375,8 @@ pub struct ClientEntry {
     pub(crate) name: String,
     /// `douyin-tokend client new-key` prints a key and this hash.
     pub(crate) key_sha256: KeyHash,
-    /// Any of "aftersale.read", "aftersale.audit", "aftersale.events", "token.read", "token.report", "admin".
+    /// Any of "aftersale.read", "aftersale.audit", "aftersale.events", "token.read", "token.report",
+    /// "config.reload", "admin".
     pub(crate) scopes: BTreeSet<Scope>,
     /// Only these apps (client_key), when given.
     pub(crate) apps: Option<BTreeSet<ClientKey>>,

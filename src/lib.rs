@@ -10,7 +10,8 @@
 //! - [`lookup`]: the after-sale use case (token, upstream, refresh-and-retry once).
 //! - [`webhook`], [`after_sale_events`]: Douyin's refund-request notifications,
 //!   verified, stored durably, streamed to watchers.
-//! - `registry`: apps and merchants, in SQLite and in memory.
+//! - `registry`: apps, merchants and API clients, in SQLite and in memory.
+//! - `reload`: configuration reloads (SIGHUP, AdminService.ReloadConfig) told to systemd.
 //! - [`token`]: token lifecycle: policy, single-flight fetches, the sweep, the scheduler.
 //! - [`store`]: the only SQL.
 //! - [`douyin`]: the only code that knows Douyin's URLs, JSON and error codes.
@@ -39,6 +40,7 @@ pub mod metrics;
 pub(crate) mod pace;
 pub mod proto;
 pub(crate) mod registry;
+pub(crate) mod reload;
 pub mod sandbox;
 pub mod schedule;
 pub mod sealing;

@@ -94,6 +94,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Reload { daemon } => {
+            let address = reload_address(&cli, daemon)?;
+            let api_key = cli::api_key(cli.api_key_file.as_ref())?;
+            let mut client =
+                cli::admin_client(&address, &cli::client_transport(&cli)?, &api_key).await?;
+            print!("{}", cli::reload(&mut client).await?);
+            Ok(())
+        }
         Command::RotateMasterKey => {
             let rotation =
                 douyin_tokend::app::rotate_master_key(&Config::load(cli.config.as_deref())?)
@@ -176,6 +184,27 @@ fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<Stri
     }
 }
 
+/// The daemon's address for `reload`. A config file too broken to name it is
+/// the very failure the reload must report; under systemd (`ExecReload=`
+/// sets `$MAINPID`) the daemon also gets SIGHUP, so its STATUS and log record
+/// the failed reload as they do when asked over gRPC.
+fn reload_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<String> {
+    daemon_address(cli, daemon).map_err(|error| {
+        let Ok(main_pid) = std::env::var("MAINPID") else {
+            return error;
+        };
+        let signalled = std::process::Command::new("kill")
+            .args(["-HUP", main_pid.trim()])
+            .status()
+            .is_ok_and(|status| status.success());
+        if signalled {
+            error.context("configuration not reloaded (the daemon got SIGHUP to record it)")
+        } else {
+            error
+        }
+    })
+}
+
 async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let notifier = SystemdNotifier::from_environment();
     // Handlers first: a signal during start-up is then handled, not fatal.
@@ -216,6 +245,7 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
             notifier,
             reload_requests: Some(reload_requests),
             config_path,
+            reload_key_file: reload_key_file(),
         };
         app.serve_with(listener, options, shutdown).await
     }
@@ -226,6 +256,15 @@ async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyho
         Err(error) => tracing::error!(error = %format!("{error:#}"), "stopped after a failure"),
     }
     served
+}
+
+/// `$RUNTIME_DIRECTORY/reload.key` under systemd (`RuntimeDirectory=`; the
+/// first directory when the unit names several), where the unit's
+/// `ExecReload=` finds the daemon's reload key; none outside systemd.
+fn reload_key_file() -> Option<std::path::PathBuf> {
+    let directories = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first = std::env::split_paths(&directories).next()?;
+    (!first.as_os_str().is_empty()).then(|| first.join("reload.key"))
 }
 
 /// Completes on SIGTERM or SIGINT.

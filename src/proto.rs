@@ -100,6 +100,8 @@ mod opaque_debug_impls {
         ListAuditRequest,
         ListAuditResponse,
         AuditEntry,
+        ReloadConfigRequest,
+        ReloadConfigResponse,
     );
     opaque_debug!(super::douyin::goodlife::v1::AfterSaleEvent);
 }

@@ -30,17 +30,44 @@ pub(crate) enum RegistryError {
     UnknownClient { name: String },
     #[error("{0}")]
     InvalidClient(String),
+    /// Changing what the config file declares over AdminService would last
+    /// only until the next reload or restart re-applies the file (and resets
+    /// the token generation of an app it re-creates).
+    #[error(
+        "{what} is declared in the config file; edit the file and reload (`douyin-tokend reload`) instead: a change made here would be undone by the next reload"
+    )]
+    DeclaredInConfig { what: String },
+    #[error(
+        "{client_key} still serves {merchants} merchant(s); remove them first, or remove them with the app (`app remove --cascade`)"
+    )]
+    AppServesMerchants {
+        client_key: ClientKey,
+        merchants: i64,
+    },
+    #[error(
+        "client {name:?} is the last one with the admin scope; create another admin client first, or nobody could administer the daemon"
+    )]
+    LastAdminClient { name: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 /// What a configuration reload changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ReloadReport {
     pub(crate) apps_added: usize,
     pub(crate) apps_removed: usize,
+    pub(crate) app_secrets_changed: usize,
     pub(crate) merchants_added: usize,
     pub(crate) merchants_removed: usize,
+    pub(crate) merchants_moved: usize,
+    pub(crate) clients_added: usize,
+    pub(crate) clients_removed: usize,
+    pub(crate) clients_changed: usize,
+    /// Apps the file declares whose secret is the one already in force: the
+    /// reload log names those read from systemd credentials, which systemd
+    /// copies only at start.
+    pub(crate) unchanged_secrets: BTreeSet<ClientKey>,
 }
 
 #[derive(Clone)]
@@ -50,6 +77,9 @@ pub(crate) struct Registry {
     clock: SharedClock,
     merchants: Arc<RwLock<HashMap<AccountId, ClientKey>>>,
     authenticator: Authenticator,
+    /// Clients the daemon makes for itself and keeps out of the store (the
+    /// reload key `systemctl reload` uses); they last as long as the process.
+    internal_clients: Arc<RwLock<Vec<ApiClient>>>,
     /// Serializes writes, so that a reload's rebuild of the in-memory map
     /// cannot interleave with an AdminService write and lose it.
     writes: Arc<tokio::sync::Mutex<()>>,
@@ -99,6 +129,7 @@ impl Registry {
             clock,
             merchants: Arc::new(RwLock::new(merchants)),
             authenticator: Authenticator::default(),
+            internal_clients: Arc::new(RwLock::new(Vec::new())),
             writes: Arc::new(tokio::sync::Mutex::new(())),
         };
         registry.reload_clients().await?;
@@ -111,7 +142,7 @@ impl Registry {
     }
 
     async fn reload_clients(&self) -> Result<(), StoreError> {
-        let clients = self
+        let mut clients = self
             .store
             .clients()
             .list()
@@ -124,8 +155,17 @@ impl Registry {
                 "no API clients are configured: every call except health and reflection is refused; add [[clients]] to the config"
             );
         }
+        clients.extend(self.internal_clients.read().iter().cloned());
         self.authenticator.replace(clients);
         Ok(())
+    }
+
+    /// Lets a client the daemon made for itself call, until the process ends;
+    /// it is never stored or listed.
+    pub(crate) async fn admit_internal_client(&self, client: ApiClient) -> Result<(), StoreError> {
+        let _serialized = self.writes.lock().await;
+        self.internal_clients.write().push(client);
+        self.reload_clients().await
     }
 
     /// Creates an API client and returns its key; only the key's hash is stored.
@@ -174,8 +214,36 @@ impl Registry {
         Ok(api_key)
     }
 
+    /// Removes a client made over AdminService; refuses one the config file
+    /// declares and the last one holding the admin scope.
     pub(crate) async fn remove_client(&self, name: &str) -> Result<(), RegistryError> {
         let _serialized = self.writes.lock().await;
+        let clients = self.store.clients().list().await?;
+        let Some(client) = clients.iter().find(|client| client.name == name) else {
+            return Err(RegistryError::UnknownClient {
+                name: name.to_owned(),
+            });
+        };
+        if client.source == Source::Config {
+            return Err(RegistryError::DeclaredInConfig {
+                what: format!("client {name:?}"),
+            });
+        }
+        let is_admin = |client: &ClientRecord| {
+            client
+                .scopes
+                .iter()
+                .any(|scope| scope == Scope::Admin.as_str())
+        };
+        if is_admin(client)
+            && !clients
+                .iter()
+                .any(|other| other.name != name && is_admin(other))
+        {
+            return Err(RegistryError::LastAdminClient {
+                name: name.to_owned(),
+            });
+        }
         if !self.store.clients().remove(name).await? {
             return Err(RegistryError::UnknownClient {
                 name: name.to_owned(),
@@ -190,17 +258,27 @@ impl Registry {
         Ok(self.store.clients().list().await?)
     }
 
-    /// Applies a re-read config file (SIGHUP) to the running daemon: syncs the
-    /// database as at start-up, tells the token manager about apps that came,
-    /// went or changed secret (tokens of the others stay as they are), and
-    /// rebuilds the merchant map from the database.
+    /// Applies a re-read config file (SIGHUP, AdminService.ReloadConfig) to
+    /// the running daemon: syncs the database as at start-up, tells the token
+    /// manager about apps that came, went or changed secret (tokens of the
+    /// others stay as they are), rebuilds the merchant map and the client list
+    /// from the database, and says what changed.
     pub(crate) async fn reload_config(
         &self,
         declarations: &Declarations,
     ) -> Result<ReloadReport, StoreError> {
         let _serialized = self.writes.lock().await;
+        let clients_before: HashMap<String, ClientRecord> = self
+            .store
+            .clients()
+            .list()
+            .await?
+            .into_iter()
+            .map(|client| (client.name.clone(), client))
+            .collect();
         Self::sync_config(&self.store, declarations, self.clock.now_unix_ms()).await?;
         self.reload_clients().await?;
+        let clients_after = self.store.clients().list().await?;
         let stored_apps = self.store.apps().list().await?;
         let stored_merchants: HashMap<AccountId, ClientKey> = self
             .store
@@ -210,34 +288,61 @@ impl Registry {
             .into_iter()
             .map(|merchant| (merchant.account_id, merchant.client_key))
             .collect();
-        let held_apps: HashSet<ClientKey> = self
+        let secrets_in_force: HashMap<ClientKey, ClientSecret> = self
             .tokens
             .status()
             .into_iter()
-            .map(|view| view.client_key)
+            .filter_map(|view| {
+                let secret = self.tokens.app_secret(&view.client_key)?;
+                Some((view.client_key, secret))
+            })
             .collect();
         let stored_keys: HashSet<&ClientKey> =
             stored_apps.iter().map(|app| &app.client_key).collect();
+        let declared_keys: HashSet<&ClientKey> = declarations
+            .apps
+            .iter()
+            .map(|app| &app.client_key)
+            .collect();
         let mut report = ReloadReport::default();
         for app in &stored_apps {
-            if !held_apps.contains(&app.client_key) {
-                report.apps_added += 1;
+            match secrets_in_force.get(&app.client_key) {
+                None => report.apps_added += 1,
+                Some(secret) if *secret != app.client_secret => report.app_secrets_changed += 1,
+                Some(_) if declared_keys.contains(&app.client_key) => {
+                    report.unchanged_secrets.insert(app.client_key.clone());
+                }
+                Some(_) => {}
             }
             // Unchanged secrets leave the app's token and state untouched.
             self.tokens
                 .app_put(&app.client_key, app.client_secret.clone());
         }
-        for client_key in &held_apps {
+        for client_key in secrets_in_force.keys() {
             if !stored_keys.contains(client_key) {
                 report.apps_removed += 1;
                 self.tokens.app_removed(client_key);
             }
         }
-        let mut merchants_in_memory = self.merchants.write();
-        report.merchants_added = stored_merchants
+        for client in &clients_after {
+            match clients_before.get(&client.name) {
+                None => report.clients_added += 1,
+                Some(before) if before != client => report.clients_changed += 1,
+                Some(_) => {}
+            }
+        }
+        report.clients_removed = clients_before
             .keys()
-            .filter(|account_id| !merchants_in_memory.contains_key(*account_id))
+            .filter(|name| !clients_after.iter().any(|client| &client.name == *name))
             .count();
+        let mut merchants_in_memory = self.merchants.write();
+        for (account_id, client_key) in &stored_merchants {
+            match merchants_in_memory.get(account_id) {
+                None => report.merchants_added += 1,
+                Some(before) if before != client_key => report.merchants_moved += 1,
+                Some(_) => {}
+            }
+        }
         report.merchants_removed = merchants_in_memory
             .keys()
             .filter(|account_id| !stored_merchants.contains_key(*account_id))
@@ -262,12 +367,23 @@ impl Registry {
     }
 
     /// Adds an app or replaces its secret. Returns true when it is new.
+    /// Refuses an app the config file declares.
     pub(crate) async fn put_app(
         &self,
         client_key: &ClientKey,
         client_secret: &ClientSecret,
     ) -> Result<bool, RegistryError> {
         let _serialized = self.writes.lock().await;
+        if let Some((Source::Config, _)) = self
+            .store
+            .apps()
+            .source_and_merchant_count(client_key)
+            .await?
+        {
+            return Err(RegistryError::DeclaredInConfig {
+                what: client_key.to_string(),
+            });
+        }
         let created = self
             .store
             .apps()
@@ -283,9 +399,39 @@ impl Registry {
         Ok(created)
     }
 
-    /// Removes an app, its merchants and its token. Returns the number of merchants removed.
-    pub(crate) async fn remove_app(&self, client_key: &ClientKey) -> Result<i64, RegistryError> {
+    /// Removes an app and its token, and its merchants when `cascade`
+    /// (refused without it while it serves any). Refuses an app the config
+    /// file declares. Returns the number of merchants removed.
+    pub(crate) async fn remove_app(
+        &self,
+        client_key: &ClientKey,
+        cascade: bool,
+    ) -> Result<i64, RegistryError> {
         let _serialized = self.writes.lock().await;
+        match self
+            .store
+            .apps()
+            .source_and_merchant_count(client_key)
+            .await?
+        {
+            None => {
+                return Err(RegistryError::UnknownApp {
+                    client_key: client_key.clone(),
+                });
+            }
+            Some((Source::Config, _)) => {
+                return Err(RegistryError::DeclaredInConfig {
+                    what: client_key.to_string(),
+                });
+            }
+            Some((Source::Admin, merchants)) if merchants > 0 && !cascade => {
+                return Err(RegistryError::AppServesMerchants {
+                    client_key: client_key.clone(),
+                    merchants,
+                });
+            }
+            Some((Source::Admin, _)) => {}
+        }
         let removed = self.store.apps().remove(client_key).await?.ok_or_else(|| {
             RegistryError::UnknownApp {
                 client_key: client_key.clone(),
@@ -301,13 +447,15 @@ impl Registry {
         Ok(self.store.apps().list().await?)
     }
 
-    /// Adds a merchant or moves it to another app. Returns true when it is new.
+    /// Adds a merchant or moves it to another app. Returns true when it is
+    /// new. Refuses to move a merchant the config file declares.
     pub(crate) async fn put_merchant(
         &self,
         account_id: &AccountId,
         client_key: &ClientKey,
     ) -> Result<bool, RegistryError> {
         let _serialized = self.writes.lock().await;
+        self.refuse_declared_merchant(account_id).await?;
         let created = self
             .store
             .merchants()
@@ -328,19 +476,42 @@ impl Registry {
         Ok(created)
     }
 
+    /// Removes a merchant added over AdminService; refuses one the config
+    /// file declares. Returns the app that served it.
     pub(crate) async fn remove_merchant(
         &self,
         account_id: &AccountId,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<ClientKey, RegistryError> {
         let _serialized = self.writes.lock().await;
+        let unknown = || RegistryError::UnknownMerchant {
+            account_id: account_id.clone(),
+        };
+        let merchant = self
+            .refuse_declared_merchant(account_id)
+            .await?
+            .ok_or_else(unknown)?;
         if !self.store.merchants().remove(account_id).await? {
-            return Err(RegistryError::UnknownMerchant {
-                account_id: account_id.clone(),
-            });
+            return Err(unknown());
         }
         self.merchants.write().remove(account_id);
         tracing::info!(merchant = %account_id, "merchant removed");
-        Ok(())
+        Ok(merchant.client_key)
+    }
+
+    /// The merchant as stored, when there is one; refused when the config
+    /// file declares it.
+    async fn refuse_declared_merchant(
+        &self,
+        account_id: &AccountId,
+    ) -> Result<Option<MerchantRecord>, RegistryError> {
+        match self.store.merchants().find(account_id).await? {
+            Some(merchant) if merchant.source == Source::Config => {
+                Err(RegistryError::DeclaredInConfig {
+                    what: format!("merchant {account_id}"),
+                })
+            }
+            found => Ok(found),
+        }
     }
 
     pub(crate) async fn list_merchants(&self) -> Result<Vec<MerchantRecord>, RegistryError> {

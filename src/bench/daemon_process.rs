@@ -46,7 +46,7 @@ pub struct DaemonProcess {
 }
 
 /// Variables a parent environment may hold that would override the config file.
-const STEERING_VARIABLES: [&str; 8] = [
+const STEERING_VARIABLES: [&str; 10] = [
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
     "CREDENTIALS_DIRECTORY",
@@ -55,6 +55,10 @@ const STEERING_VARIABLES: [&str; 8] = [
     "DOUYIN_TOKEND_DOUYIN_BASE_URL",
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
+    // Where the daemon writes its reload key: daemons sharing one would
+    // overwrite each other's.
+    "RUNTIME_DIRECTORY",
+    "MAINPID",
 ];
 
 impl DaemonProcess {

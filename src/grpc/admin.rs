@@ -1,6 +1,8 @@
-//! `tokend.v1.AdminService`: apps, merchants, API clients, token state and the
-//! audit trail, for callers with the `admin` scope. Accepts secrets, never
-//! returns one (a new client's key is shown once, on creation).
+//! `tokend.v1.AdminService`: apps, merchants, API clients, token state, the
+//! audit trail and configuration reloads, for callers with the `admin` scope
+//! (reloads also for `config.reload`). Accepts secrets, never returns one (a
+//! new client's key is shown once, on creation). Every change is audited with
+//! the client that made it.
 
 use tonic::{Request, Response, Status};
 
@@ -12,6 +14,7 @@ use crate::domain::{AccountId, ClientKey, ClientSecret};
 use crate::proto::tokend::v1::admin_service_server::AdminService;
 use crate::proto::tokend::v1::*;
 use crate::registry::Registry;
+use crate::reload::Reloader;
 use crate::token::TokenManager;
 
 pub(crate) struct AdminGrpc {
@@ -19,6 +22,7 @@ pub(crate) struct AdminGrpc {
     pub(crate) tokens: TokenManager,
     pub(crate) clock: SharedClock,
     pub(crate) audit: AuditLog,
+    pub(crate) reloader: Reloader,
 }
 
 fn client_key(value: &str) -> Result<ClientKey, Status> {
@@ -44,7 +48,7 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<PutAppRequest>,
     ) -> Result<Response<PutAppResponse>, Status> {
-        admin(&request)?;
+        let operator = admin(&request)?;
         let request = request.into_inner();
         let key = client_key(&request.client_key)?;
         let secret = ClientSecret::parse(&request.client_secret)
@@ -54,6 +58,13 @@ impl AdminService for AdminGrpc {
             .put_app(&key, &secret)
             .await
             .map_err(|error| status::registry_status(&error))?;
+        let (action, reason) = if created {
+            (AuditAction::AppAdded, "app added")
+        } else {
+            (AuditAction::AppSecretReplaced, "secret replaced")
+        };
+        self.audit
+            .record_change(&operator, action, Some(&key), reason);
         Ok(Response::new(PutAppResponse { created }))
     }
 
@@ -61,13 +72,20 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<RemoveAppRequest>,
     ) -> Result<Response<RemoveAppResponse>, Status> {
-        admin(&request)?;
-        let key = client_key(&request.into_inner().client_key)?;
+        let operator = admin(&request)?;
+        let request = request.into_inner();
+        let key = client_key(&request.client_key)?;
         let merchants_removed = self
             .registry
-            .remove_app(&key)
+            .remove_app(&key, request.cascade)
             .await
             .map_err(|error| status::registry_status(&error))?;
+        self.audit.record_change(
+            &operator,
+            AuditAction::AppRemoved,
+            Some(&key),
+            &format!("app removed with {merchants_removed} merchant(s)"),
+        );
         Ok(Response::new(RemoveAppResponse { merchants_removed }))
     }
 
@@ -97,7 +115,7 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<PutMerchantRequest>,
     ) -> Result<Response<PutMerchantResponse>, Status> {
-        admin(&request)?;
+        let operator = admin(&request)?;
         let request = request.into_inner();
         let account = account_id(&request.account_id)?;
         let key = client_key(&request.client_key)?;
@@ -106,6 +124,17 @@ impl AdminService for AdminGrpc {
             .put_merchant(&account, &key)
             .await
             .map_err(|error| status::registry_status(&error))?;
+        let action = if created {
+            AuditAction::MerchantAdded
+        } else {
+            AuditAction::MerchantMoved
+        };
+        self.audit.record_change(
+            &operator,
+            action,
+            Some(&key),
+            &format!("merchant {account}"),
+        );
         Ok(Response::new(PutMerchantResponse { created }))
     }
 
@@ -113,12 +142,19 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<RemoveMerchantRequest>,
     ) -> Result<Response<RemoveMerchantResponse>, Status> {
-        admin(&request)?;
+        let operator = admin(&request)?;
         let account = account_id(&request.into_inner().account_id)?;
-        self.registry
+        let served_by = self
+            .registry
             .remove_merchant(&account)
             .await
             .map_err(|error| status::registry_status(&error))?;
+        self.audit.record_change(
+            &operator,
+            AuditAction::MerchantRemoved,
+            Some(&served_by),
+            &format!("merchant {account}"),
+        );
         Ok(Response::new(RemoveMerchantResponse {}))
     }
 
@@ -204,7 +240,7 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<CreateClientRequest>,
     ) -> Result<Response<CreateClientResponse>, Status> {
-        admin(&request)?;
+        let operator = admin(&request)?;
         let request = request.into_inner();
         let api_key = self
             .registry
@@ -216,6 +252,16 @@ impl AdminService for AdminGrpc {
             )
             .await
             .map_err(|error| status::registry_status(&error))?;
+        self.audit.record_change(
+            &operator,
+            AuditAction::ClientCreated,
+            None,
+            &format!(
+                "client {:?} with scopes {}",
+                request.name.trim(),
+                request.scopes.join(",")
+            ),
+        );
         Ok(Response::new(CreateClientResponse { api_key }))
     }
 
@@ -223,11 +269,18 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<RemoveClientRequest>,
     ) -> Result<Response<RemoveClientResponse>, Status> {
-        admin(&request)?;
+        let operator = admin(&request)?;
+        let name = request.into_inner().name;
         self.registry
-            .remove_client(&request.into_inner().name)
+            .remove_client(&name)
             .await
             .map_err(|error| status::registry_status(&error))?;
+        self.audit.record_change(
+            &operator,
+            AuditAction::ClientRemoved,
+            None,
+            &format!("client {name:?}"),
+        );
         Ok(Response::new(RemoveClientResponse {}))
     }
 
@@ -287,5 +340,25 @@ impl AdminService for AdminGrpc {
                 })
                 .collect(),
         }))
+    }
+
+    async fn reload_config(
+        &self,
+        request: Request<ReloadConfigRequest>,
+    ) -> Result<Response<ReloadConfigResponse>, Status> {
+        let client = caller(&request)?;
+        // `config.reload` is the narrow scope the daemon's own reload key
+        // holds; an admin may reload too.
+        if client.require(Scope::Admin).is_err() {
+            client
+                .require(Scope::ConfigReload)
+                .map_err(|error| status::access_status(&error))?;
+        }
+        let outcome = self
+            .reloader
+            .reload(&client.name)
+            .await
+            .map_err(|reason| status::reload_failed(&reason))?;
+        Ok(Response::new(outcome.response()))
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct GrpcDependencies {
     pub(crate) audit: AuditLog,
     pub(crate) metrics: Metrics,
     pub(crate) events: crate::after_sale_events::AfterSaleEvents,
+    /// Configuration reloads, for AdminService.ReloadConfig.
+    pub(crate) reloader: crate::reload::Reloader,
     /// Cancelled when shutdown starts (streams end then).
     pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
@@ -189,6 +191,7 @@ pub(crate) async fn serve(
                 tokens: dependencies.tokens,
                 clock: dependencies.clock,
                 audit: dependencies.audit,
+                reloader: dependencies.reloader,
             },
             authenticate,
         ));

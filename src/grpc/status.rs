@@ -231,8 +231,45 @@ pub(crate) fn registry_status(error: &RegistryError) -> Status {
             HashMap::new(),
             None,
         ),
+        RegistryError::DeclaredInConfig { .. } => status(
+            Code::FailedPrecondition,
+            error.to_string(),
+            "DECLARED_IN_CONFIG",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
+        RegistryError::AppServesMerchants { merchants, .. } => status(
+            Code::FailedPrecondition,
+            error.to_string(),
+            "APP_SERVES_MERCHANTS",
+            TOKEND_DOMAIN,
+            HashMap::from([("merchants".to_owned(), merchants.to_string())]),
+            None,
+        ),
+        RegistryError::LastAdminClient { .. } => status(
+            Code::FailedPrecondition,
+            error.to_string(),
+            "LAST_ADMIN_CLIENT",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            None,
+        ),
         RegistryError::Store(store_error) => store_failed(store_error),
     }
+}
+
+/// A configuration reload that changed nothing: the reason (the config key
+/// at fault, or the database failure) is the operator's to fix.
+pub(crate) fn reload_failed(reason: &str) -> Status {
+    status(
+        Code::FailedPrecondition,
+        format!("configuration not reloaded: {reason}"),
+        "RELOAD_FAILED",
+        TOKEND_DOMAIN,
+        HashMap::new(),
+        None,
+    )
 }
 
 /// A database failure: logged here in full, shown to the caller without

@@ -111,6 +111,25 @@ impl AppTable<'_> {
         Ok((removed > 0).then_some(merchants))
     }
 
+    /// Where an app was declared and how many merchants it serves, or None
+    /// when there is no such app: what the registry checks before a change.
+    pub(crate) async fn source_and_merchant_count(
+        &self,
+        client_key: &ClientKey,
+    ) -> Result<Option<(Source, i64)>, StoreError> {
+        let row = sqlx::query_as::<_, (String, i64)>(
+            "SELECT a.source,
+                    (SELECT COUNT(*) FROM merchants m WHERE m.client_key = a.client_key)
+             FROM apps a WHERE a.client_key = ?",
+        )
+        .bind(client_key.expose())
+        .fetch_optional(&self.store.pool)
+        .await
+        .map_err(query_error("look up an app"))?;
+        row.map(|(source, merchants)| Ok((Source::parse(&source)?, merchants)))
+            .transpose()
+    }
+
     /// Every app with its secret unsealed, by client key.
     pub(crate) async fn list(&self) -> Result<Vec<AppRecord>, StoreError> {
         let rows = sqlx::query_as::<_, AppRow>(

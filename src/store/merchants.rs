@@ -81,6 +81,29 @@ impl MerchantTable<'_> {
         Ok(removed > 0)
     }
 
+    /// The merchant's app and where it was declared, or None when there is
+    /// no such merchant: what the registry checks before a change.
+    pub(crate) async fn find(
+        &self,
+        account_id: &AccountId,
+    ) -> Result<Option<MerchantRecord>, StoreError> {
+        let row = sqlx::query_as::<_, MerchantRow>(
+            "SELECT account_id, client_key, source FROM merchants WHERE account_id = ?",
+        )
+        .bind(account_id.as_str())
+        .fetch_optional(&self.store.pool)
+        .await
+        .map_err(query_error("look up a merchant"))?;
+        row.map(|row| {
+            Ok(MerchantRecord {
+                account_id: account_id.clone(),
+                client_key: parse_client_key(&row.client_key)?,
+                source: Source::parse(&row.source)?,
+            })
+        })
+        .transpose()
+    }
+
     /// Every merchant, by account id.
     pub(crate) async fn list(&self) -> Result<Vec<MerchantRecord>, StoreError> {
         let rows = sqlx::query_as::<_, MerchantRow>(

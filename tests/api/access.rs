@@ -14,27 +14,6 @@ use crate::helpers::{
     ACCOUNT_ID, CLIENT_KEY, OTHER_ACCOUNT_ID, OTHER_CLIENT_KEY, TestApp, after_sale_request,
 };
 
-async fn create_client(
-    app: &TestApp,
-    name: &str,
-    scopes: &[&str],
-    apps: &[&str],
-    merchants: &[&str],
-) -> String {
-    let to_strings = |items: &[&str]| items.iter().map(|item| (*item).to_owned()).collect();
-    app.admin_client()
-        .create_client(CreateClientRequest {
-            name: name.to_owned(),
-            scopes: to_strings(scopes),
-            apps: to_strings(apps),
-            merchants: to_strings(merchants),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key
-}
-
 fn by_merchant(account_id: &str) -> GetAccessTokenRequest {
     GetAccessTokenRequest {
         selector: Some(get_access_token_request::Selector::AccountId(
@@ -130,7 +109,9 @@ async fn each_scope_opens_exactly_its_own_calls() {
         ),
     ];
     for (scope, expected) in cases {
-        let key = create_client(&app, &format!("only-{scope}"), &[scope], &[], &[]).await;
+        let key = app
+            .create_client(&format!("only-{scope}"), &[scope], &[], &[])
+            .await;
         let current = app.access_token_for(ACCOUNT_ID).await.unwrap().access_token;
         assert_eq!(
             codes_for(&app, &key, &current).await,
@@ -197,15 +178,17 @@ async fn merchant_and_app_bounds_are_enforced() {
     let app = TestApp::spawn().await;
     app.register_default().await;
     app.register_other_app().await;
-    let merchant_bound = create_client(
-        &app,
-        "shop-a",
-        &["aftersale.read", "token.read"],
-        &[],
-        &[ACCOUNT_ID],
-    )
-    .await;
-    let app_bound = create_client(&app, "app-x", &["token.read"], &[CLIENT_KEY], &[]).await;
+    let merchant_bound = app
+        .create_client(
+            "shop-a",
+            &["aftersale.read", "token.read"],
+            &[],
+            &[ACCOUNT_ID],
+        )
+        .await;
+    let app_bound = app
+        .create_client("app-x", &["token.read"], &[CLIENT_KEY], &[])
+        .await;
 
     let mut lookups = app.after_sale_client_with(&merchant_bound);
     lookups
@@ -276,7 +259,9 @@ async fn merchant_and_app_bounds_are_enforced() {
 async fn a_burst_of_invalid_reports_causes_one_refresh() {
     let app = TestApp::spawn().await;
     app.register_default().await;
-    let reporter = create_client(&app, "reporter", &["token.report"], &[], &[]).await;
+    let reporter = app
+        .create_client("reporter", &["token.report"], &[], &[])
+        .await;
     let rejected = app.access_token_for(ACCOUNT_ID).await.unwrap();
     let report = |token: String| ReportInvalidTokenRequest {
         selector: Some(report_invalid_token_request::Selector::AccountId(
@@ -340,7 +325,9 @@ async fn a_burst_of_invalid_reports_causes_one_refresh() {
 async fn the_audit_trail_records_fetches_handouts_reports_and_forced_refreshes_without_tokens() {
     let app = TestApp::spawn().await;
     app.register_default().await;
-    let reader = create_client(&app, "reader", &["token.read", "token.report"], &[], &[]).await;
+    let reader = app
+        .create_client("reader", &["token.read", "token.report"], &[], &[])
+        .await;
     let mut tokens = app.token_client_with(&reader);
     let first = tokens
         .get_access_token(by_merchant(ACCOUNT_ID))
@@ -364,16 +351,7 @@ async fn the_audit_trail_records_fetches_handouts_reports_and_forced_refreshes_w
         .unwrap();
     app.force_refresh().await.unwrap();
 
-    let entries = app
-        .admin_client()
-        .list_audit(ListAuditRequest {
-            since_unix_ms: 0,
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = app.audit_entries().await;
     let lines: Vec<(String, String, String, i64)> = entries
         .iter()
         .rev()
@@ -387,6 +365,19 @@ async fn the_audit_trail_records_fetches_handouts_reports_and_forced_refreshes_w
         })
         .collect();
     let expected = [
+        ("test-admin", "app_added", "app added", 1),
+        (
+            "test-admin",
+            "merchant_added",
+            "merchant 7100000000000000001",
+            1,
+        ),
+        (
+            "test-admin",
+            "client_created",
+            "client \"reader\" with scopes token.read,token.report",
+            1,
+        ),
         ("daemon", "token_fetch", "demand", 1),
         ("reader", "token_handout", "GetAccessToken", 5),
         ("daemon", "token_fetch", "demand", 1),
@@ -417,7 +408,10 @@ async fn the_audit_trail_records_fetches_handouts_reports_and_forced_refreshes_w
         !printed.contains(&first.access_token) && !printed.contains(CLIENT_KEY),
         "{printed}"
     );
-    assert!(entries.iter().all(|entry| entry.app.starts_with("app:")));
+    // Every line about an app names it by fingerprint; creating a client concerns none.
+    assert!(entries.iter().all(|entry| {
+        entry.app.starts_with("app:") || (entry.action == "client_created" && entry.app.is_empty())
+    }));
 
     // Pruning removes what is past retention, and only that.
     app.advance(Duration::from_secs(91 * 24 * 3600));
@@ -431,17 +425,8 @@ async fn the_audit_trail_records_fetches_handouts_reports_and_forced_refreshes_w
         .prune(Duration::from_secs(90 * 24 * 3600))
         .await
         .unwrap();
-    assert_eq!(pruned, 6);
-    let left = app
-        .admin_client()
-        .list_audit(ListAuditRequest {
-            since_unix_ms: 0,
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    assert_eq!(pruned, 9);
+    let left = app.audit_entries().await;
     assert_eq!(left.len(), 2, "the new fetch and hand-out stay: {left:?}");
     app.stop().await;
 }

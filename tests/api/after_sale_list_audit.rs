@@ -11,7 +11,6 @@ use douyin_tokend::proto::douyin::goodlife::v1::{
     AuditAfterSaleOrderRequest, AuditAfterSaleOrderResponse, ListAfterSaleOrdersRequest,
     ListAfterSaleOrdersResponse,
 };
-use douyin_tokend::proto::tokend::v1::ListAuditRequest;
 use douyin_tokend::sandbox::Fault;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -546,16 +545,7 @@ async fn every_decision_is_in_the_audit_trail_with_who_what_and_the_logid() {
     decide(&app, rejection("order-j", "cert-j", "late"))
         .await
         .unwrap_err();
-    let entries = app
-        .admin_client()
-        .list_audit(ListAuditRequest {
-            since_unix_ms: 0,
-            limit: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = app.audit_entries().await;
     let decisions: Vec<_> = entries
         .iter()
         .filter(|entry| entry.action == "refund_decision")

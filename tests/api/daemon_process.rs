@@ -43,6 +43,8 @@ pub struct DaemonSettings {
     /// `WATCHDOG_USEC` as systemd would set it.
     pub watchdog: Option<Duration>,
     pub extra_arguments: Vec<String>,
+    /// Variables as systemd would set them (e.g. `RUNTIME_DIRECTORY`).
+    pub extra_environment: Vec<(String, String)>,
 }
 
 impl DaemonSettings {
@@ -54,6 +56,7 @@ impl DaemonSettings {
             app_secret: CLIENT_SECRET.to_owned(),
             watchdog: None,
             extra_arguments: Vec::new(),
+            extra_environment: Vec::new(),
         }
     }
 
@@ -125,6 +128,7 @@ impl DaemonProcess {
                 "info,douyin_tokend=debug,tokio_cron_scheduler=warn".to_owned(),
             ),
         ];
+        environment.extend(settings.extra_environment.iter().cloned());
         if let Some(watchdog) = settings.watchdog {
             environment.push(("WATCHDOG_USEC".to_owned(), watchdog.as_micros().to_string()));
         }

@@ -474,6 +474,41 @@ impl TestApp {
             .map(tonic::Response::into_inner)
     }
 
+    /// Creates an API client as the test's admin and returns its key.
+    pub async fn create_client(
+        &self,
+        name: &str,
+        scopes: &[&str],
+        apps: &[&str],
+        merchants: &[&str],
+    ) -> String {
+        let to_strings = |items: &[&str]| items.iter().map(|item| (*item).to_owned()).collect();
+        self.admin_client()
+            .create_client(CreateClientRequest {
+                name: name.to_owned(),
+                scopes: to_strings(scopes),
+                apps: to_strings(apps),
+                merchants: to_strings(merchants),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .api_key
+    }
+
+    /// The audit trail, newest first (up to 100 lines).
+    pub async fn audit_entries(&self) -> Vec<AuditEntry> {
+        self.admin_client()
+            .list_audit(ListAuditRequest {
+                since_unix_ms: 0,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    }
+
     pub async fn token_status(&self) -> Vec<TokenStatus> {
         self.admin_client()
             .list_token_status(ListTokenStatusRequest {})

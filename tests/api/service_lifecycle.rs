@@ -1,7 +1,9 @@
 //! The real binary under a fake systemd: READY only once it can serve,
 //! STOPPING and a clean exit on SIGTERM with in-flight calls finishing, the
 //! watchdog fed only while the sweep runs, SIGHUP reloads that drop neither
-//! tokens nor connections, health and the `healthcheck` command, JSON logs.
+//! tokens nor connections, `douyin-tokend reload` (systemd's ExecReload=)
+//! failing with the reason while STATUS keeps it, health and the
+//! `healthcheck` command, JSON logs.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use crate::daemon_process::{
     BINARY, DaemonProcess, DaemonSettings, GatedUpstream, PATIENCE, app_and_merchants, lookup,
     real_time_sandbox,
 };
-use crate::helpers::{ACCOUNT_ID, CLIENT_KEY};
+use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, CLIENT_SECRET};
 
 const SECOND_ACCOUNT_ID: &str = "7100000000000000002";
 
@@ -275,7 +277,11 @@ async fn a_broken_config_on_sighup_keeps_the_running_apps_and_merchants() {
     daemon.write_config("[refresh]\nwindow_end = \"soon\"", &app_and_merchants(&[]));
     daemon.send_signal("HUP");
     daemon.wait_for_notification("RELOADING=1").await;
-    daemon.wait_for_notification("READY=1").await;
+    let ready = daemon.wait_for_notification("READY=1").await;
+    assert!(
+        ready.contains("; last reload failed: ") && ready.contains("refresh.window_end"),
+        "READY=1 ends RELOADING, and STATUS keeps the failure: {ready}"
+    );
 
     lookup(channel, ACCOUNT_ID, DOCUMENTED_ORDER_ID)
         .await
@@ -283,6 +289,188 @@ async fn a_broken_config_on_sighup_keeps_the_running_apps_and_merchants() {
     let logs = daemon.logs();
     assert!(logs.contains("configuration not reloaded"), "{logs}");
     assert!(logs.contains("refresh.window_end"), "{logs}");
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    sandbox.stop().await;
+}
+
+/// `douyin-tokend reload` as the unit's ExecReload= runs it: with the key the
+/// daemon wrote to its runtime directory.
+async fn reload_command(
+    process: &DaemonProcess,
+    key_file: &std::path::Path,
+) -> std::process::Output {
+    tokio::process::Command::new(BINARY)
+        .arg("--api-key-file")
+        .arg(key_file)
+        .args(["reload", "--daemon"])
+        .arg(process.grpc_address.to_string())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A daemon as systemd starts it with `RuntimeDirectory=` (and, when given,
+/// `LoadCredential=`): the reload key lands in the runtime directory.
+async fn start_with_runtime_directory(
+    sandbox: &douyin_tokend::sandbox::Sandbox,
+    config_body: String,
+    credentials_directory: Option<&std::path::Path>,
+) -> (DaemonProcess, tempfile::TempDir) {
+    let runtime_directory = tempfile::tempdir().unwrap();
+    let mut settings = DaemonSettings::new(sandbox.base_url());
+    settings.config_body = config_body;
+    settings.extra_environment.push((
+        "RUNTIME_DIRECTORY".to_owned(),
+        runtime_directory.path().display().to_string(),
+    ));
+    if let Some(directory) = credentials_directory {
+        settings.extra_environment.push((
+            "CREDENTIALS_DIRECTORY".to_owned(),
+            directory.display().to_string(),
+        ));
+    }
+    (DaemonProcess::start("", settings).await, runtime_directory)
+}
+
+#[tokio::test]
+async fn douyin_tokend_reload_exits_non_zero_with_the_reason_and_status_keeps_it_until_a_good_reload()
+ {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID, SECOND_ACCOUNT_ID]).await;
+    let (mut daemon, runtime_directory) =
+        start_with_runtime_directory(&sandbox, app_and_merchants(&[ACCOUNT_ID]), None).await;
+    let key_file = runtime_directory.path().join("reload.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "only the service user reads the reload key"
+    );
+    // The reload key reloads and does nothing else.
+    let reload_key = std::fs::read_to_string(&key_file).unwrap();
+    let refused = AdminServiceClient::with_interceptor(
+        daemon.channel(),
+        douyin_tokend::cli::BearerAuth::new(&reload_key).unwrap(),
+    )
+    .list_token_status(ListTokenStatusRequest {})
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    daemon.write_config(
+        "[refresh]\nwindow_end = \"soon\"",
+        &app_and_merchants(&[ACCOUNT_ID, SECOND_ACCOUNT_ID]),
+    );
+    let failed = reload_command(&daemon, &key_file).await;
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(
+        stderr.contains("configuration not reloaded") && stderr.contains("refresh.window_end"),
+        "{stderr}"
+    );
+    daemon.wait_for_notification("RELOADING=1").await;
+    let ready = daemon.wait_for_notification("READY=1").await;
+    assert!(
+        ready.contains("STATUS=serving gRPC on ")
+            && ready.contains("; last reload failed: ")
+            && ready.contains("refresh.window_end"),
+        "{ready}"
+    );
+    let unknown = lookup(daemon.channel(), SECOND_ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "nothing was applied");
+
+    daemon.write_config("", &app_and_merchants(&[ACCOUNT_ID, SECOND_ACCOUNT_ID]));
+    let applied = reload_command(&daemon, &key_file).await;
+    assert!(applied.status.success(), "{applied:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&applied.stdout),
+        "configuration reloaded: 1 merchant added\n"
+    );
+    daemon.wait_for_notification("RELOADING=1").await;
+    let ready = daemon.wait_for_notification("READY=1").await;
+    assert!(!ready.contains("last reload failed"), "{ready}");
+    lookup(daemon.channel(), SECOND_ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .expect("the merchant added by the reload is served");
+
+    let audit =
+        AdminServiceClient::with_interceptor(daemon.channel(), crate::daemon_process::admin_key())
+            .list_audit(douyin_tokend::proto::tokend::v1::ListAuditRequest {
+                since_unix_ms: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+    let reloads: Vec<(String, String)> = audit
+        .into_iter()
+        .filter(|entry| entry.action == "config_reload")
+        .map(|entry| (entry.client, entry.reason))
+        .collect();
+    assert_eq!(reloads.len(), 2, "{reloads:?}");
+    assert_eq!(
+        reloads[0],
+        (
+            "reload-key".to_owned(),
+            "applied: 1 merchant added".to_owned()
+        )
+    );
+    assert!(reloads[1].1.starts_with("refused: "), "{reloads:?}");
+
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    assert!(!key_file.exists(), "the key goes with the process");
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_says_that_systemd_credentials_are_copied_only_at_start() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("app-secret"), CLIENT_SECRET).unwrap();
+    let admin_client = app_and_merchants(&[])
+        .split("[[apps]]")
+        .next()
+        .unwrap()
+        .to_owned();
+    let body = format!(
+        "{admin_client}[[apps]]\nclient_key = \"{CLIENT_KEY}\"\nclient_secret_file = \"app-secret\"\n"
+    );
+    let (mut daemon, runtime_directory) =
+        start_with_runtime_directory(&sandbox, body.clone(), Some(credentials.path())).await;
+    let key_file = runtime_directory.path().join("reload.key");
+
+    let unchanged = reload_command(&daemon, &key_file).await;
+    assert!(unchanged.status.success(), "{unchanged:?}");
+    let stdout = String::from_utf8_lossy(&unchanged.stdout);
+    assert!(
+        stdout.starts_with("configuration reloaded: nothing changed\n")
+            && stdout.contains("(app-secret) are unchanged")
+            && stdout.contains("only when the service starts"),
+        "{stdout}"
+    );
+
+    daemon.write_config(
+        "",
+        &format!(
+            "{body}[[apps]]\nclient_key = \"awnewapp\"\nclient_secret_file = \"new-app-secret\"\n"
+        ),
+    );
+    let unreadable = reload_command(&daemon, &key_file).await;
+    let stderr = String::from_utf8_lossy(&unreadable.stderr);
+    assert_eq!(unreadable.status.code(), Some(1), "{unreadable:?}");
+    assert!(
+        stderr.contains("apps[1].client_secret_file")
+            && stderr.contains("only when the service starts")
+            && stderr.contains("systemctl restart"),
+        "{stderr}"
+    );
+    let logs = daemon.logs();
+    assert!(logs.contains("systemctl restart"), "{logs}");
     daemon.send_signal("TERM");
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
     sandbox.stop().await;

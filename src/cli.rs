@@ -741,8 +741,17 @@ pub async fn tail_events(
             Ok(Some(event)) => event,
             Ok(None) => return Ok(()),
             Err(status) => {
+                // The daemon's message speaks gRPC (`after_sequence`); an
+                // operator at this prompt needs the flag. Past pruned events,
+                // resuming means accepting the gap the daemon names.
+                use tonic_types::StatusExt;
+                let resume_after = status
+                    .get_details_error_info()
+                    .and_then(|info| info.metadata.get("pruned_through").cloned())
+                    .and_then(|pruned_through| pruned_through.parse::<i64>().ok())
+                    .unwrap_or(last_sequence);
                 return Err(status_error(status).context(format!(
-                    "the event stream ended after sequence {last_sequence}"
+                    "the event stream ended after sequence {last_sequence}; resume with `douyin-tokend events tail --after {resume_after}`"
                 )));
             }
         };

@@ -609,6 +609,7 @@ async fn events_tail_prints_one_json_line_per_event_as_they_come() {
         ])
         .env("DOUYIN_TOKEND_API_KEY", crate::helpers::ADMIN_API_KEY)
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -638,6 +639,17 @@ async fn events_tail_prints_one_json_line_per_event_as_they_come() {
         (second["msg_id"].as_str(), second["sequence"].as_i64()),
         (Some("after"), Some(2))
     );
-    tail.kill().await.unwrap();
+    // The daemon's shutdown ends the stream: tail fails, telling the operator
+    // the flag to resume with.
     app.stop().await;
+    let ended = tokio::time::timeout(EVENT_PATIENCE, tail.wait_with_output())
+        .await
+        .expect("tail ends with the stream")
+        .unwrap();
+    assert!(!ended.status.success());
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(
+        stderr.contains("resume with `douyin-tokend events tail --after 2`"),
+        "{stderr}"
+    );
 }

@@ -147,7 +147,7 @@ pub enum EventsCommand {
         /// Only this merchant, by account_id (repeatable).
         #[arg(long = "merchant")]
         merchants: Vec<String>,
-        /// One JSON object per line (the app as its fingerprint, no raw body).
+        /// One JSON object per line (the app by its client key, no raw body).
         #[arg(long)]
         json: bool,
     },
@@ -708,8 +708,8 @@ pub async fn run_audit_command(
 
 /// `events tail`: streams the daemon's after-sale events to `out`, one line
 /// each, flushed as they come, until the stream ends (an error naming the
-/// sequence to resume after) or the process is interrupted. The app shows as
-/// its fingerprint: the client key stays out of terminals and log files.
+/// sequence to resume after) or the process is interrupted. The app shows by
+/// its client key (an identifier; the raw body stays out).
 pub async fn tail_events(
     address: &str,
     transport: &crate::transport::ClientTransport,
@@ -766,12 +766,6 @@ pub async fn tail_events(
     }
 }
 
-/// The app of an event as `app:<fingerprint>`.
-fn event_app(event: &crate::proto::douyin::goodlife::v1::AfterSaleEvent) -> String {
-    crate::domain::ClientKey::parse(&event.client_key)
-        .map_or_else(|_| "app:?".to_owned(), |key| key.to_string())
-}
-
 fn event_json_line(
     event: &crate::proto::douyin::goodlife::v1::AfterSaleEvent,
 ) -> anyhow::Result<String> {
@@ -781,7 +775,7 @@ fn event_json_line(
         object.remove("raw_json");
         object.insert(
             "app".to_owned(),
-            serde_json::Value::String(event_app(event)),
+            serde_json::Value::String(event.client_key.clone()),
         );
     }
     Ok(value.to_string())
@@ -808,7 +802,7 @@ pub(crate) fn event_text_line(
         },
         event.refund_amount,
         reasons,
-        event_app(event),
+        event.client_key,
         event.msg_id
     )
 }

@@ -51,8 +51,10 @@ pub(crate) fn fingerprint(value: &str) -> String {
 
 // === impl ClientKey ===
 
-/// An app's `client_key`. Treated as confidential: it prints as a fingerprint
-/// (`app:1a2b3c4d`), never as itself.
+/// An app's `client_key`: an identifier, not a secret (Douyin puts it in
+/// URLs and webhook bodies), so it prints as itself in logs, errors, CLI
+/// output and metric labels; the app's secret and its tokens are what stay
+/// hidden.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientKey(String);
 
@@ -68,10 +70,6 @@ impl ClientKey {
     pub(crate) fn expose(&self) -> &str {
         &self.0
     }
-
-    pub fn fingerprint(&self) -> String {
-        fingerprint(&self.0)
-    }
 }
 
 /// Read from the config file (`[[apps]] client_key`, a client's `apps`, a
@@ -85,13 +83,13 @@ impl<'de> Deserialize<'de> for ClientKey {
 
 impl fmt::Display for ClientKey {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(formatter, "app:{}", self.fingerprint())
+        formatter.write_str(&self.0)
     }
 }
 
 impl fmt::Debug for ClientKey {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(formatter, "ClientKey({self})")
+        write!(formatter, "ClientKey({:?})", self.0)
     }
 }
 
@@ -553,15 +551,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_never_show_in_debug_or_display() {
+    fn secrets_never_show_in_debug_or_display_and_client_keys_do() {
         let key = ClientKey::parse("awkey123456").unwrap();
         let secret = ClientSecret::parse("s3cr3t-value").unwrap();
         let token = AccessToken::new("clt.abcdef0123456789".to_owned());
-        let printed = format!("{key} {key:?} {secret:?} {token} {token:?}");
-        assert!(!printed.contains("awkey123456"), "{printed}");
+        let printed = format!("{secret:?} {token} {token:?}");
         assert!(!printed.contains("s3cr3t-value"), "{printed}");
         assert!(!printed.contains("clt.abcdef"), "{printed}");
-        assert!(printed.contains(&key.fingerprint()));
+        assert_eq!(
+            format!("{key} {key:?}"),
+            "awkey123456 ClientKey(\"awkey123456\")"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! gauges are read at scrape time from plain [`AppTokenReading`]s that `app`
 //! builds from the token manager's status, so they are never stale.
 //!
-//! Label cardinality is bounded: apps appear only as client_key fingerprints
+//! Label cardinality is bounded: apps appear by client_key
 //! (at most [`MAX_APP_LABELS`] of them, later ones as `other`), Douyin codes
 //! only from the set the daemon knows (`douyin::codes` labels the rest
 //! `other`), everything else from fixed lists.
@@ -324,25 +324,25 @@ impl Drop for QueuedLookup {
     }
 }
 
-/// The app fingerprints that have their own label, shared by every clone of
+/// The apps (client keys) that have their own label, shared by every clone of
 /// one [`Metrics`].
 #[derive(Clone, Debug, Default)]
 struct AppLabels {
-    fingerprints: Arc<Mutex<HashSet<String>>>,
+    labelled_apps: Arc<Mutex<HashSet<String>>>,
 }
 
 impl AppLabels {
-    /// The app's label: its fingerprint while under the cap, else "other".
+    /// The app's label: its client key while under the cap, else "other".
     fn label_of(&self, client_key: &ClientKey) -> String {
-        let fingerprint = client_key.fingerprint();
+        let label = client_key.to_string();
         // A set of strings stays consistent whatever panicked while holding it.
-        let mut fingerprints = self.fingerprints.lock();
-        if fingerprints.contains(&fingerprint) {
-            return fingerprint;
+        let mut labelled_apps = self.labelled_apps.lock();
+        if labelled_apps.contains(&label) {
+            return label;
         }
-        if fingerprints.len() < MAX_APP_LABELS {
-            fingerprints.insert(fingerprint.clone());
-            return fingerprint;
+        if labelled_apps.len() < MAX_APP_LABELS {
+            labelled_apps.insert(label.clone());
+            return label;
         }
         OTHER.to_owned()
     }
@@ -413,7 +413,7 @@ fn encode_app_gauge(
     for reading in app_tokens {
         if let Some(value) = value_of(reading) {
             let labels = AppLabel {
-                app: reading.client_key.fingerprint(),
+                app: reading.client_key.to_string(),
             };
             ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
         }
@@ -424,7 +424,7 @@ fn encode_app_gauge(
 impl Collector for ScrapeTimeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let readings = (self.read)();
-        // Token gauges are labelled by every registered app's fingerprint,
+        // Token gauges are labelled by every registered app's client key,
         // without the counters' cap: they list only apps registered now, and
         // two apps sharing "other" would make two samples of one series.
         let app_tokens = &readings.app_tokens;
@@ -457,11 +457,8 @@ impl Collector for ScrapeTimeCollector {
                 MetricType::Gauge,
             )?;
             for reading in app_tokens {
-                let fingerprint = reading.client_key.fingerprint();
-                let labels = [
-                    ("app", fingerprint.as_str()),
-                    ("state", reading.state_label),
-                ];
+                let app_label = reading.client_key.to_string();
+                let labels = [("app", app_label.as_str()), ("state", reading.state_label)];
                 ConstGauge::new(1_i64).encode(family.encode_family(&labels)?)?;
             }
         }
@@ -576,12 +573,12 @@ mod tests {
             let key = client_key(index);
             let label = labels.label_of(&key);
             if index < MAX_APP_LABELS {
-                assert_eq!(label, key.fingerprint());
+                assert_eq!(label, key.to_string());
             } else {
                 assert_eq!(label, "other");
             }
         }
-        assert_eq!(labels.label_of(&client_key(0)), client_key(0).fingerprint());
+        assert_eq!(labels.label_of(&client_key(0)), client_key(0).to_string());
     }
 
     #[test]
@@ -613,7 +610,7 @@ mod tests {
         metrics.record_token_fetch(&key, "forced", Some("timeout"), Duration::from_millis(5));
         metrics.record_upstream_call("client_token", Cow::Borrowed("transport"));
         let page = render(&registry).unwrap();
-        let app = key.fingerprint();
+        let app = key.to_string();
         for expected in [
             "# TYPE douyin_tokend_token_refreshes_total counter\n".to_owned(),
             format!(
@@ -657,7 +654,7 @@ mod tests {
             }
         })));
         let page = render(&registry).unwrap();
-        let app = client_key(2).fingerprint();
+        let app = client_key(2).to_string();
         for expected in [
             format!("douyin_tokend_token_expires_in_seconds{{app=\"{app}\"}} 7000\n"),
             format!("douyin_tokend_token_generation{{app=\"{app}\"}} 3\n"),

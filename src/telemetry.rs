@@ -1,6 +1,6 @@
 //! Logs: the tracing subscriber (human lines by default, JSON with
 //! `--log-format json`) and the span every RPC runs in, which carries a request
-//! id, the merchant, the app (as its fingerprint) and Douyin's logid once they
+//! id, the merchant, the app (its client key) and Douyin's logid once they
 //! are known, so every line logged while serving a call can be traced to it.
 
 use std::io::IsTerminal;
@@ -81,7 +81,7 @@ pub(crate) fn record_merchant(account_id: &AccountId) {
     Span::current().record("merchant", display(account_id));
 }
 
-/// Notes the app (its fingerprint, never the key) on the current RPC span.
+/// Notes the app (its client key, an identifier) on the current RPC span.
 pub(crate) fn record_app(client_key: &ClientKey) {
     Span::current().record("app", display(client_key));
 }

@@ -1,5 +1,6 @@
 //! Secrets stay secret: across success and failure paths, no token, client
-//! secret or client key appears in any log line, error message or Debug output.
+//! secret, API key or master key appears in any log line, error message or
+//! Debug output. (A client_key is an identifier and may appear.)
 //! A test binary of its own: it installs the process-wide log subscriber, which
 //! tests sharing a process would race for (tracing caches per call site
 //! whether anyone listens).
@@ -208,7 +209,6 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
     for secret in [
         CLIENT_SECRET,
         "wrong-secret-value",
-        CLIENT_KEY,
         &lease.access_token,
         &lease_final.access_token,
         &reported.access_token,

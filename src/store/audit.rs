@@ -1,5 +1,5 @@
-//! The `audit` table: who did what with which token. Apps and tokens appear
-//! as fingerprints only; identical hand-outs arrive already counted.
+//! The `audit` table: who did what with which app and token. Apps appear by
+//! client key, tokens as fingerprints only; identical hand-outs arrive already counted.
 
 use super::{Store, StoreError, query_error};
 

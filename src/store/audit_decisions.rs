@@ -62,7 +62,7 @@ struct DecisionRow {
 pub(crate) struct DecisionAuthor<'a> {
     /// The API client's name.
     pub(crate) client: &'a str,
-    /// The app that sends it, as `app:<fingerprint>`.
+    /// The app that sends it, by client key.
     pub(crate) app: &'a str,
 }
 

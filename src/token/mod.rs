@@ -1046,7 +1046,7 @@ impl TokenManager {
                     }
                 })
                 .collect();
-        views.sort_by_key(|view| view.client_key.fingerprint());
+        views.sort_by(|first, second| first.client_key.cmp(&second.client_key));
         views
     }
 

@@ -241,7 +241,7 @@ async fn receive(
 enum Answer {
     Empty,
     Challenge(serde_json::Value),
-    /// Refused or ignored for this app (logged as its fingerprint only).
+    /// Refused or ignored for this app (logged by its client key).
     ForApp(ClientKey),
     StoredAs(ClientKey, i64),
     Malformed(Malformed),

@@ -240,8 +240,8 @@ async fn merchant_and_app_bounds_are_enforced() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(
-        !status.message().contains(OTHER_CLIENT_KEY),
-        "client keys print as fingerprints: {}",
+        status.message().contains(OTHER_CLIENT_KEY),
+        "the refusal names the app by its client key: {}",
         status.message()
     );
     assert_eq!(
@@ -404,13 +404,10 @@ async fn the_audit_trail_records_fetches_handouts_reports_and_forced_refreshes_w
             .map(|entry| (&entry.app, &entry.token_fingerprint))
             .collect::<Vec<_>>()
     );
-    assert!(
-        !printed.contains(&first.access_token) && !printed.contains(CLIENT_KEY),
-        "{printed}"
-    );
-    // Every line about an app names it by fingerprint; creating a client concerns none.
+    assert!(!printed.contains(&first.access_token), "{printed}");
+    // Every line about an app names it by client key; creating a client concerns none.
     assert!(entries.iter().all(|entry| {
-        entry.app.starts_with("app:") || (entry.action == "client_created" && entry.app.is_empty())
+        entry.app == CLIENT_KEY || (entry.action == "client_created" && entry.app.is_empty())
     }));
 
     // Pruning removes what is past retention, and only that.

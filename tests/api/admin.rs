@@ -439,20 +439,20 @@ async fn every_admin_change_is_in_the_audit_trail_with_the_calling_client() {
     let mut entries = app.audit_entries().await;
     // Newest first; the order they were made in is easier to read.
     entries.reverse();
-    let app_fingerprint = |key: &str| ClientKey::parse(key).unwrap().to_string();
+    let app_named = |key: &str| key.to_owned();
     let trail: Vec<(String, String, String)> = entries
         .into_iter()
         .map(|entry| (entry.client, entry.action, entry.app))
         .collect();
     let expected: Vec<(String, String, String)> = [
         ("test-admin", "client_created", String::new()),
-        ("ops", "app_added", app_fingerprint(CLIENT_KEY)),
-        ("ops", "app_secret_replaced", app_fingerprint(CLIENT_KEY)),
-        ("ops", "app_added", app_fingerprint(OTHER_CLIENT_KEY)),
-        ("ops", "merchant_added", app_fingerprint(CLIENT_KEY)),
-        ("ops", "merchant_moved", app_fingerprint(OTHER_CLIENT_KEY)),
-        ("ops", "merchant_removed", app_fingerprint(OTHER_CLIENT_KEY)),
-        ("ops", "app_removed", app_fingerprint(OTHER_CLIENT_KEY)),
+        ("ops", "app_added", app_named(CLIENT_KEY)),
+        ("ops", "app_secret_replaced", app_named(CLIENT_KEY)),
+        ("ops", "app_added", app_named(OTHER_CLIENT_KEY)),
+        ("ops", "merchant_added", app_named(CLIENT_KEY)),
+        ("ops", "merchant_moved", app_named(OTHER_CLIENT_KEY)),
+        ("ops", "merchant_removed", app_named(OTHER_CLIENT_KEY)),
+        ("ops", "app_removed", app_named(OTHER_CLIENT_KEY)),
         ("ops", "client_created", String::new()),
         ("ops", "client_removed", String::new()),
     ]
@@ -460,5 +460,26 @@ async fn every_admin_change_is_in_the_audit_trail_with_the_calling_client() {
     .map(|(client, action, app)| (client.to_owned(), action.to_owned(), app))
     .collect();
     assert_eq!(trail, expected);
+    app.stop().await;
+}
+
+/// A client_key is an identifier: an error about an app names the key the
+/// operator typed, so the mistake is visible (not a fingerprint to decode).
+#[tokio::test]
+async fn a_merchant_for_an_unknown_app_is_refused_naming_that_client_key() {
+    let app = TestApp::spawn().await;
+    let status = app
+        .admin_client()
+        .put_merchant(PutMerchantRequest {
+            account_id: ACCOUNT_ID.to_owned(),
+            client_key: "awnotthere".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("awnotthere is not registered"),
+        "{}",
+        status.message()
+    );
     app.stop().await;
 }

@@ -15,7 +15,7 @@ use douyin_tokend::sandbox::Fault;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::helpers::{ACCOUNT_ID, OTHER_ACCOUNT_ID, TestApp, after_sale_request};
+use crate::helpers::{ACCOUNT_ID, CLIENT_KEY, OTHER_ACCOUNT_ID, TestApp, after_sale_request};
 
 /// Where the seeded refunds' creation times start (Unix seconds).
 const SEEDED_FROM_S: i64 = 1_767_000_000;
@@ -553,7 +553,7 @@ async fn every_decision_is_in_the_audit_trail_with_who_what_and_the_logid() {
     assert_eq!(decisions.len(), 3, "{decisions:?}");
     for entry in &decisions {
         assert_eq!(entry.client, "test-admin");
-        assert!(entry.app.starts_with("app:"), "{}", entry.app);
+        assert_eq!(entry.app, CLIENT_KEY);
         assert!(
             entry.reason.contains(&format!(
                 "merchant {ACCOUNT_ID} order order-j certificate cert-j"

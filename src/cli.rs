@@ -595,21 +595,43 @@ fn format_unix_ms(unix_ms: i64) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
-/// `client new-key`: a key for a [[clients]] entry, made without a daemon.
-pub fn new_key_text() -> String {
-    let key = crate::access::generate_api_key();
-    let hash = crate::access::KeyHash::of_key(&key).to_hex();
-    format!(
-        "API key (give it to the service; it is not stored anywhere):\n  {key}\n\
-         for the config file:\n  key_sha256 = \"{hash}\"\n"
-    )
+/// What a command prints: `stdout` holds only what a script captures (a new
+/// key alone, so `KEY=$(douyin-tokend client new-key)` works), `stderr` the
+/// prose around it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CommandOutput {
+    pub stdout: String,
+    pub stderr: String,
 }
 
-/// Runs a client command against a daemon; `client new-key` needs none (see `new_key_text`).
+impl CommandOutput {
+    /// A command whose whole answer is its result (listings, confirmations).
+    fn result(text: String) -> Self {
+        Self {
+            stdout: text,
+            stderr: String::new(),
+        }
+    }
+}
+
+/// `client new-key`: a key for a [[clients]] entry, made without a daemon.
+pub fn new_key() -> CommandOutput {
+    let key = crate::access::generate_api_key();
+    let hash = crate::access::KeyHash::of_key(&key).to_hex();
+    CommandOutput {
+        stdout: format!("{key}\n"),
+        stderr: format!(
+            "the API key above is not stored anywhere: give it to the service.\n\
+             for the config file's [[clients]] entry:\n  key_sha256 = \"{hash}\"\n"
+        ),
+    }
+}
+
+/// Runs a client command against a daemon; `client new-key` needs none (see `new_key`).
 pub async fn run_client_command(
     client: &mut AdminServiceClient<AuthenticatedChannel>,
     command: &ClientCommand,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<CommandOutput> {
     Ok(match command {
         ClientCommand::Create {
             name,
@@ -627,10 +649,10 @@ pub async fn run_client_command(
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            format!(
-                "client {name:?} created. Its API key, shown this once:\n  {}\n",
-                answer.api_key
-            )
+            CommandOutput {
+                stdout: format!("{}\n", answer.api_key),
+                stderr: format!("client {name:?} created; its API key above is shown this once\n"),
+            }
         }
         ClientCommand::List => {
             let clients = client
@@ -656,16 +678,16 @@ pub async fn run_client_command(
                     bounds
                 ));
             }
-            out
+            CommandOutput::result(out)
         }
         ClientCommand::Remove { name } => {
             client
                 .remove_client(RemoveClientRequest { name: name.clone() })
                 .await
                 .map_err(status_error)?;
-            format!("client {name:?} removed\n")
+            CommandOutput::result(format!("client {name:?} removed\n"))
         }
-        ClientCommand::NewKey => new_key_text(),
+        ClientCommand::NewKey => new_key(),
     })
 }
 

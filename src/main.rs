@@ -122,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: cli::ClientCommand::NewKey,
             ..
         } => {
-            print!("{}", cli::new_key_text());
+            print_output(&cli::new_key());
             Ok(())
         }
         Command::App { command, daemon } => {
@@ -142,7 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Client { command, daemon } => {
             let mut client = connect_admin(&cli, daemon).await?;
-            print!("{}", cli::run_client_command(&mut client, command).await?);
+            print_output(&cli::run_client_command(&mut client, command).await?);
             Ok(())
         }
         Command::Events { command, daemon } => {
@@ -316,4 +316,10 @@ async fn run_sandbox(arguments: &cli::SandboxArgs) -> anyhow::Result<()> {
     shutdown_signal()?.await;
     sandbox.stop().await;
     Ok(())
+}
+
+/// A command's output: what scripts capture on stdout, the prose on stderr.
+fn print_output(output: &cli::CommandOutput) {
+    eprint!("{}", output.stderr);
+    print!("{}", output.stdout);
 }

@@ -284,3 +284,27 @@ async fn a_sweep_too_rare_to_feed_the_systemd_watchdog_is_refused_and_a_frequent
     let no_watchdog = check_config(every_two_minutes, &[]).await;
     assert_eq!(no_watchdog.code, Some(0), "{}", no_watchdog.stderr);
 }
+
+/// `KEY=$(douyin-tokend client new-key)` captures the key alone; the config
+/// line with its hash goes to stderr, for the operator's eyes.
+#[tokio::test]
+async fn client_new_key_prints_the_key_alone_on_stdout_and_its_hash_on_stderr() {
+    let output = tokio::process::Command::new(BINARY)
+        .args(["client", "new-key"])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let key = stdout.trim_end_matches('\n');
+    assert!(
+        key.starts_with("dtk_") && !key.contains(char::is_whitespace),
+        "stdout holds only the key: {stdout:?}"
+    );
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()));
+    assert!(
+        stderr.contains(&format!("key_sha256 = \"{hash}\"")),
+        "{stderr}"
+    );
+}

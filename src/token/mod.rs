@@ -92,17 +92,10 @@ pub(crate) enum RefreshReason {
 }
 
 impl RefreshReason {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Demand => "demand",
-            Self::Scheduled => "scheduled",
-            Self::Forced => "forced",
-        }
-    }
-
-    /// Why a fetch ran, as operators read it on `token_refreshes_total`:
-    /// scheduled fetches before the first sweep completed are the start-up's.
-    pub(crate) fn metric_label(self, before_first_sweep: bool) -> &'static str {
+    /// Why a fetch ran, in one word shared by the "fetching client_token" log
+    /// line, the `token_refreshes_total` label and the audit trail: scheduled
+    /// fetches before the first sweep completed are the start-up's.
+    pub(crate) fn label(self, before_first_sweep: bool) -> &'static str {
         match self {
             Self::Scheduled if before_first_sweep => "startup",
             Self::Scheduled => "scheduled",
@@ -569,17 +562,17 @@ impl TokenManager {
         started_at_ms: i64,
     ) -> Result<TokenLease, TokenError> {
         let client_key = &slot.client_key;
-        tracing::info!(app = %client_key, reason = reason.as_str(), generation, "fetching client_token");
+        let reason = reason.label(*self.inner.sweeps_completed.borrow() == 0);
+        tracing::info!(app = %client_key, reason, generation, "fetching client_token");
         let fetch_started = tokio::time::Instant::now();
         let fetched = {
             // The semaphore is never closed, so acquiring cannot fail.
             let _slot = self.inner.fetch_slots.acquire().await;
             self.fetch_past_stale_repeats(&slot, &secret).await
         };
-        let before_first_sweep = *self.inner.sweeps_completed.borrow() == 0;
         self.inner.metrics.record_token_fetch(
             client_key,
-            reason.metric_label(before_first_sweep),
+            reason,
             fetched.as_ref().err().map(TokenFetchError::cause_label),
             fetch_started.elapsed(),
         );
@@ -666,7 +659,7 @@ impl TokenManager {
                     DAEMON,
                     AuditAction::TokenFetch,
                     client_key,
-                    reason.as_str(),
+                    reason,
                     Some(&lease.access_token),
                 );
                 Ok(lease)
@@ -725,7 +718,7 @@ impl TokenManager {
                     DAEMON,
                     AuditAction::TokenFetch,
                     client_key,
-                    &format!("{} (failed: {})", reason.as_str(), failure.message),
+                    &format!("{reason} (failed: {})", failure.message),
                     None,
                 );
                 Err(error)

@@ -5,8 +5,9 @@
 //! sequence and records its end in `meta`, so a reader can tell "pruned"
 //! from "never there".
 
-use sqlx::{Connection, SqliteConnection};
+use sqlx::Connection as _;
 
+use super::backend::{Backend, Connection, Transaction, on_backend};
 use super::{Store, StoreError, collect_rows, query_error};
 
 /// A notification to store. Holds no secret: the signature is not kept (see
@@ -48,38 +49,53 @@ impl AfterSaleEventTable<'_> {
     /// NORMAL), since Douyin will not send it again. Group commits pay the
     /// extra fsync once per group.
     pub(crate) async fn open_writer(&self) -> Result<AfterSaleEventWriter, StoreError> {
-        let mut connection = self
-            .store
-            .pool
-            .acquire()
-            .await
-            .map_err(query_error("open the event writer's connection"))?
-            .detach();
-        sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut connection)
-            .await
-            .map_err(query_error("make the event writer's commits durable"))?;
+        let connection = match &self.store.pool {
+            Backend::Sqlite(pool) => {
+                let mut connection = pool
+                    .acquire()
+                    .await
+                    .map_err(query_error("open the event writer's connection"))?
+                    .detach();
+                sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut connection)
+                    .await
+                    .map_err(query_error("make the event writer's commits durable"))?;
+                Backend::Sqlite(connection)
+            }
+            // PostgreSQL's commits are durable as they are (synchronous_commit on).
+            Backend::Postgres(pool) => Backend::Postgres(
+                pool.acquire()
+                    .await
+                    .map_err(query_error("open the event writer's connection"))?
+                    .detach(),
+            ),
+        };
         Ok(AfterSaleEventWriter { connection })
     }
 
     /// The highest sequence stored, 0 when there is none.
     pub(crate) async fn latest_sequence(&self) -> Result<i64, StoreError> {
-        sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM after_sale_events")
-            .fetch_one(&self.store.pool)
-            .await
-            .map_err(query_error("read the latest event sequence"))
+        on_backend!(&self.store.pool, pool => sqlx::query_scalar(
+            "SELECT COALESCE(MAX(sequence), 0) FROM after_sale_events",
+        )
+        .fetch_one(pool)
+        .await)
+        .map_err(query_error("read the latest event sequence"))
     }
 
     /// The highest sequence pruning ever removed, 0 when none was: every
     /// event up to it is gone (see `prune`).
     pub(crate) async fn pruned_through(&self) -> Result<i64, StoreError> {
-        let mut connection = self
+        let mut snapshot = self
             .store
             .pool
-            .acquire()
-            .await
-            .map_err(query_error("read how far events were pruned"))?;
-        read_pruned_through(&mut connection).await
+            .begin("read how far events were pruned")
+            .await?;
+        let pruned_through = read_pruned_through(&mut snapshot).await?;
+        snapshot
+            .rollback("end reading how far events were pruned")
+            .await?;
+        Ok(pruned_through)
     }
 
     /// Up to `limit` events with a sequence above `after_sequence`, in
@@ -94,30 +110,35 @@ impl AfterSaleEventTable<'_> {
         let mut snapshot = self
             .store
             .pool
-            .begin()
-            .await
-            .map_err(query_error("begin reading after-sale events"))?;
+            .begin("begin reading after-sale events")
+            .await?;
+        if let Backend::Postgres(transaction) = &mut snapshot {
+            // One snapshot for both reads (PostgreSQL's default takes one per statement).
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut **transaction)
+                .await
+                .map_err(query_error("begin reading after-sale events"))?;
+        }
         let pruned_through = read_pruned_through(&mut snapshot).await?;
-        let rows = sqlx::query_as::<_, StoredRow>(
-            "SELECT sequence, client_key, msg_id, event, account_id,
-                    received_at AS received_at_ms, raw_json
-             FROM after_sale_events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2",
-        )
-        .bind(after_sequence)
-        .bind(limit)
-        .fetch(&mut *snapshot);
-        let page = collect_rows(rows, "list after-sale events", |row: StoredRow| {
+        let convert = |row: StoredRow| {
             Ok(StoredAfterSaleEvent {
                 sequence: row.sequence,
                 record: row.record,
             })
-        })
-        .await?;
+        };
+        let page = on_backend!(&mut snapshot, transaction => {
+            let rows = sqlx::query_as::<_, StoredRow>(
+                "SELECT sequence, client_key, msg_id, event, account_id,
+                        received_at AS received_at_ms, raw_json
+                 FROM after_sale_events WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+            )
+            .bind(after_sequence)
+            .bind(limit)
+            .fetch(&mut **transaction);
+            collect_rows(rows, "list after-sale events", &convert).await
+        })?;
         // Read only: nothing to commit, and ending it releases the snapshot.
-        snapshot
-            .rollback()
-            .await
-            .map_err(query_error("end reading after-sale events"))?;
+        snapshot.rollback("end reading after-sale events").await?;
         Ok((page, pruned_through))
     }
 
@@ -132,40 +153,42 @@ impl AfterSaleEventTable<'_> {
         let mut transaction = self
             .store
             .pool
-            .begin()
-            .await
-            .map_err(query_error("begin pruning after-sale events"))?;
-        let newest_expired: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(sequence) FROM after_sale_events WHERE received_at < ?1",
+            .begin("begin pruning after-sale events")
+            .await?;
+        let newest_expired: Option<i64> =
+            on_backend!(&mut transaction, transaction => sqlx::query_scalar(
+            "SELECT MAX(sequence) FROM after_sale_events WHERE received_at < $1",
         )
         .bind(before_ms)
-        .fetch_one(&mut *transaction)
-        .await
-        .map_err(query_error("find the after-sale events to prune"))?;
+        .fetch_one(&mut **transaction)
+        .await)
+            .map_err(query_error("find the after-sale events to prune"))?;
         let Some(pruned_through) = newest_expired else {
             return Ok(0);
         };
-        let pruned = sqlx::query("DELETE FROM after_sale_events WHERE sequence <= ?1")
-            .bind(pruned_through)
-            .execute(&mut *transaction)
-            .await
-            .map_err(query_error("prune after-sale events"))?
-            .rows_affected();
+        let pruned = on_backend!(&mut transaction, transaction => sqlx::query(
+            "DELETE FROM after_sale_events WHERE sequence <= $1",
+        )
+        .bind(pruned_through)
+        .execute(&mut **transaction)
+        .await
+        .map(|done| done.rows_affected()))
+        .map_err(query_error("prune after-sale events"))?;
         // Text, as every meta value; it only grows, since everything below
         // the previous mark is already gone.
-        sqlx::query(
-            "INSERT INTO meta (name, value) VALUES (?1, ?2)
+        on_backend!(&mut transaction, transaction => sqlx::query(
+            "INSERT INTO meta (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         )
         .bind(PRUNED_THROUGH_META)
         .bind(pruned_through.to_string())
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await
+        .map(drop))
         .map_err(query_error("record how far events were pruned"))?;
         transaction
-            .commit()
-            .await
-            .map_err(query_error("commit pruning after-sale events"))?;
+            .commit("commit pruning after-sale events")
+            .await?;
         Ok(pruned)
     }
 }
@@ -173,12 +196,14 @@ impl AfterSaleEventTable<'_> {
 /// The `meta` row holding the highest pruned sequence.
 const PRUNED_THROUGH_META: &str = "after_sale_events.pruned_through";
 
-async fn read_pruned_through(connection: &mut SqliteConnection) -> Result<i64, StoreError> {
-    let value: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE name = ?1")
-        .bind(PRUNED_THROUGH_META)
-        .fetch_optional(&mut *connection)
-        .await
-        .map_err(query_error("read how far events were pruned"))?;
+async fn read_pruned_through(transaction: &mut Transaction) -> Result<i64, StoreError> {
+    let value: Option<String> = on_backend!(transaction, transaction => sqlx::query_scalar(
+        "SELECT value FROM meta WHERE name = $1",
+    )
+    .bind(PRUNED_THROUGH_META)
+    .fetch_optional(&mut **transaction)
+    .await)
+    .map_err(query_error("read how far events were pruned"))?;
     value.map_or(Ok(0), |value| {
         value.parse().map_err(|_| {
             StoreError::Corrupt(format!(
@@ -190,8 +215,13 @@ async fn read_pruned_through(connection: &mut SqliteConnection) -> Result<i64, S
 
 /// The one connection that inserts events (see `open_writer`).
 pub(crate) struct AfterSaleEventWriter {
-    connection: SqliteConnection,
+    connection: Connection,
 }
+
+/// The advisory lock PostgreSQL writers take for a group: sequences are drawn
+/// and committed by one writer at a time across every daemon, so a watcher
+/// reading `sequence > cursor` never passes one still uncommitted.
+const EVENT_WRITER_LOCK: i64 = 0x646f_7579_696e_0001;
 
 impl AfterSaleEventWriter {
     /// Inserts `records` in one transaction, committed before this returns.
@@ -201,40 +231,51 @@ impl AfterSaleEventWriter {
         &mut self,
         records: &[&AfterSaleEventRecord],
     ) -> Result<Vec<Option<i64>>, StoreError> {
-        let mut transaction = self
-            .connection
-            .begin()
-            .await
-            .map_err(query_error("begin storing events"))?;
-        let mut sequences = Vec::with_capacity(records.len());
-        for record in records {
-            let sequence: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO after_sale_events
-                     (client_key, msg_id, event, account_id, received_at, raw_json)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (client_key, msg_id) DO NOTHING
-                 RETURNING sequence",
-            )
-            .bind(&record.client_key)
-            .bind(&record.msg_id)
-            .bind(&record.event)
-            .bind(&record.account_id)
-            .bind(record.received_at_ms)
-            .bind(&record.raw_json)
-            .fetch_optional(&mut *transaction)
-            .await
-            .map_err(query_error("store an event"))?;
-            sequences.push(sequence);
-        }
-        transaction
-            .commit()
-            .await
-            .map_err(query_error("commit stored events"))?;
-        Ok(sequences)
+        let postgres = matches!(self.connection, Backend::Postgres(_));
+        on_backend!(&mut self.connection, connection => {
+            let mut transaction = connection
+                .begin()
+                .await
+                .map_err(query_error("begin storing events"))?;
+            if postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(EVENT_WRITER_LOCK)
+                    .execute(&mut *transaction)
+                    .await
+                    .map_err(query_error("take the event writers' lock"))?;
+            }
+            let mut sequences = Vec::with_capacity(records.len());
+            for record in records {
+                let sequence: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO after_sale_events
+                         (client_key, msg_id, event, account_id, received_at, raw_json)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (client_key, msg_id) DO NOTHING
+                     RETURNING sequence",
+                )
+                .bind(&record.client_key)
+                .bind(&record.msg_id)
+                .bind(&record.event)
+                .bind(&record.account_id)
+                .bind(record.received_at_ms)
+                .bind(&record.raw_json)
+                .fetch_optional(&mut *transaction)
+                .await
+                .map_err(query_error("store an event"))?;
+                sequences.push(sequence);
+            }
+            transaction
+                .commit()
+                .await
+                .map_err(query_error("commit stored events"))?;
+            Ok(sequences)
+        })
     }
 
     /// Closes the connection (before the pool closes, at shutdown).
     pub(crate) async fn close(self) {
-        let _ = self.connection.close().await;
+        on_backend!(self.connection, connection => {
+            let _ = connection.close().await;
+        });
     }
 }

@@ -1,8 +1,7 @@
 //! The `apps` table: each app's `client_key` and its secret, sealed and bound
 //! to the row, with where the app was declared.
 
-use sqlx::SqliteConnection;
-
+use super::backend::{Transaction, on_backend};
 use super::{
     SealedColumn, Source, Store, StoreError, collect_rows, merchants, parse_client_key,
     query_error, tokens,
@@ -36,7 +35,7 @@ fn secret_binding(client_key: &ClientKey) -> String {
 /// The sealed secrets, for first sealing and key rotation.
 pub(super) const SEALED_SECRETS: SealedColumn = SealedColumn {
     read: "SELECT client_key, client_secret FROM apps",
-    write: "UPDATE apps SET client_secret = ?2 WHERE client_key = ?1",
+    write: "UPDATE apps SET client_secret = $2 WHERE client_key = $1",
     binding: secret_binding,
 };
 
@@ -54,60 +53,47 @@ impl AppTable<'_> {
         source: Source,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut transaction = self
-            .store
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin put_app"))?;
+        let mut transaction = self.store.pool.begin("begin put_app").await?;
         let existed = exists(&mut transaction, client_key).await?;
-        sqlx::query(
+        let sealed_secret = self
+            .store
+            .master_key
+            .seal(&secret_binding(client_key), client_secret.expose());
+        on_backend!(&mut transaction, transaction => sqlx::query(
             "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?4)
+             VALUES ($1, $2, $3, $4, $4)
              ON CONFLICT (client_key) DO UPDATE
              SET client_secret = excluded.client_secret, source = excluded.source,
                  updated_at = excluded.updated_at",
         )
         .bind(client_key.expose())
-        .bind(
-            self.store
-                .master_key
-                .seal(&secret_binding(client_key), client_secret.expose()),
-        )
+        .bind(&sealed_secret)
         .bind(source.as_str())
         .bind(now_ms)
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await
+        .map(drop))
         .map_err(query_error("store an app"))?;
         tokens::prepare_row_for_a_new_secret(&mut transaction, client_key).await?;
-        transaction
-            .commit()
-            .await
-            .map_err(query_error("commit put_app"))?;
+        transaction.commit("commit put_app").await?;
         Ok(!existed)
     }
 
     /// Removes an app with its merchants and token. Returns how many merchants
     /// went with it, or None when there was no such app.
     pub(crate) async fn remove(&self, client_key: &ClientKey) -> Result<Option<i64>, StoreError> {
-        let mut transaction = self
-            .store
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin remove_app"))?;
+        let mut transaction = self.store.pool.begin("begin remove_app").await?;
         let merchants = merchants::count_for_app(&mut transaction, client_key).await?;
         // The merchants and the token row go by the foreign keys' ON DELETE CASCADE.
-        let removed = sqlx::query("DELETE FROM apps WHERE client_key = ?")
-            .bind(client_key.expose())
-            .execute(&mut *transaction)
-            .await
-            .map_err(query_error("remove an app"))?
-            .rows_affected();
-        transaction
-            .commit()
-            .await
-            .map_err(query_error("commit remove_app"))?;
+        let removed = on_backend!(&mut transaction, transaction => sqlx::query(
+            "DELETE FROM apps WHERE client_key = $1",
+        )
+        .bind(client_key.expose())
+        .execute(&mut **transaction)
+        .await
+        .map(|done| done.rows_affected()))
+        .map_err(query_error("remove an app"))?;
+        transaction.commit("commit remove_app").await?;
         Ok((removed > 0).then_some(merchants))
     }
 
@@ -117,14 +103,14 @@ impl AppTable<'_> {
         &self,
         client_key: &ClientKey,
     ) -> Result<Option<(Source, i64)>, StoreError> {
-        let row = sqlx::query_as::<_, (String, i64)>(
+        let row = on_backend!(&self.store.pool, pool => sqlx::query_as::<_, (String, i64)>(
             "SELECT a.source,
                     (SELECT COUNT(*) FROM merchants m WHERE m.client_key = a.client_key)
-             FROM apps a WHERE a.client_key = ?",
+             FROM apps a WHERE a.client_key = $1",
         )
         .bind(client_key.expose())
-        .fetch_optional(&self.store.pool)
-        .await
+        .fetch_optional(pool)
+        .await)
         .map_err(query_error("look up an app"))?;
         row.map(|(source, merchants)| Ok((Source::parse(&source)?, merchants)))
             .transpose()
@@ -132,14 +118,7 @@ impl AppTable<'_> {
 
     /// Every app with its secret unsealed, by client key.
     pub(crate) async fn list(&self) -> Result<Vec<AppRecord>, StoreError> {
-        let rows = sqlx::query_as::<_, AppRow>(
-            "SELECT a.client_key, a.client_secret, a.source,
-                    (SELECT COUNT(*) FROM merchants m WHERE m.client_key = a.client_key)
-                        AS merchant_count
-             FROM apps a ORDER BY a.client_key",
-        )
-        .fetch(&self.store.pool);
-        collect_rows(rows, "list apps", |row| {
+        let convert = |row: AppRow| {
             let client_key = parse_client_key(&row.client_key)?;
             let secret = self
                 .store
@@ -152,60 +131,78 @@ impl AppTable<'_> {
                 source: Source::parse(&row.source)?,
                 merchant_count: row.merchant_count,
             })
+        };
+        on_backend!(&self.store.pool, pool => {
+            let rows = sqlx::query_as::<_, AppRow>(
+                "SELECT a.client_key, a.client_secret, a.source,
+                        (SELECT COUNT(*) FROM merchants m WHERE m.client_key = a.client_key)
+                            AS merchant_count
+                 FROM apps a ORDER BY a.client_key",
+            )
+            .fetch(pool);
+            collect_rows(rows, "list apps", &convert).await
         })
-        .await
     }
 }
 
 /// Whether the app exists, inside a caller's transaction.
 pub(super) async fn exists(
-    connection: &mut SqliteConnection,
+    transaction: &mut Transaction,
     client_key: &ClientKey,
 ) -> Result<bool, StoreError> {
-    Ok(
-        sqlx::query_scalar::<_, i64>("SELECT 1 FROM apps WHERE client_key = ?")
-            .bind(client_key.expose())
-            .fetch_optional(connection)
-            .await
-            .map_err(query_error("look up an app"))?
-            .is_some(),
+    on_backend!(transaction, transaction => sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM apps WHERE client_key = $1)",
     )
+    .bind(client_key.expose())
+    .fetch_one(&mut **transaction)
+    .await)
+    .map_err(query_error("look up an app"))
 }
 
 /// The config-sync part for apps, inside `Store::sync_config`'s transaction:
 /// stores every configured app (source `config`, secret replaced), gives each
 /// a token row, and removes config-sourced apps the file no longer declares.
 pub(super) async fn replace_configured(
-    connection: &mut SqliteConnection,
+    transaction: &mut Transaction,
     master_key: &MasterKey,
     apps: &[(ClientKey, ClientSecret)],
     now_ms: i64,
 ) -> Result<(), StoreError> {
     for (client_key, client_secret) in apps {
-        sqlx::query(
+        let sealed_secret = master_key.seal(&secret_binding(client_key), client_secret.expose());
+        on_backend!(&mut *transaction, transaction => sqlx::query(
             "INSERT INTO apps (client_key, client_secret, source, created_at, updated_at)
-             VALUES (?1, ?2, 'config', ?3, ?3)
+             VALUES ($1, $2, 'config', $3, $3)
              ON CONFLICT (client_key) DO UPDATE
              SET source = 'config', updated_at = excluded.updated_at,
                  client_secret = excluded.client_secret",
         )
         .bind(client_key.expose())
-        .bind(master_key.seal(&secret_binding(client_key), client_secret.expose()))
+        .bind(&sealed_secret)
         .bind(now_ms)
-        .execute(&mut *connection)
+        .execute(&mut **transaction)
         .await
+        .map(drop))
         .map_err(query_error("sync a configured app"))?;
-        tokens::prepare_row_if_missing(&mut *connection, client_key).await?;
+        tokens::prepare_row_if_missing(&mut *transaction, client_key).await?;
     }
-    let configured_keys: Vec<&str> = apps.iter().map(|(key, _)| key.expose()).collect();
-    let configured_keys = serde_json::to_string(&configured_keys).unwrap_or_default();
-    sqlx::query(
-        "DELETE FROM apps WHERE source = 'config'
-         AND client_key NOT IN (SELECT value FROM json_each(?1))",
+    let configured: Vec<&str> = apps.iter().map(|(key, _)| key.expose()).collect();
+    for stale in super::config_sourced_keys(
+        transaction,
+        "SELECT client_key FROM apps WHERE source = 'config'",
     )
-    .bind(&configured_keys)
-    .execute(connection)
-    .await
-    .map_err(query_error("remove apps no longer configured"))?;
+    .await?
+    {
+        if !configured.contains(&stale.as_str()) {
+            on_backend!(&mut *transaction, transaction => sqlx::query(
+                "DELETE FROM apps WHERE client_key = $1 AND source = 'config'",
+            )
+            .bind(&stale)
+            .execute(&mut **transaction)
+            .await
+            .map(drop))
+            .map_err(query_error("remove apps no longer configured"))?;
+        }
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `audit` table: who did what with which app and token. Apps appear by
 //! client key, tokens as fingerprints only; identical hand-outs arrive already counted.
 
+use super::backend::on_backend;
 use super::{Store, StoreError, query_error};
 
 /// One line of the audit trail. Apps and tokens appear as fingerprints.
@@ -23,16 +24,11 @@ pub(crate) struct AuditTable<'store> {
 impl AuditTable<'_> {
     /// Appends audit lines in one transaction.
     pub(crate) async fn append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        let mut transaction = self
-            .store
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin audit append"))?;
+        let mut transaction = self.store.pool.begin("begin audit append").await?;
         for record in records {
-            sqlx::query(
+            on_backend!(&mut transaction, transaction => sqlx::query(
                 "INSERT INTO audit (at, client, action, app, reason, token_fingerprint, count)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(record.at_ms)
             .bind(&record.client)
@@ -41,14 +37,12 @@ impl AuditTable<'_> {
             .bind(&record.reason)
             .bind(&record.token_fingerprint)
             .bind(record.count)
-            .execute(&mut *transaction)
+            .execute(&mut **transaction)
             .await
+            .map(drop))
             .map_err(query_error("append to the audit trail"))?;
         }
-        transaction
-            .commit()
-            .await
-            .map_err(query_error("commit audit append"))?;
+        transaction.commit("commit audit append").await?;
         Ok(())
     }
 
@@ -58,24 +52,24 @@ impl AuditTable<'_> {
         since_ms: i64,
         limit: i64,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        sqlx::query_as::<_, AuditRecord>(
+        on_backend!(&self.store.pool, pool => sqlx::query_as::<_, AuditRecord>(
             "SELECT at AS at_ms, client, action, app, reason, token_fingerprint, count FROM audit
-             WHERE at >= ?1 ORDER BY at DESC, id DESC LIMIT ?2",
+             WHERE at >= $1 ORDER BY at DESC, id DESC LIMIT $2",
         )
         .bind(since_ms)
         .bind(limit)
-        .fetch_all(&self.store.pool)
-        .await
+        .fetch_all(pool)
+        .await)
         .map_err(query_error("list the audit trail"))
     }
 
     /// Deletes audit lines older than `before_ms`; returns how many.
     pub(crate) async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM audit WHERE at < ?")
+        on_backend!(&self.store.pool, pool => sqlx::query("DELETE FROM audit WHERE at < $1")
             .bind(before_ms)
-            .execute(&self.store.pool)
+            .execute(pool)
             .await
-            .map_err(query_error("prune the audit trail"))?
-            .rows_affected())
+            .map(|done| done.rows_affected()))
+        .map_err(query_error("prune the audit trail"))
     }
 }

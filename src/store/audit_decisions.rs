@@ -2,6 +2,7 @@
 //! the daemon, keyed by (account_id, order_id, certificate_id), from the
 //! intent written before sending to Douyin's answer.
 
+use super::backend::on_backend;
 use super::{Store, StoreError, query_error};
 use crate::domain::{RefundDecision, RefundKey};
 
@@ -73,16 +74,16 @@ pub(crate) struct AuditDecisionTable<'store> {
 
 impl AuditDecisionTable<'_> {
     pub(crate) async fn get(&self, key: &RefundKey) -> Result<Option<DecisionRecord>, StoreError> {
-        let row = sqlx::query_as::<_, DecisionRow>(
+        let row = on_backend!(&self.store.pool, pool => sqlx::query_as::<_, DecisionRow>(
             "SELECT approve, reject_reason, state, answer_body, logid, client
              FROM after_sale_audit_decisions
-             WHERE account_id = ?1 AND order_id = ?2 AND certificate_id = ?3",
+             WHERE account_id = $1 AND order_id = $2 AND certificate_id = $3",
         )
         .bind(key.account_id.as_str())
         .bind(&key.order_id)
         .bind(&key.certificate_id)
-        .fetch_optional(&self.store.pool)
-        .await
+        .fetch_optional(pool)
+        .await)
         .map_err(query_error("read a refund decision"))?;
         row.map(|row| {
             Ok(DecisionRecord {
@@ -110,11 +111,11 @@ impl AuditDecisionTable<'_> {
         author: &DecisionAuthor<'_>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        on_backend!(&self.store.pool, pool => sqlx::query(
             "INSERT INTO after_sale_audit_decisions
                (account_id, order_id, certificate_id, approve, reject_reason, state,
                 answer_body, logid, client, app, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', NULL, '', ?6, ?7, ?8, ?8)
+             VALUES ($1, $2, $3, $4, $5, 'pending', NULL, '', $6, $7, $8, $8)
              ON CONFLICT (account_id, order_id, certificate_id) DO UPDATE
              SET approve = excluded.approve, reject_reason = excluded.reject_reason,
                  state = 'pending', answer_body = NULL, logid = '', client = excluded.client,
@@ -128,8 +129,9 @@ impl AuditDecisionTable<'_> {
         .bind(author.client)
         .bind(author.app)
         .bind(now_ms)
-        .execute(&self.store.pool)
+        .execute(pool)
         .await
+        .map(drop))
         .map_err(query_error("record a refund decision's intent"))?;
         Ok(())
     }
@@ -143,10 +145,10 @@ impl AuditDecisionTable<'_> {
         logid: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        on_backend!(&self.store.pool, pool => sqlx::query(
             "UPDATE after_sale_audit_decisions
-             SET state = ?4, answer_body = ?5, logid = ?6, updated_at = ?7
-             WHERE account_id = ?1 AND order_id = ?2 AND certificate_id = ?3",
+             SET state = $4, answer_body = $5, logid = $6, updated_at = $7
+             WHERE account_id = $1 AND order_id = $2 AND certificate_id = $3",
         )
         .bind(key.account_id.as_str())
         .bind(&key.order_id)
@@ -155,8 +157,9 @@ impl AuditDecisionTable<'_> {
         .bind(answer_body)
         .bind(logid)
         .bind(now_ms)
-        .execute(&self.store.pool)
+        .execute(pool)
         .await
+        .map(drop))
         .map_err(query_error("record a refund decision's outcome"))?;
         Ok(())
     }
@@ -164,15 +167,16 @@ impl AuditDecisionTable<'_> {
     /// Removes a pending intent whose request provably never left the
     /// daemon, so nothing suggests it was sent.
     pub(crate) async fn forget_intent(&self, key: &RefundKey) -> Result<(), StoreError> {
-        sqlx::query(
+        on_backend!(&self.store.pool, pool => sqlx::query(
             "DELETE FROM after_sale_audit_decisions
-             WHERE account_id = ?1 AND order_id = ?2 AND certificate_id = ?3 AND state = 'pending'",
+             WHERE account_id = $1 AND order_id = $2 AND certificate_id = $3 AND state = 'pending'",
         )
         .bind(key.account_id.as_str())
         .bind(&key.order_id)
         .bind(&key.certificate_id)
-        .execute(&self.store.pool)
+        .execute(pool)
         .await
+        .map(drop))
         .map_err(query_error("forget a refund decision that was never sent"))?;
         Ok(())
     }

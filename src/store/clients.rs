@@ -1,8 +1,7 @@
 //! The `clients` table: the API clients allowed to call the daemon, by the
 //! SHA-256 of their key (never the key), with their scopes and bounds.
 
-use sqlx::SqliteConnection;
-
+use super::backend::{Transaction, on_backend};
 use super::{Source, Store, StoreError, query_error};
 
 /// An API client as stored: the key's SHA-256 in hex, never the key.
@@ -41,9 +40,9 @@ impl ClientTable<'_> {
         client: &ClientRecord,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(
+        let inserted = on_backend!(&self.store.pool, pool => sqlx::query(
             "INSERT INTO clients (name, key_sha256, scopes, apps, merchants, source, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
         .bind(&client.name)
         .bind(&client.key_sha256)
@@ -52,31 +51,33 @@ impl ClientTable<'_> {
         .bind(client.merchants.as_deref().map(json_list))
         .bind(client.source.as_str())
         .bind(now_ms)
-        .execute(&self.store.pool)
+        .execute(pool)
         .await
-        .map_err(query_error("store a client"))?
-        .rows_affected();
+        .map(|done| done.rows_affected()))
+        .map_err(query_error("store a client"))?;
         Ok(inserted > 0)
     }
 
     /// Removes a client; returns false when there was no such client.
     pub(crate) async fn remove(&self, name: &str) -> Result<bool, StoreError> {
-        let removed = sqlx::query("DELETE FROM clients WHERE name = ?")
-            .bind(name)
-            .execute(&self.store.pool)
-            .await
-            .map_err(query_error("remove a client"))?
-            .rows_affected();
+        let removed = on_backend!(&self.store.pool, pool => sqlx::query(
+            "DELETE FROM clients WHERE name = $1",
+        )
+        .bind(name)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))
+        .map_err(query_error("remove a client"))?;
         Ok(removed > 0)
     }
 
     /// Every client, by name.
     pub(crate) async fn list(&self) -> Result<Vec<ClientRecord>, StoreError> {
-        let rows = sqlx::query_as::<_, ClientRow>(
+        let rows = on_backend!(&self.store.pool, pool => sqlx::query_as::<_, ClientRow>(
             "SELECT name, key_sha256, scopes, apps, merchants, source FROM clients ORDER BY name",
         )
-        .fetch_all(&self.store.pool)
-        .await
+        .fetch_all(pool)
+        .await)
         .map_err(query_error("list clients"))?;
         rows.into_iter()
             .map(|row| {
@@ -97,14 +98,14 @@ impl ClientTable<'_> {
 /// transaction: stores every configured client (source `config`) and removes
 /// config-sourced clients the file no longer declares.
 pub(super) async fn replace_configured(
-    connection: &mut SqliteConnection,
+    transaction: &mut Transaction,
     clients: &[ClientRecord],
     now_ms: i64,
 ) -> Result<(), StoreError> {
     for client in clients {
-        sqlx::query(
+        on_backend!(&mut *transaction, transaction => sqlx::query(
             "INSERT INTO clients (name, key_sha256, scopes, apps, merchants, source, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'config', ?6)
+             VALUES ($1, $2, $3, $4, $5, 'config', $6)
              ON CONFLICT (name) DO UPDATE
              SET key_sha256 = excluded.key_sha256, scopes = excluded.scopes, apps = excluded.apps,
                  merchants = excluded.merchants, source = 'config'",
@@ -115,19 +116,28 @@ pub(super) async fn replace_configured(
         .bind(client.apps.as_deref().map(json_list))
         .bind(client.merchants.as_deref().map(json_list))
         .bind(now_ms)
-        .execute(&mut *connection)
+        .execute(&mut **transaction)
         .await
+        .map(drop))
         .map_err(query_error("sync a configured client"))?;
     }
-    let configured_clients: Vec<&str> = clients.iter().map(|client| client.name.as_str()).collect();
-    sqlx::query(
-        "DELETE FROM clients WHERE source = 'config'
-         AND name NOT IN (SELECT value FROM json_each(?1))",
+    let stored = super::config_sourced_keys(
+        transaction,
+        "SELECT name FROM clients WHERE source = 'config'",
     )
-    .bind(serde_json::to_string(&configured_clients).unwrap_or_default())
-    .execute(connection)
-    .await
-    .map_err(query_error("remove clients no longer configured"))?;
+    .await?;
+    for stale in stored {
+        if !clients.iter().any(|client| client.name == stale) {
+            on_backend!(&mut *transaction, transaction => sqlx::query(
+                "DELETE FROM clients WHERE name = $1 AND source = 'config'",
+            )
+            .bind(&stale)
+            .execute(&mut **transaction)
+            .await
+            .map(drop))
+            .map_err(query_error("remove clients no longer configured"))?;
+        }
+    }
     Ok(())
 }
 

@@ -4,8 +4,7 @@
 //! in it too. No table type of its own: `Store::open` reads it before a
 //! `Store` exists, and only the store itself writes it.
 
-use sqlx::{SqliteConnection, SqlitePool};
-
+use super::backend::{Backend, Pool, Transaction, on_backend};
 use super::{StoreError, query_error};
 use crate::sealing::MasterKey;
 
@@ -17,20 +16,27 @@ const KEY_CHECK_BINDING: &str = "meta.key_check";
 /// The sealed key check, or None for a database without one: new (no `meta`
 /// table yet, since no migration ran) or sealed by no key so far. Read before
 /// any migration, so it must not assume the schema.
-pub(super) async fn read_key_check(pool: &SqlitePool) -> Result<Option<String>, StoreError> {
-    let meta_exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
-    )
-    .fetch_one(pool)
-    .await
+pub(super) async fn read_key_check(pool: &Pool) -> Result<Option<String>, StoreError> {
+    let meta_exists: bool = match pool {
+        Backend::Sqlite(pool) => sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+        )
+        .fetch_one(pool)
+        .await,
+        Backend::Postgres(pool) => {
+            sqlx::query_scalar("SELECT to_regclass('meta') IS NOT NULL")
+                .fetch_one(pool)
+                .await
+        }
+    }
     .map_err(query_error("look for the meta table"))?;
     if !meta_exists {
         return Ok(None);
     }
-    sqlx::query_scalar("SELECT value FROM meta WHERE name = 'key_check'")
+    on_backend!(pool, pool => sqlx::query_scalar("SELECT value FROM meta WHERE name = 'key_check'")
         .fetch_optional(pool)
-        .await
-        .map_err(query_error("read the key check"))
+        .await)
+    .map_err(query_error("read the key check"))
 }
 
 /// Whether `master_key` is the key the database was sealed with.
@@ -42,16 +48,18 @@ pub(super) fn key_check_opens_with(sealed_key_check: &str, master_key: &MasterKe
 
 /// Records (or replaces) the key check sealed with `master_key`.
 pub(super) async fn record_key_check(
-    connection: &mut SqliteConnection,
+    transaction: &mut Transaction,
     master_key: &MasterKey,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO meta (name, value) VALUES ('key_check', ?1)
+    let sealed = master_key.seal(KEY_CHECK_BINDING, KEY_CHECK_PLAINTEXT);
+    on_backend!(transaction, transaction => sqlx::query(
+        "INSERT INTO meta (name, value) VALUES ('key_check', $1)
          ON CONFLICT (name) DO UPDATE SET value = excluded.value",
     )
-    .bind(master_key.seal(KEY_CHECK_BINDING, KEY_CHECK_PLAINTEXT))
-    .execute(connection)
+    .bind(&sealed)
+    .execute(&mut **transaction)
     .await
+    .map(drop))
     .map_err(query_error("record the key check"))?;
     Ok(())
 }

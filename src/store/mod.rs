@@ -11,6 +11,7 @@ mod after_sale_events;
 mod apps;
 mod audit;
 mod audit_decisions;
+pub(crate) mod backend;
 mod clients;
 mod merchants;
 mod meta;
@@ -23,8 +24,10 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{SqliteConnection, SqlitePool};
+
+use backend::{Backend, Pool, Transaction, on_backend};
 
 use crate::domain::{AccountId, ClientKey, ClientSecret};
 use crate::sealing::{MasterKey, SealError};
@@ -84,8 +87,51 @@ pub enum MasterKeyOutcome {
     Created(PathBuf),
 }
 
-/// The embedded migrations; `open` runs them once the master key is proven.
-static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+/// The embedded migrations, one set per engine; `open` runs them once the
+/// master key is proven.
+static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Where the daemon keeps its state.
+#[derive(Clone)]
+pub enum DatabaseLocation {
+    /// A SQLite file: one daemon owns it (the lock file beside it says so).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database any number of daemons share.
+    Postgres(PostgresDatabase),
+}
+
+impl std::fmt::Display for DatabaseLocation {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(formatter, "{}", path.display()),
+            Self::Postgres(database) => formatter.write_str(&database.url),
+        }
+    }
+}
+
+/// A PostgreSQL database: its URL (which holds no password) and the password
+/// read from a file. `Debug` leaves the password out.
+#[derive(Clone)]
+pub struct PostgresDatabase {
+    pub url: String,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for PostgresDatabase {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("PostgresDatabase")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The advisory lock held while one daemon checks the master key, migrates
+/// and seals a PostgreSQL database, so two starting at once cannot both make
+/// up a key for a new database.
+const POSTGRES_OPEN_LOCK: i64 = 0x646f_7579_696e_0000;
 
 fn query_error(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { operation, source }
@@ -121,7 +167,7 @@ impl Source {
 /// and the ownership of the database.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
     master_key: Arc<MasterKey>,
     /// An exclusive lock on `<database>.lock`, held until `close`: one owner per token store.
     owner_lock: Arc<parking_lot::Mutex<Option<std::fs::File>>>,
@@ -173,6 +219,7 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(open_error)?;
+        let pool = Backend::Sqlite(pool);
         match Self::check_key_and_migrate(&pool, master_key_file, &database, migrations).await {
             Ok((master_key, outcome)) => Ok((
                 Self {
@@ -191,13 +238,102 @@ impl Store {
         }
     }
 
+    /// Opens the store at `location` (see `open` and `open_postgres`).
+    pub async fn open_location(
+        location: &DatabaseLocation,
+        master_key_file: &Path,
+    ) -> Result<(Self, MasterKeyOutcome), StoreError> {
+        match location {
+            DatabaseLocation::Sqlite(path) => Self::open(path, master_key_file).await,
+            DatabaseLocation::Postgres(database) => {
+                Self::open_postgres(database, master_key_file).await
+            }
+        }
+    }
+
+    /// Opens a PostgreSQL database that other daemons may share: the master
+    /// key is checked, the migrations run and a new database is sealed while
+    /// this daemon holds an advisory lock, so daemons starting together take
+    /// turns and all end up with the key of the first.
+    pub async fn open_postgres(
+        database: &PostgresDatabase,
+        master_key_file: &Path,
+    ) -> Result<(Self, MasterKeyOutcome), StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: database.url.clone(),
+            source,
+        };
+        let mut options = PgConnectOptions::from_str(&database.url)
+            .map_err(open_error)?
+            .application_name("douyin-tokend");
+        if let Some(password) = &database.password {
+            options = options.password(password);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(open_error)?;
+        let mut lock_holder = pool.acquire().await.map_err(open_error)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(POSTGRES_OPEN_LOCK)
+            .execute(&mut *lock_holder)
+            .await
+            .map_err(open_error)?;
+        let pool = Backend::Postgres(pool);
+        let checked = Self::check_key_and_migrate(
+            &pool,
+            master_key_file,
+            &database.url,
+            &POSTGRES_MIGRATIONS,
+        )
+        .await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(POSTGRES_OPEN_LOCK)
+            .execute(&mut *lock_holder)
+            .await;
+        drop(lock_holder);
+        match (checked, unlocked) {
+            (Ok((master_key, outcome)), Ok(_)) => Ok((
+                Self {
+                    pool,
+                    master_key: Arc::new(master_key),
+                    owner_lock: Arc::new(parking_lot::Mutex::new(None)),
+                },
+                outcome,
+            )),
+            (Err(error), _) => {
+                pool.close().await;
+                Err(error)
+            }
+            (Ok(_), Err(source)) => {
+                pool.close().await;
+                Err(open_error(source))
+            }
+        }
+    }
+
+    /// Whether the store is a PostgreSQL database several daemons may share.
+    pub fn is_shared(&self) -> bool {
+        self.pool.is_postgres()
+    }
+
+    /// The PostgreSQL pool, for the cluster's coordination; None on SQLite.
+    pub(crate) fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.pool {
+            Backend::Postgres(pool) => Some(pool),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
     /// Proves the master key against `meta.key_check` before the migrations
     /// run, so a wrong or missing key leaves the database as it was (a
     /// migration is a write). A database without a key check (new, or from
     /// before sealing) gets one, after its migrations, under a new or the
     /// given key.
     async fn check_key_and_migrate(
-        pool: &SqlitePool,
+        pool: &Pool,
         master_key_file: &Path,
         database: &str,
         migrations: &Migrator,
@@ -215,7 +351,7 @@ impl Store {
         {
             return Err(StoreError::MasterKeyMismatch { key_path, database });
         }
-        migrations.run(pool).await?;
+        on_backend!(pool, pool => migrations.run(pool).await)?;
         let (master_key, outcome) = match existing_key {
             Some(key) => (key, MasterKeyOutcome::Loaded),
             None => {
@@ -236,21 +372,14 @@ impl Store {
         &mut self,
         new_key: MasterKey,
     ) -> Result<usize, StoreError> {
-        let mut transaction = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin key rotation"))?;
+        let mut transaction = self.pool.begin("begin key rotation").await?;
         let old_key = &self.master_key;
         let resealed = reseal_every_value(&mut transaction, |binding, sealed| {
             Ok(new_key.seal(binding, &old_key.open(binding, sealed)?))
         })
         .await?;
         meta::record_key_check(&mut transaction, &new_key).await?;
-        transaction
-            .commit()
-            .await
-            .map_err(query_error("commit key rotation"))?;
+        transaction.commit("commit key rotation").await?;
         self.master_key = Arc::new(new_key);
         Ok(resealed)
     }
@@ -307,18 +436,11 @@ impl Store {
         clients: &[ClientRecord],
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut transaction = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_error("begin config sync"))?;
+        let mut transaction = self.pool.begin("begin config sync").await?;
         clients::replace_configured(&mut transaction, clients, now_ms).await?;
         apps::replace_configured(&mut transaction, &self.master_key, apps, now_ms).await?;
         merchants::replace_configured(&mut transaction, merchants, now_ms).await?;
-        transaction
-            .commit()
-            .await
-            .map_err(query_error("commit config sync"))?;
+        transaction.commit("commit config sync").await?;
         Ok(())
     }
 }
@@ -339,20 +461,14 @@ async fn collect_rows<Row, T>(
 }
 
 /// Seals whatever plaintext an unsealed database holds and records the key check, in one transaction.
-async fn seal_for_the_first_time(
-    pool: &SqlitePool,
-    master_key: &MasterKey,
-) -> Result<(), StoreError> {
-    let mut transaction = pool.begin().await.map_err(query_error("begin sealing"))?;
+async fn seal_for_the_first_time(pool: &Pool, master_key: &MasterKey) -> Result<(), StoreError> {
+    let mut transaction = pool.begin("begin sealing").await?;
     reseal_every_value(&mut transaction, |binding, plaintext| {
         Ok(master_key.seal(binding, plaintext))
     })
     .await?;
     meta::record_key_check(&mut transaction, master_key).await?;
-    transaction
-        .commit()
-        .await
-        .map_err(query_error("commit sealing"))?;
+    transaction.commit("commit sealing").await?;
     Ok(())
 }
 
@@ -361,7 +477,7 @@ async fn seal_for_the_first_time(
 struct SealedColumn {
     /// Every row's client key and stored value, skipping NULL values.
     read: &'static str,
-    /// Replaces one row's value: ?1 is the client key, ?2 the new value.
+    /// Replaces one row's value: $1 is the client key, $2 the new value.
     write: &'static str,
     binding: fn(&ClientKey) -> String,
 }
@@ -375,28 +491,43 @@ const SEALED_COLUMNS: [SealedColumn; 2] = [apps::SEALED_SECRETS, tokens::SEALED_
 /// loop and cannot disagree about which values are sealed. Returns how many
 /// values were rewritten.
 async fn reseal_every_value(
-    connection: &mut SqliteConnection,
+    transaction: &mut Transaction,
     reseal: impl Fn(&str, &str) -> Result<String, StoreError>,
 ) -> Result<usize, StoreError> {
     let mut resealed = 0;
     for column in &SEALED_COLUMNS {
-        let rows: Vec<(String, String)> = sqlx::query_as(column.read)
-            .fetch_all(&mut *connection)
-            .await
+        let rows: Vec<(String, String)> =
+            on_backend!(&mut *transaction, transaction => sqlx::query_as(column.read)
+            .fetch_all(&mut **transaction)
+            .await)
             .map_err(query_error("read sealed values"))?;
         for (client_key, stored) in rows {
             let client_key = parse_client_key(&client_key)?;
             let binding = (column.binding)(&client_key);
-            sqlx::query(column.write)
+            let resealed_value = reseal(&binding, &stored)?;
+            on_backend!(&mut *transaction, transaction => sqlx::query(column.write)
                 .bind(client_key.expose())
-                .bind(reseal(&binding, &stored)?)
-                .execute(&mut *connection)
+                .bind(&resealed_value)
+                .execute(&mut **transaction)
                 .await
-                .map_err(query_error("re-seal a value"))?;
+                .map(drop))
+            .map_err(query_error("re-seal a value"))?;
             resealed += 1;
         }
     }
     Ok(resealed)
+}
+
+/// The keys (first column) a config-sourced query returns, inside the config
+/// sync's transaction, so it can remove what the file no longer declares.
+async fn config_sourced_keys(
+    transaction: &mut Transaction,
+    query: &'static str,
+) -> Result<Vec<String>, StoreError> {
+    on_backend!(transaction, transaction => sqlx::query_scalar(query)
+        .fetch_all(&mut **transaction)
+        .await)
+    .map_err(query_error("list what the config file declared"))
 }
 
 fn parse_client_key(text: &str) -> Result<ClientKey, StoreError> {
@@ -634,7 +765,10 @@ mod tests {
         let stored: (String, String) = sqlx::query_as(
             "SELECT a.client_secret, t.access_token FROM apps a JOIN tokens t USING (client_key)",
         )
-        .fetch_one(&store.pool)
+        .fetch_one(match &store.pool {
+            Backend::Sqlite(pool) => pool,
+            Backend::Postgres(_) => unreachable!("a SQLite test"),
+        })
         .await
         .unwrap();
         assert!(

@@ -1,8 +1,7 @@
 //! The `tokens` table: one row per app with its current token (sealed and
 //! bound to the row), its generation, expiry and the last fetch failure.
 
-use sqlx::SqliteConnection;
-
+use super::backend::{Transaction, on_backend};
 use super::{SealedColumn, Store, StoreError, collect_rows, parse_client_key, query_error};
 use crate::domain::{AccessToken, ClientKey};
 
@@ -64,7 +63,7 @@ fn token_binding(client_key: &ClientKey) -> String {
 /// The sealed tokens, for first sealing and key rotation.
 pub(super) const SEALED_TOKENS: SealedColumn = SealedColumn {
     read: "SELECT client_key, access_token FROM tokens WHERE access_token IS NOT NULL",
-    write: "UPDATE tokens SET access_token = ?2 WHERE client_key = ?1",
+    write: "UPDATE tokens SET access_token = $2 WHERE client_key = $1",
     binding: token_binding,
 };
 
@@ -76,15 +75,7 @@ pub struct TokenTable<'store> {
 impl TokenTable<'_> {
     /// Every app's token row (apps without one get an empty record).
     pub(crate) async fn load_all(&self) -> Result<Vec<(ClientKey, TokenRecord)>, StoreError> {
-        let rows = sqlx::query_as::<_, TokenRow>(
-            "SELECT a.client_key, t.access_token, COALESCE(t.generation, 0) AS generation,
-                    t.fetched_at, t.expires_at, t.invalidated_at, t.last_error, t.last_error_at,
-                    COALESCE(t.last_error_permanent, 0) AS last_error_permanent,
-                    COALESCE(t.consecutive_failures, 0) AS consecutive_failures
-             FROM apps a LEFT JOIN tokens t ON t.client_key = a.client_key",
-        )
-        .fetch(&self.store.pool);
-        collect_rows(rows, "load tokens", |row| {
+        let convert = |row: TokenRow| {
             let client_key = parse_client_key(&row.client_key)?;
             let access_token = match row.access_token {
                 Some(sealed) => Some(AccessToken::new(
@@ -108,17 +99,31 @@ impl TokenTable<'_> {
                     consecutive_failures: row.consecutive_failures,
                 },
             ))
+        };
+        on_backend!(&self.store.pool, pool => {
+            let rows = sqlx::query_as::<_, TokenRow>(
+                "SELECT a.client_key, t.access_token, COALESCE(t.generation, 0) AS generation,
+                        t.fetched_at, t.expires_at, t.invalidated_at, t.last_error, t.last_error_at,
+                        COALESCE(t.last_error_permanent, 0) AS last_error_permanent,
+                        COALESCE(t.consecutive_failures, 0) AS consecutive_failures
+                 FROM apps a LEFT JOIN tokens t ON t.client_key = a.client_key",
+            )
+            .fetch(pool);
+            collect_rows(rows, "load tokens", &convert).await
         })
-        .await
     }
 
     /// Commits a fetched token (and clears the error state) in one statement.
     pub async fn save_fetched(&self, token: &NewToken<'_>) -> Result<(), StoreError> {
-        sqlx::query(
+        let sealed_token = self.store.master_key.seal(
+            &token_binding(token.client_key),
+            token.access_token.expose(),
+        );
+        on_backend!(&self.store.pool, pool => sqlx::query(
             "INSERT INTO tokens (client_key, access_token, generation, fetched_at, expires_at,
                                  invalidated_at, last_error, last_error_at, last_error_permanent,
                                  consecutive_failures)
-             VALUES (?1, ?2, ?3, ?4, ?5, NULL, NULL, NULL, 0, 0)
+             VALUES ($1, $2, $3, $4, $5, NULL, NULL, NULL, 0, 0)
              ON CONFLICT (client_key) DO UPDATE
              SET access_token = excluded.access_token, generation = excluded.generation,
                  fetched_at = excluded.fetched_at, expires_at = excluded.expires_at,
@@ -126,15 +131,13 @@ impl TokenTable<'_> {
                  last_error_permanent = 0, consecutive_failures = 0",
         )
         .bind(token.client_key.expose())
-        .bind(self.store.master_key.seal(
-            &token_binding(token.client_key),
-            token.access_token.expose(),
-        ))
+        .bind(&sealed_token)
         .bind(token.generation)
         .bind(token.fetched_at_ms)
         .bind(token.expires_at_ms)
-        .execute(&self.store.pool)
+        .execute(pool)
         .await
+        .map(drop))
         .map_err(query_error("save a fetched token"))?;
         Ok(())
     }
@@ -144,18 +147,19 @@ impl TokenTable<'_> {
         &self,
         failure: &FetchFailure<'_>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE tokens SET last_error = ?2, last_error_at = ?3, last_error_permanent = ?4,
-                               consecutive_failures = ?5
-             WHERE client_key = ?1",
+        on_backend!(&self.store.pool, pool => sqlx::query(
+            "UPDATE tokens SET last_error = $2, last_error_at = $3, last_error_permanent = $4,
+                               consecutive_failures = $5
+             WHERE client_key = $1",
         )
         .bind(failure.client_key.expose())
         .bind(failure.message)
         .bind(failure.at_ms)
         .bind(i64::from(failure.permanent))
         .bind(failure.consecutive_failures)
-        .execute(&self.store.pool)
+        .execute(pool)
         .await
+        .map(drop))
         .map_err(query_error("record a fetch failure"))?;
         Ok(())
     }
@@ -168,17 +172,17 @@ impl TokenTable<'_> {
         generation: i64,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
-        let changed = sqlx::query(
-            "UPDATE tokens SET invalidated_at = ?3
-             WHERE client_key = ?1 AND generation = ?2 AND invalidated_at IS NULL",
+        let changed = on_backend!(&self.store.pool, pool => sqlx::query(
+            "UPDATE tokens SET invalidated_at = $3
+             WHERE client_key = $1 AND generation = $2 AND invalidated_at IS NULL",
         )
         .bind(client_key.expose())
         .bind(generation)
         .bind(at_ms)
-        .execute(&self.store.pool)
+        .execute(pool)
         .await
-        .map_err(query_error("invalidate a token"))?
-        .rows_affected();
+        .map(|done| done.rows_affected()))
+        .map_err(query_error("invalidate a token"))?;
         Ok(changed > 0)
     }
 }
@@ -186,16 +190,17 @@ impl TokenTable<'_> {
 /// Gives a stored (new or changed) app its token row, inside the caller's
 /// transaction. A new secret deserves a new try: a permanent failure is forgotten.
 pub(super) async fn prepare_row_for_a_new_secret(
-    connection: &mut SqliteConnection,
+    transaction: &mut Transaction,
     client_key: &ClientKey,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO tokens (client_key) VALUES (?1)
+    on_backend!(transaction, transaction => sqlx::query(
+        "INSERT INTO tokens (client_key) VALUES ($1)
          ON CONFLICT (client_key) DO UPDATE SET last_error_permanent = 0",
     )
     .bind(client_key.expose())
-    .execute(connection)
+    .execute(&mut **transaction)
     .await
+    .map(drop))
     .map_err(query_error("prepare an app's token row"))?;
     Ok(())
 }
@@ -203,13 +208,16 @@ pub(super) async fn prepare_row_for_a_new_secret(
 /// Gives a configured app its token row if it has none, inside the config
 /// sync's transaction; an existing row is left as it is.
 pub(super) async fn prepare_row_if_missing(
-    connection: &mut SqliteConnection,
+    transaction: &mut Transaction,
     client_key: &ClientKey,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO tokens (client_key) VALUES (?1) ON CONFLICT (client_key) DO NOTHING")
-        .bind(client_key.expose())
-        .execute(connection)
-        .await
-        .map_err(query_error("prepare a configured app's token row"))?;
+    on_backend!(transaction, transaction => sqlx::query(
+        "INSERT INTO tokens (client_key) VALUES ($1) ON CONFLICT (client_key) DO NOTHING",
+    )
+    .bind(client_key.expose())
+    .execute(&mut **transaction)
+    .await
+    .map(drop))
+    .map_err(query_error("prepare a configured app's token row"))?;
     Ok(())
 }

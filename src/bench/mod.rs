@@ -1,12 +1,14 @@
 //! The benchmark and soak harness shared by `douyin-bench` (src/bin) and the
 //! soak test (tests/api/soak.rs): a fleet of apps and merchants taught to the
 //! sandbox and stored in the daemon's database, latency and process
-//! measurements, and the soak driven by a manual clock. Nothing here is on the
-//! daemon's serving path.
+//! measurements, the soak driven by a manual clock, and a private PostgreSQL
+//! server for tests that need one. Nothing here is on the daemon's serving
+//! path.
 
 pub mod daemon_process;
 pub mod fleet;
 pub mod measure;
+pub mod postgres_server;
 pub mod soak;
 
 use std::path::{Path, PathBuf};

@@ -16,6 +16,7 @@ mod demo;
 mod failures;
 mod health;
 mod metrics;
+mod postgres_server;
 mod request_id;
 mod sealing;
 mod service_lifecycle;

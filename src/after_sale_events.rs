@@ -5,6 +5,7 @@
 //! re-reading the store, so a slow watcher never misses or repeats an event.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
@@ -84,6 +85,9 @@ enum WriterCommand {
 pub struct AfterSaleEvents {
     sender: mpsc::Sender<WriterCommand>,
     committed: watch::Receiver<i64>,
+    /// The latest committed sequence, advanced by this daemon's writer and,
+    /// on a shared database, by other daemons' commits.
+    committed_sender: Arc<watch::Sender<i64>>,
     store: Store,
     clock: SharedClock,
 }
@@ -95,10 +99,12 @@ impl AfterSaleEvents {
         let writer = store.after_sale_events().open_writer().await?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (committed_sender, committed) = watch::channel(latest);
-        tokio::spawn(write_in_groups(writer, receiver, committed_sender));
+        let committed_sender = Arc::new(committed_sender);
+        tokio::spawn(write_in_groups(writer, receiver, Arc::clone(&committed_sender)));
         Ok(Self {
             sender,
             committed,
+            committed_sender,
             store,
             clock,
         })
@@ -121,6 +127,11 @@ impl AfterSaleEvents {
             .await
             .map_err(|_| AppendFailed)?;
         answered.await.map_err(|_| AppendFailed)?
+    }
+
+    /// Another daemon committed events up to `sequence`: watchers here read them.
+    pub(crate) fn observe_committed(&self, sequence: i64) {
+        advance_committed(&self.committed_sender, sequence);
     }
 
     /// Writes the group in hand and ends the writer; watchers see the end.
@@ -299,6 +310,18 @@ fn event_from_stored(stored: StoredAfterSaleEvent) -> Result<AfterSaleEvent, Sto
     })
 }
 
+/// Moves the latest committed sequence forward, never back: commits of
+/// several daemons are heard in any order.
+fn advance_committed(committed: &watch::Sender<i64>, sequence: i64) {
+    committed.send_if_modified(|latest| {
+        let newer = sequence > *latest;
+        if newer {
+            *latest = sequence;
+        }
+        newer
+    });
+}
+
 /// The writer: takes every insert waiting (up to `MAX_GROUP`), commits them in
 /// one transaction, answers each, publishes the new latest sequence. Inserts
 /// arriving during a commit form the next group, so a burst costs one fsync
@@ -306,7 +329,7 @@ fn event_from_stored(stored: StoredAfterSaleEvent) -> Result<AfterSaleEvent, Sto
 async fn write_in_groups(
     mut writer: AfterSaleEventWriter,
     mut receiver: mpsc::Receiver<WriterCommand>,
-    committed: watch::Sender<i64>,
+    committed: Arc<watch::Sender<i64>>,
 ) {
     let mut group: Vec<(
         AfterSaleEventRecord,
@@ -332,7 +355,7 @@ async fn write_in_groups(
             match writer.insert_group(&records).await {
                 Ok(sequences) => {
                     if let Some(latest) = sequences.iter().flatten().max() {
-                        committed.send_replace(*latest);
+                        advance_committed(&committed, *latest);
                     }
                     for ((_, answer), sequence) in group.drain(..).zip(sequences) {
                         let appended = match sequence {

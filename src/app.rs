@@ -31,7 +31,7 @@ use crate::reload::{self, Reloader};
 use crate::schedule::{ScheduledJob, Schedules};
 use crate::store::{MasterKeyOutcome, Store};
 use crate::systemd_notify::{self, SystemdNotifier, WatchdogFeed};
-use crate::token::TokenManager;
+use crate::token::{ClusterMembership, TokenManager};
 use crate::transport::{Listener, server_tls, webhook_tls};
 use crate::webhook::{self, WebhookReceiver};
 
@@ -116,6 +116,9 @@ impl App {
             audit.clone(),
             metrics.clone(),
             tasks.clone(),
+            store
+                .is_shared()
+                .then(|| ClusterMembership::new(crate::cluster::FETCH_LEASE)),
         )
         .await?;
         let registry = Registry::load(store.clone(), tokens.clone(), clock.clone()).await?;
@@ -235,6 +238,20 @@ impl App {
                     stopping.clone().cancelled_owned(),
                 )
                 .map(|served| served.context("cannot serve metrics")),
+            );
+        }
+        if self.store.is_shared() {
+            let parts = crate::cluster::ClusterParts {
+                store: self.store.clone(),
+                tokens: self.tokens.clone(),
+                registry: self.registry.clone(),
+                events: self.events.clone(),
+                lookup: self.lookup.clone(),
+            };
+            crate::cluster::join(&parts).await;
+            components.spawn(
+                "cluster link",
+                crate::cluster::run(parts, stopping.clone()),
             );
         }
         if let Some(webhook_listener) = webhook_listener {

@@ -29,6 +29,7 @@ pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod clock;
+pub(crate) mod cluster;
 pub mod config;
 pub mod demo;
 pub mod domain;

@@ -41,6 +41,15 @@ impl Gcra {
     }
 
     /// Takes a turn now if one is free; otherwise says how long (µs) until one is.
+    /// Changes the spacing (and the burst's tolerance with it) from now on;
+    /// turns already reserved stay where they are.
+    pub(crate) fn set_spacing(&mut self, spacing: Duration) {
+        let spacing_us = i64::try_from(spacing.as_micros()).unwrap_or(i64::MAX);
+        let extra = self.tolerance_us.checked_div(self.spacing_us).unwrap_or(0);
+        self.spacing_us = spacing_us;
+        self.tolerance_us = spacing_us.saturating_mul(extra);
+    }
+
     pub(crate) fn take_now(&mut self, now_us: i64) -> Result<(), i64> {
         self.reserve(now_us, now_us).map(|_| ())
     }

@@ -277,6 +277,38 @@ impl Registry {
             .map(|client| (client.name.clone(), client))
             .collect();
         Self::sync_config(&self.store, declarations, self.clock.now_unix_ms()).await?;
+        let declared_keys: HashSet<&ClientKey> = declarations
+            .apps
+            .iter()
+            .map(|app| &app.client_key)
+            .collect();
+        self.take_stored_state(&clients_before, &declared_keys)
+            .await
+    }
+
+    /// Another daemon sharing the database changed apps, merchants or
+    /// clients (or this one reconnected to it): memory follows the store.
+    pub(crate) async fn reread_from_store(&self) -> Result<(), StoreError> {
+        let _serialized = self.writes.lock().await;
+        let report = self
+            .take_stored_state(&HashMap::new(), &HashSet::new())
+            .await?;
+        tracing::debug!(
+            apps_added = report.apps_added,
+            apps_removed = report.apps_removed,
+            "re-read apps, merchants and clients from the database"
+        );
+        Ok(())
+    }
+
+    /// Makes memory (clients, apps in the token manager, merchant → app)
+    /// what the store holds, and reports the difference from before; the
+    /// caller holds `writes`.
+    async fn take_stored_state(
+        &self,
+        clients_before: &HashMap<String, ClientRecord>,
+        declared_keys: &HashSet<&ClientKey>,
+    ) -> Result<ReloadReport, StoreError> {
         self.reload_clients().await?;
         let clients_after = self.store.clients().list().await?;
         let stored_apps = self.store.apps().list().await?;
@@ -299,11 +331,6 @@ impl Registry {
             .collect();
         let stored_keys: HashSet<&ClientKey> =
             stored_apps.iter().map(|app| &app.client_key).collect();
-        let declared_keys: HashSet<&ClientKey> = declarations
-            .apps
-            .iter()
-            .map(|app| &app.client_key)
-            .collect();
         let mut report = ReloadReport::default();
         for app in &stored_apps {
             match secrets_in_force.get(&app.client_key) {

@@ -374,6 +374,14 @@ pub(crate) fn token_status(error: &TokenError) -> Status {
                 Some(delay),
             )
         }
+        TokenError::DatabaseUnavailable { .. } => status(
+            Code::Unavailable,
+            message,
+            "DATABASE_UNAVAILABLE",
+            TOKEND_DOMAIN,
+            HashMap::new(),
+            Some(Duration::from_secs(1)),
+        ),
         TokenError::StoreFailed { .. } | TokenError::FetchAborted { .. } => status(
             Code::Unavailable,
             message,

@@ -61,9 +61,19 @@ type GroupKey = (GroupOwner, DouyinApi);
 pub(crate) struct Admission {
     config: LookupConfig,
     gates: Mutex<HashMap<GroupKey, Arc<AppGate>>>,
+    /// How many daemons share each group's rate (those alive on one
+    /// PostgreSQL database; 1 alone): each paces at its share.
+    cluster_share: std::sync::atomic::AtomicU32,
+}
+
+/// The spacing of turns for `rate` per second split `share` ways.
+fn spacing(rate: u32, share: u32) -> Duration {
+    Duration::from_secs_f64(JITTER_HEADROOM * f64::from(share.max(1)) / f64::from(rate))
 }
 
 struct AppGate {
+    /// The group's rate for the whole cluster, per second.
+    rate: u32,
     /// Burst 1: turns one spacing apart. Times are µs since `epoch`.
     schedule: Mutex<Gcra>,
     epoch: Instant,
@@ -81,6 +91,22 @@ impl Admission {
         Self {
             config: config.clone(),
             gates: Mutex::new(HashMap::new()),
+            cluster_share: std::sync::atomic::AtomicU32::new(1),
+        }
+    }
+
+    /// Paces every group at `1 / daemons` of its rate from now on.
+    pub(crate) fn set_cluster_share(&self, daemons: u32) {
+        let daemons = daemons.max(1);
+        let before = self
+            .cluster_share
+            .swap(daemons, std::sync::atomic::Ordering::Relaxed);
+        if before == daemons {
+            return;
+        }
+        tracing::info!(daemons, "daemons sharing the database changed; each paces Douyin calls at its share of the rate");
+        for gate in self.gates.lock().values() {
+            gate.schedule.lock().set_spacing(spacing(gate.rate, daemons));
         }
     }
 
@@ -97,11 +123,12 @@ impl Admission {
         // A per-developer group has no per-app override (config refuses one),
         // so the rate read for the first app to call is the group's.
         let rate = self.config.rate_per_second(api, client_key).get();
+        let share = self
+            .cluster_share
+            .load(std::sync::atomic::Ordering::Relaxed);
         let gate = Arc::new(AppGate {
-            schedule: Mutex::new(Gcra::new(
-                Duration::from_secs_f64(JITTER_HEADROOM / f64::from(rate)),
-                1,
-            )),
+            rate,
+            schedule: Mutex::new(Gcra::new(spacing(rate, share), 1)),
             epoch: Instant::now(),
             in_flight: Arc::new(Semaphore::new(self.config.max_concurrent_per_app)),
         });

@@ -130,6 +130,12 @@ struct Inner {
 }
 
 impl LookupService {
+    /// Paces Douyin calls at `1 / daemons` of each rate: the daemons alive
+    /// on one PostgreSQL database share the app's (or developer's) rate.
+    pub(crate) fn set_cluster_share(&self, daemons: u32) {
+        self.inner.admission.set_cluster_share(daemons);
+    }
+
     pub(crate) fn new(
         registry: Registry,
         tokens: TokenManager,

@@ -264,6 +264,15 @@ impl AfterSaleEventWriter {
                 .map_err(query_error("store an event"))?;
                 sequences.push(sequence);
             }
+            if postgres && let Some(latest) = sequences.iter().flatten().max() {
+                // Delivered at the commit: watchers on every daemon wake.
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(super::CLUSTER_CHANNEL)
+                    .bind(super::ClusterMessage::Events(*latest).to_payload())
+                    .execute(&mut *transaction)
+                    .await
+                    .map_err(query_error("tell the other daemons about stored events"))?;
+            }
             transaction
                 .commit()
                 .await

@@ -76,6 +76,7 @@ impl AppTable<'_> {
         .map_err(query_error("store an app"))?;
         tokens::prepare_row_for_a_new_secret(&mut transaction, client_key).await?;
         transaction.commit("commit put_app").await?;
+        self.store.announce_registry_change().await;
         Ok(!existed)
     }
 
@@ -94,6 +95,7 @@ impl AppTable<'_> {
         .map(|done| done.rows_affected()))
         .map_err(query_error("remove an app"))?;
         transaction.commit("commit remove_app").await?;
+        self.store.announce_registry_change().await;
         Ok((removed > 0).then_some(merchants))
     }
 

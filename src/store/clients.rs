@@ -55,6 +55,7 @@ impl ClientTable<'_> {
         .await
         .map(|done| done.rows_affected()))
         .map_err(query_error("store a client"))?;
+        self.store.announce_registry_change().await;
         Ok(inserted > 0)
     }
 
@@ -68,6 +69,7 @@ impl ClientTable<'_> {
         .await
         .map(|done| done.rows_affected()))
         .map_err(query_error("remove a client"))?;
+        self.store.announce_registry_change().await;
         Ok(removed > 0)
     }
 

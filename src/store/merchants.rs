@@ -60,6 +60,7 @@ impl MerchantTable<'_> {
         .map(drop))
         .map_err(query_error("store a merchant"))?;
         transaction.commit("commit put_merchant").await?;
+        self.store.announce_registry_change().await;
         Ok(Some(!existed))
     }
 
@@ -73,6 +74,7 @@ impl MerchantTable<'_> {
         .await
         .map(|done| done.rows_affected()))
         .map_err(query_error("remove a merchant"))?;
+        self.store.announce_registry_change().await;
         Ok(removed > 0)
     }
 

@@ -12,6 +12,7 @@ mod apps;
 mod audit;
 mod audit_decisions;
 pub(crate) mod backend;
+mod cluster;
 mod clients;
 mod merchants;
 mod meta;
@@ -41,8 +42,11 @@ pub(crate) use audit_decisions::{
     AuditDecisionTable, DecisionAuthor, DecisionRecord, DecisionState,
 };
 pub(crate) use clients::{ClientRecord, ClientTable};
+pub(crate) use cluster::{
+    CLUSTER_CHANNEL, ClusterMessage, ClusterTable, FetchRequest, FetchTurn,
+};
 pub(crate) use merchants::{MerchantRecord, MerchantTable};
-pub(crate) use tokens::FetchFailure;
+pub(crate) use tokens::{FetchFailure, TokenRecord};
 pub use tokens::{NewToken, TokenTable};
 
 /// A store failure. Messages name the operation, never a value.
@@ -319,12 +323,32 @@ impl Store {
         self.pool.is_postgres()
     }
 
-    /// The PostgreSQL pool, for the cluster's coordination; None on SQLite.
+    /// The PostgreSQL pool, for the cluster's listener; None on SQLite.
     pub(crate) fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
         match &self.pool {
             Backend::Postgres(pool) => Some(pool),
             Backend::Sqlite(_) => None,
         }
+    }
+
+    /// Tells the other daemons sharing the database that apps, merchants or
+    /// clients changed (nothing on SQLite). A failure is logged, not
+    /// returned: the write is done, and the others re-read everything when
+    /// their link to the database comes back.
+    async fn announce_registry_change(&self) {
+        if let Some(cluster) = self.cluster()
+            && let Err(error) = cluster.announce(&ClusterMessage::Registry).await
+        {
+            tracing::warn!(%error, "cannot tell the other daemons about a registry change");
+        }
+    }
+
+    /// What daemons sharing the database agree on; None on SQLite (one owner).
+    pub(crate) fn cluster(&self) -> Option<ClusterTable<'_>> {
+        Some(ClusterTable {
+            store: self,
+            pool: self.postgres_pool()?,
+        })
     }
 
     /// Proves the master key against `meta.key_check` before the migrations
@@ -441,6 +465,7 @@ impl Store {
         apps::replace_configured(&mut transaction, &self.master_key, apps, now_ms).await?;
         merchants::replace_configured(&mut transaction, merchants, now_ms).await?;
         transaction.commit("commit config sync").await?;
+        self.announce_registry_change().await;
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
 //! The `tokens` table: one row per app with its current token (sealed and
 //! bound to the row), its generation, expiry and the last fetch failure.
 
+use sqlx::AssertSqlSafe;
+
 use super::backend::{Transaction, on_backend};
 use super::{SealedColumn, Store, StoreError, collect_rows, parse_client_key, query_error};
 use crate::domain::{AccessToken, ClientKey};
@@ -42,7 +44,7 @@ pub(crate) struct FetchFailure<'a> {
 /// One app's row as `load_all` returns it (an app without a token row gets
 /// the defaults), before unsealing.
 #[derive(sqlx::FromRow)]
-struct TokenRow {
+pub(super) struct TokenRow {
     client_key: String,
     access_token: Option<String>,
     generation: i64,
@@ -55,8 +57,15 @@ struct TokenRow {
     consecutive_failures: i64,
 }
 
+/// Every app's token row (apps without one get the defaults).
+const LOAD_TOKENS: &str = "SELECT a.client_key, t.access_token, COALESCE(t.generation, 0) AS generation,
+        t.fetched_at, t.expires_at, t.invalidated_at, t.last_error, t.last_error_at,
+        COALESCE(t.last_error_permanent, 0) AS last_error_permanent,
+        COALESCE(t.consecutive_failures, 0) AS consecutive_failures
+ FROM apps a LEFT JOIN tokens t ON t.client_key = a.client_key";
+
 /// What a sealed token is bound to: its column and its app.
-fn token_binding(client_key: &ClientKey) -> String {
+pub(super) fn token_binding(client_key: &ClientKey) -> String {
     format!("tokens.access_token/{}", client_key.expose())
 }
 
@@ -75,42 +84,54 @@ pub struct TokenTable<'store> {
 impl TokenTable<'_> {
     /// Every app's token row (apps without one get an empty record).
     pub(crate) async fn load_all(&self) -> Result<Vec<(ClientKey, TokenRecord)>, StoreError> {
-        let convert = |row: TokenRow| {
-            let client_key = parse_client_key(&row.client_key)?;
-            let access_token = match row.access_token {
-                Some(sealed) => Some(AccessToken::new(
-                    self.store
-                        .master_key
-                        .open(&token_binding(&client_key), &sealed)?,
-                )),
-                None => None,
-            };
-            Ok((
-                client_key,
-                TokenRecord {
-                    access_token,
-                    generation: row.generation,
-                    fetched_at_ms: row.fetched_at,
-                    expires_at_ms: row.expires_at,
-                    invalidated_at_ms: row.invalidated_at,
-                    last_error: row.last_error,
-                    last_error_at_ms: row.last_error_at,
-                    last_error_permanent: row.last_error_permanent != 0,
-                    consecutive_failures: row.consecutive_failures,
-                },
-            ))
-        };
+        let convert = |row: TokenRow| self.record_of(row);
         on_backend!(&self.store.pool, pool => {
-            let rows = sqlx::query_as::<_, TokenRow>(
-                "SELECT a.client_key, t.access_token, COALESCE(t.generation, 0) AS generation,
-                        t.fetched_at, t.expires_at, t.invalidated_at, t.last_error, t.last_error_at,
-                        COALESCE(t.last_error_permanent, 0) AS last_error_permanent,
-                        COALESCE(t.consecutive_failures, 0) AS consecutive_failures
-                 FROM apps a LEFT JOIN tokens t ON t.client_key = a.client_key",
-            )
-            .fetch(pool);
+            let rows = sqlx::query_as::<_, TokenRow>(LOAD_TOKENS).fetch(pool);
             collect_rows(rows, "load tokens", &convert).await
         })
+    }
+
+    /// One app's token row, or None when the app has none (or is gone).
+    pub(crate) async fn load_one(
+        &self,
+        client_key: &ClientKey,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let row = on_backend!(&self.store.pool, pool => sqlx::query_as::<_, TokenRow>(
+            AssertSqlSafe(format!("{LOAD_TOKENS} WHERE a.client_key = $1")),
+        )
+        .bind(client_key.expose())
+        .fetch_optional(pool)
+        .await)
+        .map_err(query_error("load a token"))?;
+        row.map(|row| self.record_of(row).map(|(_, record)| record))
+            .transpose()
+    }
+
+    /// A row unsealed and parsed.
+    pub(super) fn record_of(&self, row: TokenRow) -> Result<(ClientKey, TokenRecord), StoreError> {
+        let client_key = parse_client_key(&row.client_key)?;
+        let access_token = match row.access_token {
+            Some(sealed) => Some(AccessToken::new(
+                self.store
+                    .master_key
+                    .open(&token_binding(&client_key), &sealed)?,
+            )),
+            None => None,
+        };
+        Ok((
+            client_key,
+            TokenRecord {
+                access_token,
+                generation: row.generation,
+                fetched_at_ms: row.fetched_at,
+                expires_at_ms: row.expires_at,
+                invalidated_at_ms: row.invalidated_at,
+                last_error: row.last_error,
+                last_error_at_ms: row.last_error_at,
+                last_error_permanent: row.last_error_permanent != 0,
+                consecutive_failures: row.consecutive_failures,
+            },
+        ))
     }
 
     /// Commits a fetched token (and clears the error state) in one statement.
@@ -183,6 +204,14 @@ impl TokenTable<'_> {
         .await
         .map(|done| done.rows_affected()))
         .map_err(query_error("invalidate a token"))?;
+        if changed > 0
+            && let Some(cluster) = self.store.cluster()
+        {
+            // Every daemon drops this generation too (compare-and-invalidate is cluster-wide).
+            cluster
+                .announce(&super::ClusterMessage::Token(client_key.clone()))
+                .await?;
+        }
         Ok(changed > 0)
     }
 }

@@ -114,6 +114,20 @@ impl TokenBudget {
     }
 
     /// Fetches still allowed in the current window (urgent ones included).
+    /// Fetches allowed per window, the reserve and the window: a cluster
+    /// counts the same budget in its database.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub(crate) fn reserve(&self) -> usize {
+        self.reserve
+    }
+
+    pub(crate) fn window_ms(&self) -> i64 {
+        self.window_ms
+    }
+
     pub(crate) fn remaining(&self, now_ms: i64) -> usize {
         let mut state = self.state.lock();
         self.forget_old(&mut state, now_ms);

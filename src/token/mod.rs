@@ -4,6 +4,7 @@
 //! failures, and compare-and-invalidate when Douyin rejects a token.
 
 pub(crate) mod budget;
+mod cluster;
 pub(crate) mod policy;
 
 use std::collections::{HashMap, VecDeque};
@@ -29,6 +30,8 @@ use crate::metrics::{AppTokenReading, Metrics};
 use crate::store::{FetchFailure, NewToken, Store, StoreError};
 
 pub(crate) use budget::{FetchPriority, TokenBudget};
+pub use cluster::ClusterMembership;
+use cluster::ClusterTurn;
 pub(crate) use policy::RefreshPolicy;
 
 /// The token an app holds right now, as handed to a caller.
@@ -78,6 +81,13 @@ pub enum TokenError {
     },
     #[error("the token fetch for {client_key} stopped unexpectedly")]
     FetchAborted { client_key: ClientKey },
+    #[error(
+        "no valid token for {client_key}, and the database cannot be reached to take the cluster's fetch lease ({message}); no daemon fetches a token without it"
+    )]
+    DatabaseUnavailable {
+        client_key: ClientKey,
+        message: String,
+    },
 }
 
 /// Why a token is being fetched.
@@ -247,6 +257,9 @@ impl AppState {
 struct AppSlot {
     client_key: ClientKey,
     state: Mutex<AppState>,
+    /// Signalled when another daemon changed the app's stored token (or
+    /// ended its fetch lease), for a fetch waiting on that daemon's.
+    changed: tokio::sync::Notify,
 }
 
 impl AppSlot {
@@ -254,6 +267,7 @@ impl AppSlot {
         Arc::new(Self {
             client_key,
             state: Mutex::new(state),
+            changed: tokio::sync::Notify::new(),
         })
     }
 }
@@ -274,6 +288,8 @@ struct Inner {
     metrics: Metrics,
     /// Fetch tasks run here, so shutdown waits for them before the pool closes.
     tasks: TaskTracker,
+    /// Set when the store is shared with other daemons (PostgreSQL).
+    cluster: Option<ClusterMembership>,
 }
 
 /// Owns every app's token. Cheap to clone; clones share the same state.
@@ -321,6 +337,7 @@ impl TokenManager {
         audit: AuditLog,
         metrics: Metrics,
         tasks: TaskTracker,
+        cluster: Option<ClusterMembership>,
     ) -> Result<Self, StoreError> {
         let policy = if douyin.uses_stable_tokens() {
             RefreshPolicy::from(config).for_stable_tokens()
@@ -414,8 +431,17 @@ impl TokenManager {
                 report_min_interval_ms: duration_ms(config.report_min_interval),
                 metrics,
                 tasks,
+                cluster,
             }),
         })
+    }
+
+    /// This daemon's name in the cluster, when it is in one.
+    pub(crate) fn cluster_instance(&self) -> Option<&str> {
+        self.inner
+            .cluster
+            .as_ref()
+            .map(|membership| membership.instance.as_str())
     }
 
     fn slot(&self, client_key: &ClientKey) -> Option<Arc<AppSlot>> {
@@ -562,6 +588,13 @@ impl TokenManager {
         started_at_ms: i64,
     ) -> Result<TokenLease, TokenError> {
         let client_key = &slot.client_key;
+        let generation = match self.take_cluster_turn(&slot, reason, generation).await {
+            ClusterTurn::Fetch { generation } => generation,
+            ClusterTurn::Answered(answer) => {
+                slot.state.lock().inflight = None;
+                return answer;
+            }
+        };
         let reason = reason.label(*self.inner.sweeps_completed.borrow() == 0);
         tracing::info!(app = %client_key, reason, generation, "fetching client_token");
         let fetch_started = tokio::time::Instant::now();
@@ -592,6 +625,7 @@ impl TokenManager {
                 // stable_client_token answered the token already held: the same
                 // generation, and its expiry stays the one counted from the
                 // first fetch (a repeat's expires_in is not documented).
+                self.end_cluster_lease(client_key).await;
                 let mut state = slot.state.lock();
                 state.failure = None;
                 state.inflight = None;
@@ -612,18 +646,23 @@ impl TokenManager {
                     expires_at_ms: started_at_ms + duration_ms(fetched.expires_in),
                 };
                 // Committed before anyone uses it: waiters are released only below.
-                let saved = self
-                    .inner
-                    .store
-                    .tokens()
-                    .save_fetched(&NewToken {
-                        client_key,
-                        access_token: &held.access_token,
-                        generation,
-                        fetched_at_ms: held.fetched_at_ms,
-                        expires_at_ms: held.expires_at_ms,
-                    })
-                    .await;
+                let saved = self.save_fetched(client_key, &held).await;
+                if let Ok(false) = saved {
+                    // Fenced out: another daemon took the lease over and
+                    // stored a newer token; that one is the app's.
+                    tracing::warn!(app = %client_key, generation, "another daemon stored this app's token while this fetch ran past its lease; using the stored one");
+                    slot.state.lock().inflight = None;
+                    self.reread_from_store(client_key).await;
+                    let state = slot.state.lock();
+                    return state
+                        .current
+                        .as_ref()
+                        .map(|held| lease_of(client_key, held))
+                        .ok_or_else(|| TokenError::StoreFailed {
+                            client_key: client_key.clone(),
+                            message: "another daemon's fetch replaced this one".to_owned(),
+                        });
+                }
                 if let Err(error) = saved {
                     tracing::error!(app = %client_key, %error, "fetched token not stored; it will not be used");
                     let mut state = slot.state.lock();
@@ -694,6 +733,7 @@ impl TokenManager {
                     state.inflight = None;
                     (failure, error)
                 };
+                self.end_cluster_lease(client_key).await;
                 if failure.permanent {
                     tracing::error!(app = %client_key, error = %failure.message, "Douyin refuses this app's credentials; not retrying until the cooldown ends or the secret changes");
                 } else {
@@ -723,6 +763,48 @@ impl TokenManager {
                 );
                 Err(error)
             }
+        }
+    }
+
+    /// Commits a fetched token: in a cluster through the fenced write (false:
+    /// fenced out), else as the one owner of the database.
+    async fn save_fetched(&self, client_key: &ClientKey, held: &HeldToken) -> Result<bool, StoreError> {
+        match (&self.inner.cluster, self.inner.store.cluster()) {
+            (Some(membership), Some(cluster)) => {
+                cluster
+                    .commit_fetched(
+                        &membership.instance,
+                        client_key,
+                        &held.access_token,
+                        held.generation,
+                        held.fetched_at_ms,
+                        held.expires_at_ms,
+                    )
+                    .await
+            }
+            _ => self
+                .inner
+                .store
+                .tokens()
+                .save_fetched(&NewToken {
+                    client_key,
+                    access_token: &held.access_token,
+                    generation: held.generation,
+                    fetched_at_ms: held.fetched_at_ms,
+                    expires_at_ms: held.expires_at_ms,
+                })
+                .await
+                .map(|()| true),
+        }
+    }
+
+    /// Gives up this daemon's fetch lease after a fetch that stored nothing,
+    /// so another daemon waiting for it tries at once.
+    async fn end_cluster_lease(&self, client_key: &ClientKey) {
+        if let (Some(membership), Some(cluster)) = (&self.inner.cluster, self.inner.store.cluster())
+            && let Err(error) = cluster.end_lease(&membership.instance, client_key).await
+        {
+            tracing::warn!(app = %client_key, %error, "cannot end the fetch lease; it ends by itself");
         }
     }
 

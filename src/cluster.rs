@@ -1,0 +1,159 @@
+//! This daemon's link to the others sharing its PostgreSQL database: it
+//! listens for their notifications (a new or invalidated token, a registry
+//! change, committed after-sale events) and re-reads what changed; after any
+//! reconnect it re-reads everything, since notifications sent while it was
+//! away are lost. It also beats the heartbeat that tells each daemon how
+//! many share an app's Douyin rate. Losing the database loses none of the
+//! tokens held: the link reconnects with backoff while they keep serving.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::after_sale_events::AfterSaleEvents;
+use crate::lookup::LookupService;
+use crate::registry::Registry;
+use crate::store::{CLUSTER_CHANNEL, ClusterMessage, Store};
+use crate::token::TokenManager;
+
+/// How long a daemon's fetch lease holds: a daemon killed mid-fetch is
+/// replaced by another this long after it took the lease, at the latest.
+pub(crate) const FETCH_LEASE: Duration = Duration::from_secs(8);
+/// How often the heartbeat is written (and the living daemons counted).
+pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A daemon whose heartbeat is older than this no longer counts as alive.
+const ALIVE_WITHIN: Duration = Duration::from_secs(3);
+/// Reconnect delays double from the first up to the last.
+const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+const RECONNECT_LAST: Duration = Duration::from_secs(10);
+
+/// What the link keeps up to date.
+#[derive(Clone)]
+pub(crate) struct ClusterParts {
+    pub(crate) store: Store,
+    pub(crate) tokens: TokenManager,
+    pub(crate) registry: Registry,
+    pub(crate) events: AfterSaleEvents,
+    pub(crate) lookup: LookupService,
+}
+
+/// Runs the link until `stopping`; then leaves the living. Never fails: a
+/// lost database is waited out.
+pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> anyhow::Result<()> {
+    let Some(instance) = parts.tokens.cluster_instance().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut reconnect_delay = RECONNECT_FIRST;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    'connection: loop {
+        let listener = tokio::select! {
+            () = stopping.cancelled() => break 'connection,
+            listener = listen(&parts.store) => listener,
+        };
+        let mut listener = match listener {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = reconnect_delay.as_millis(), "cannot listen to the database for other daemons' changes; serving the tokens held and trying again");
+                tokio::select! {
+                    () = stopping.cancelled() => break 'connection,
+                    () = tokio::time::sleep(reconnect_delay) => {}
+                }
+                reconnect_delay = (reconnect_delay * 2).min(RECONNECT_LAST);
+                continue 'connection;
+            }
+        };
+        reconnect_delay = RECONNECT_FIRST;
+        // Whatever changed while no one listened.
+        reread_everything(&parts).await;
+        loop {
+            tokio::select! {
+                () = stopping.cancelled() => break 'connection,
+                _ = heartbeat.tick() => beat(&parts, &instance).await,
+                received = listener.try_recv() => match received {
+                    Ok(Some(notification)) => {
+                        match ClusterMessage::parse(notification.payload()) {
+                            Some(message) => apply(&parts, message).await,
+                            None => tracing::warn!("ignored a notification this daemon does not understand"),
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        tracing::warn!("lost the database connection that listens for other daemons' changes; reconnecting");
+                        continue 'connection;
+                    }
+                },
+            }
+        }
+    }
+    if let Some(cluster) = parts.store.cluster()
+        && let Err(error) = cluster.leave(&instance).await
+    {
+        tracing::warn!(%error, "cannot leave the cluster cleanly; the others notice when the heartbeat ages");
+    }
+    Ok(())
+}
+
+/// Joins the living before this daemon serves: writes its first heartbeat,
+/// paces at its share, then waits one heartbeat interval (and a little), by
+/// which time every other daemon counted it too. Without the wait, a joining
+/// daemon and the others would pace as if it were not there for up to a
+/// second and together exceed the app's rate.
+pub(crate) async fn join(parts: &ClusterParts) {
+    let Some(instance) = parts.tokens.cluster_instance() else {
+        return;
+    };
+    beat(parts, instance).await;
+    tokio::time::sleep(HEARTBEAT_INTERVAL + HEARTBEAT_INTERVAL / 4).await;
+}
+
+async fn listen(store: &Store) -> Result<PgListener, sqlx::Error> {
+    let pool = store
+        .postgres_pool()
+        .ok_or_else(|| sqlx::Error::Configuration("not a PostgreSQL store".into()))?;
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CLUSTER_CHANNEL).await?;
+    Ok(listener)
+}
+
+async fn apply(parts: &ClusterParts, message: ClusterMessage) {
+    match message {
+        ClusterMessage::Token(client_key) => parts.tokens.reread_from_store(&client_key).await,
+        ClusterMessage::Registry => {
+            if let Err(error) = parts.registry.reread_from_store().await {
+                tracing::warn!(%error, "cannot re-read apps, merchants and clients another daemon changed");
+            }
+        }
+        ClusterMessage::Events(sequence) => parts.events.observe_committed(sequence),
+    }
+}
+
+async fn reread_everything(parts: &ClusterParts) {
+    parts.tokens.reread_all_from_store().await;
+    if let Err(error) = parts.registry.reread_from_store().await {
+        tracing::warn!(%error, "cannot re-read apps, merchants and clients");
+    }
+    match parts.store.after_sale_events().latest_sequence().await {
+        Ok(latest) => parts.events.observe_committed(latest),
+        Err(error) => tracing::warn!(%error, "cannot re-read the latest after-sale event"),
+    }
+}
+
+/// Writes the heartbeat and re-divides the apps' rates by the living daemons.
+async fn beat(parts: &ClusterParts, instance: &str) {
+    let Some(cluster) = parts.store.cluster() else {
+        return;
+    };
+    let forget_fetches_after = Duration::from_secs(600);
+    match cluster
+        .heartbeat(
+            instance,
+            crate::clock::duration_ms(ALIVE_WITHIN),
+            crate::clock::duration_ms(forget_fetches_after),
+        )
+        .await
+    {
+        Ok(alive) => parts.lookup.set_cluster_share(alive),
+        Err(error) => tracing::warn!(%error, "cannot write the heartbeat to the database"),
+    }
+}

@@ -86,7 +86,6 @@ fn token_look_up(criterion: &mut Criterion) {
             audit,
             Metrics::unregistered(),
             tokio_util::task::TaskTracker::new(),
-            None,
         )
         .await
         .expect("the token manager")

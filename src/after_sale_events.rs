@@ -100,7 +100,11 @@ impl AfterSaleEvents {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (committed_sender, committed) = watch::channel(latest);
         let committed_sender = Arc::new(committed_sender);
-        tokio::spawn(write_in_groups(writer, receiver, Arc::clone(&committed_sender)));
+        tokio::spawn(write_in_groups(
+            writer,
+            receiver,
+            Arc::clone(&committed_sender),
+        ));
         Ok(Self {
             sender,
             committed,

@@ -31,7 +31,7 @@ use crate::reload::{self, Reloader};
 use crate::schedule::{ScheduledJob, Schedules};
 use crate::store::{MasterKeyOutcome, Store};
 use crate::systemd_notify::{self, SystemdNotifier, WatchdogFeed};
-use crate::token::{ClusterMembership, TokenManager};
+use crate::token::TokenManager;
 use crate::transport::{Listener, server_tls, webhook_tls};
 use crate::webhook::{self, WebhookReceiver};
 
@@ -116,9 +116,6 @@ impl App {
             audit.clone(),
             metrics.clone(),
             tasks.clone(),
-            store
-                .is_shared()
-                .then(|| ClusterMembership::new(crate::cluster::FETCH_LEASE)),
         )
         .await?;
         let registry = Registry::load(store.clone(), tokens.clone(), clock.clone()).await?;
@@ -249,10 +246,7 @@ impl App {
                 lookup: self.lookup.clone(),
             };
             crate::cluster::join(&parts).await;
-            components.spawn(
-                "cluster link",
-                crate::cluster::run(parts, stopping.clone()),
-            );
+            components.spawn("cluster link", crate::cluster::run(parts, stopping.clone()));
         }
         if let Some(webhook_listener) = webhook_listener {
             let webhook_address = webhook_listener.local_addr()?;

@@ -17,9 +17,6 @@ use crate::registry::Registry;
 use crate::store::{CLUSTER_CHANNEL, ClusterMessage, Store};
 use crate::token::TokenManager;
 
-/// How long a daemon's fetch lease holds: a daemon killed mid-fetch is
-/// replaced by another this long after it took the lease, at the latest.
-pub(crate) const FETCH_LEASE: Duration = Duration::from_secs(8);
 /// How often the heartbeat is written (and the living daemons counted).
 pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// A daemon whose heartbeat is older than this no longer counts as alive.

@@ -33,6 +33,29 @@ pub fn bench_client_toml() -> String {
     )
 }
 
+/// Stores the [`bench_client`] (every scope) in a database the way
+/// AdminService would, for daemons whose config file declares no clients
+/// (several daemons on one PostgreSQL database).
+pub async fn store_bench_client(
+    store: &crate::store::Store,
+    now_ms: i64,
+) -> Result<(), crate::store::StoreError> {
+    let client = bench_client();
+    let record = crate::store::ClientRecord {
+        name: client.name.clone(),
+        key_sha256: client.key_sha256.to_hex(),
+        scopes: client
+            .scopes
+            .iter()
+            .map(|scope| scope.as_str().to_owned())
+            .collect(),
+        apps: None,
+        merchants: None,
+        source: crate::store::Source::Admin,
+    };
+    store.clients().create(&record, now_ms).await.map(drop)
+}
+
 /// Sends [`BENCH_API_KEY`] with every call.
 pub fn bench_auth() -> BearerAuth {
     BearerAuth::new(BENCH_API_KEY).expect("the bench key is a valid header")

@@ -104,9 +104,14 @@ impl Admission {
         if before == daemons {
             return;
         }
-        tracing::info!(daemons, "daemons sharing the database changed; each paces Douyin calls at its share of the rate");
+        tracing::info!(
+            daemons,
+            "daemons sharing the database changed; each paces Douyin calls at its share of the rate"
+        );
         for gate in self.gates.lock().values() {
-            gate.schedule.lock().set_spacing(spacing(gate.rate, daemons));
+            gate.schedule
+                .lock()
+                .set_spacing(spacing(gate.rate, daemons));
         }
     }
 

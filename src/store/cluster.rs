@@ -132,7 +132,9 @@ impl ClusterTable<'_> {
             )));
         };
         if row.generation > request.known_generation && row.has_token && !row.invalidated {
-            let record = self.read_token(&mut transaction, request.client_key).await?;
+            let record = self
+                .read_token(&mut transaction, request.client_key)
+                .await?;
             transaction
                 .rollback()
                 .await
@@ -192,13 +194,15 @@ impl ClusterTable<'_> {
         .execute(&mut *transaction)
         .await
         .map_err(query_error("take an app's fetch lease"))?;
-        sqlx::query("INSERT INTO token_fetches (client_key, started_at, instance) VALUES ($1, $2, $3)")
-            .bind(request.client_key.expose())
-            .bind(now_ms)
-            .bind(request.instance)
-            .execute(&mut *transaction)
-            .await
-            .map_err(query_error("count a token fetch"))?;
+        sqlx::query(
+            "INSERT INTO token_fetches (client_key, started_at, instance) VALUES ($1, $2, $3)",
+        )
+        .bind(request.client_key.expose())
+        .bind(now_ms)
+        .bind(request.instance)
+        .execute(&mut *transaction)
+        .await
+        .map_err(query_error("count a token fetch"))?;
         transaction
             .commit()
             .await
@@ -374,4 +378,184 @@ async fn notify(
         .await
         .map_err(query_error("notify the cluster"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::postgres_server::PostgresServer;
+    use crate::domain::ClientSecret;
+    use crate::store::{DatabaseLocation, PostgresDatabase, Source};
+
+    async fn shared_store() -> (PostgresServer, tempfile::TempDir, Store) {
+        let postgres = PostgresServer::start().await.unwrap();
+        postgres.create_database("tokend").await.unwrap();
+        let directory = tempfile::tempdir().unwrap();
+        let location = DatabaseLocation::Postgres(PostgresDatabase {
+            url: postgres.url("tokend"),
+            password: None,
+        });
+        let (store, _) = Store::open_location(&location, &directory.path().join("master.key"))
+            .await
+            .unwrap();
+        store
+            .apps()
+            .put(
+                &app(),
+                &ClientSecret::parse("secret").unwrap(),
+                Source::Admin,
+                1,
+            )
+            .await
+            .unwrap();
+        (postgres, directory, store)
+    }
+
+    fn app() -> ClientKey {
+        ClientKey::parse("app-one").unwrap()
+    }
+
+    fn request<'a>(client_key: &'a ClientKey, instance: &'a str, known: i64) -> FetchRequest<'a> {
+        FetchRequest {
+            client_key,
+            instance,
+            known_generation: known,
+            scheduled: false,
+            lease_ms: 60_000,
+            budget: 500,
+            budget_reserve: 50,
+            budget_window_ms: 300_000,
+            grace_ms: 300_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_daemon_fetches_the_other_waits_then_adopts_and_stale_writes_are_fenced() {
+        let (_postgres, _directory, store) = shared_store().await;
+        let cluster = store.cluster().unwrap();
+        let key = app();
+        let turn = cluster.begin_fetch(&request(&key, "a", 0)).await.unwrap();
+        assert!(
+            matches!(turn, FetchTurn::Granted { generation: 1 }),
+            "{turn:?}"
+        );
+        let turn = cluster.begin_fetch(&request(&key, "b", 0)).await.unwrap();
+        assert!(
+            matches!(turn, FetchTurn::HeldElsewhere { lease_ends_in_ms } if lease_ends_in_ms > 0),
+            "{turn:?}"
+        );
+        let token = AccessToken::new("clt.one".to_owned());
+        // Not the next generation, or not the lease holder: refused.
+        assert!(
+            !cluster
+                .commit_fetched("a", &key, &token, 2, 1, 2)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !cluster
+                .commit_fetched("b", &key, &token, 1, 1, 2)
+                .await
+                .unwrap()
+        );
+        assert!(
+            cluster
+                .commit_fetched("a", &key, &token, 1, 1_000, 7_201_000)
+                .await
+                .unwrap()
+        );
+        // The lease ended with the write: a daemon that knows generation 0 adopts.
+        match cluster.begin_fetch(&request(&key, "b", 0)).await.unwrap() {
+            FetchTurn::Adopt(record) => {
+                assert_eq!(record.generation, 1);
+                assert_eq!(record.access_token.unwrap().expose(), "clt.one");
+            }
+            other => panic!("expected an adoption, got {other:?}"),
+        }
+        // One that knows it fetches the next generation.
+        let turn = cluster.begin_fetch(&request(&key, "b", 1)).await.unwrap();
+        assert!(
+            matches!(turn, FetchTurn::Granted { generation: 2 }),
+            "{turn:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_past_its_end_is_taken_over_and_the_late_write_is_fenced() {
+        let (_postgres, _directory, store) = shared_store().await;
+        let cluster = store.cluster().unwrap();
+        let key = app();
+        let short_lease = FetchRequest {
+            lease_ms: 0,
+            ..request(&key, "dead", 0)
+        };
+        assert!(matches!(
+            cluster.begin_fetch(&short_lease).await.unwrap(),
+            FetchTurn::Granted { generation: 1 }
+        ));
+        // The holder's lease has ended (it died): another daemon takes over.
+        assert!(matches!(
+            cluster
+                .begin_fetch(&request(&key, "alive", 0))
+                .await
+                .unwrap(),
+            FetchTurn::Granted { generation: 1 }
+        ));
+        let token = AccessToken::new("clt.late".to_owned());
+        assert!(
+            !cluster
+                .commit_fetched("dead", &key, &token, 1, 1, 2)
+                .await
+                .unwrap(),
+            "the replaced holder's write is fenced"
+        );
+        let token = AccessToken::new("clt.alive".to_owned());
+        assert!(
+            cluster
+                .commit_fetched("alive", &key, &token, 1, 1, 2)
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cluster_counts_the_budget_and_keeps_scheduled_fetches_to_two_per_grace() {
+        let (_postgres, _directory, store) = shared_store().await;
+        let cluster = store.cluster().unwrap();
+        let key = app();
+        let scheduled = |instance| FetchRequest {
+            scheduled: true,
+            lease_ms: 0,
+            ..request(&key, instance, 0)
+        };
+        for instance in ["a", "b"] {
+            assert!(matches!(
+                cluster.begin_fetch(&scheduled(instance)).await.unwrap(),
+                FetchTurn::Granted { .. }
+            ));
+        }
+        assert!(matches!(
+            cluster.begin_fetch(&scheduled("c")).await.unwrap(),
+            FetchTurn::TooSoon { retry_in_ms } if retry_in_ms > 0
+        ));
+        // Urgent fetches are not held by the grace rule, but by the budget.
+        let tight = FetchRequest {
+            budget: 3,
+            budget_reserve: 0,
+            lease_ms: 0,
+            ..request(&key, "d", 0)
+        };
+        assert!(matches!(
+            cluster.begin_fetch(&tight).await.unwrap(),
+            FetchTurn::Granted { .. }
+        ));
+        assert!(matches!(
+            cluster.begin_fetch(&tight).await.unwrap(),
+            FetchTurn::BudgetSpent { retry_in_ms } if retry_in_ms > 0
+        ));
+        assert_eq!(cluster.heartbeat("a", 3_000, 600_000).await.unwrap(), 1);
+        assert_eq!(cluster.heartbeat("b", 3_000, 600_000).await.unwrap(), 2);
+        cluster.leave("b").await.unwrap();
+        assert_eq!(cluster.heartbeat("a", 3_000, 600_000).await.unwrap(), 1);
+    }
 }

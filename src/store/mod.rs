@@ -12,8 +12,8 @@ mod apps;
 mod audit;
 mod audit_decisions;
 pub(crate) mod backend;
-mod cluster;
 mod clients;
+mod cluster;
 mod merchants;
 mod meta;
 mod tokens;
@@ -42,9 +42,7 @@ pub(crate) use audit_decisions::{
     AuditDecisionTable, DecisionAuthor, DecisionRecord, DecisionState,
 };
 pub(crate) use clients::{ClientRecord, ClientTable};
-pub(crate) use cluster::{
-    CLUSTER_CHANNEL, ClusterMessage, ClusterTable, FetchRequest, FetchTurn,
-};
+pub(crate) use cluster::{CLUSTER_CHANNEL, ClusterMessage, ClusterTable, FetchRequest, FetchTurn};
 pub(crate) use merchants::{MerchantRecord, MerchantTable};
 pub(crate) use tokens::{FetchFailure, TokenRecord};
 pub use tokens::{NewToken, TokenTable};
@@ -582,12 +580,71 @@ mod tests {
         ClientKey::parse(text).unwrap()
     }
 
+    /// The engines every store test that is not about one engine runs on.
+    #[derive(Clone, Copy)]
+    enum Engine {
+        Sqlite,
+        Postgres,
+    }
+
+    /// A new database on `engine` (a private PostgreSQL server for that
+    /// one) and its key file; `open` opens it as a daemon would.
+    struct TestDatabase {
+        _postgres: Option<crate::bench::postgres_server::PostgresServer>,
+        location: DatabaseLocation,
+        key_file: PathBuf,
+        _directory: tempfile::TempDir,
+    }
+
+    impl TestDatabase {
+        async fn new(engine: Engine) -> Self {
+            let directory = tempfile::tempdir().unwrap();
+            let (postgres, location) = match engine {
+                Engine::Sqlite => (
+                    None,
+                    DatabaseLocation::Sqlite(directory.path().join("test.db")),
+                ),
+                Engine::Postgres => {
+                    let postgres = crate::bench::postgres_server::PostgresServer::start()
+                        .await
+                        .unwrap();
+                    postgres.create_database("tokend").await.unwrap();
+                    let location = DatabaseLocation::Postgres(PostgresDatabase {
+                        url: postgres.url("tokend"),
+                        password: None,
+                    });
+                    (Some(postgres), location)
+                }
+            };
+            Self {
+                _postgres: postgres,
+                location,
+                key_file: directory.path().join("master.key"),
+                _directory: directory,
+            }
+        }
+
+        async fn open(&self) -> (Store, MasterKeyOutcome) {
+            Store::open_location(&self.location, &self.key_file)
+                .await
+                .unwrap()
+        }
+    }
+
     #[tokio::test]
     async fn a_saved_token_survives_reopening_and_invalidation_compares_generations() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("test.db");
-        let key_file = directory.path().join("master.key");
-        let (store, outcome) = Store::open(&path, &key_file).await.unwrap();
+        a_saved_token_survives_reopening(Engine::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn on_postgres_a_saved_token_survives_reopening_and_invalidation_compares_generations() {
+        a_saved_token_survives_reopening(Engine::Postgres).await;
+    }
+
+    async fn a_saved_token_survives_reopening(engine: Engine) {
+        let database = TestDatabase::new(engine).await;
+        let key_file = database.key_file.clone();
+        let (store, outcome) = database.open().await;
         assert_eq!(outcome, MasterKeyOutcome::Created(key_file.clone()));
         let app = key("app-one");
         store
@@ -614,7 +671,7 @@ mod tests {
             .unwrap();
         store.close().await;
 
-        let (store, outcome) = Store::open(&path, &key_file).await.unwrap();
+        let (store, outcome) = database.open().await;
         assert_eq!(outcome, MasterKeyOutcome::Loaded);
         let tokens = store.tokens().load_all().await.unwrap();
         assert_eq!(tokens.len(), 1);
@@ -809,7 +866,17 @@ mod tests {
 
     #[tokio::test]
     async fn config_sync_replaces_config_entries_and_keeps_admin_ones() {
-        let (_directory, store) = temporary_store().await;
+        config_sync_replaces_config_entries(Engine::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn on_postgres_config_sync_replaces_config_entries_and_keeps_admin_ones() {
+        config_sync_replaces_config_entries(Engine::Postgres).await;
+    }
+
+    async fn config_sync_replaces_config_entries(engine: Engine) {
+        let database = TestDatabase::new(engine).await;
+        let (store, _) = database.open().await;
         let secret = ClientSecret::parse("s").unwrap();
         store
             .apps()

@@ -58,7 +58,8 @@ pub(super) struct TokenRow {
 }
 
 /// Every app's token row (apps without one get the defaults).
-const LOAD_TOKENS: &str = "SELECT a.client_key, t.access_token, COALESCE(t.generation, 0) AS generation,
+const LOAD_TOKENS: &str =
+    "SELECT a.client_key, t.access_token, COALESCE(t.generation, 0) AS generation,
         t.fetched_at, t.expires_at, t.invalidated_at, t.last_error, t.last_error_at,
         COALESCE(t.last_error_permanent, 0) AS last_error_permanent,
         COALESCE(t.consecutive_failures, 0) AS consecutive_failures

@@ -13,12 +13,16 @@ use crate::clock::duration_ms;
 use crate::domain::ClientKey;
 use crate::store::{FetchRequest, FetchTurn, TokenRecord};
 
+/// How long a daemon's fetch lease holds: a daemon killed mid-fetch is
+/// replaced by another this long after it took the lease, at the latest.
+pub(crate) const FETCH_LEASE: Duration = Duration::from_secs(8);
+
 /// Douyin keeps the newest two tokens: one replaced stays valid this long.
 const DOUYIN_GRACE: Duration = Duration::from_secs(300);
 
 /// This daemon's membership of the cluster.
 #[derive(Debug, Clone)]
-pub struct ClusterMembership {
+pub(crate) struct ClusterMembership {
     /// Unique per process start, so a restarted daemon never holds its old lease.
     pub(crate) instance: String,
     /// How long a fetch lease holds: past it, another daemon may take over
@@ -28,7 +32,7 @@ pub struct ClusterMembership {
 
 impl ClusterMembership {
     /// A membership with a new instance name (host name, process id and 64 random bits).
-    pub fn new(lease: Duration) -> Self {
+    pub(crate) fn new(lease: Duration) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|name| name.trim().to_owned())
             .unwrap_or_else(|_| "host".to_owned());
@@ -101,7 +105,8 @@ impl TokenManager {
                     // Newer but not servable: now known, so the next turn may fetch.
                 }
                 Ok(FetchTurn::HeldElsewhere { lease_ends_in_ms }) => {
-                    let lease_end = Duration::from_millis(u64::try_from(lease_ends_in_ms).unwrap_or(0));
+                    let lease_end =
+                        Duration::from_millis(u64::try_from(lease_ends_in_ms).unwrap_or(0));
                     tokio::select! {
                         () = &mut changed => {}
                         () = tokio::time::sleep(lease_end) => {}
@@ -116,7 +121,12 @@ impl TokenManager {
                 }
                 Ok(FetchTurn::TooSoon { retry_in_ms }) => {
                     // Only scheduled refreshes wait: the current token serves meanwhile.
-                    let current = slot.state.lock().current.as_ref().map(|held| lease_of(&slot.client_key, held));
+                    let current = slot
+                        .state
+                        .lock()
+                        .current
+                        .as_ref()
+                        .map(|held| lease_of(&slot.client_key, held));
                     return ClusterTurn::Answered(current.ok_or(TokenError::BudgetExhausted {
                         client_key: slot.client_key.clone(),
                         retry_in_seconds: (retry_in_ms + 999) / 1000,
@@ -152,7 +162,11 @@ impl TokenManager {
                 }
                 None
             } else {
-                match (record.access_token, record.fetched_at_ms, record.expires_at_ms) {
+                match (
+                    record.access_token,
+                    record.fetched_at_ms,
+                    record.expires_at_ms,
+                ) {
                     (Some(access_token), Some(fetched_at_ms), Some(expires_at_ms))
                         if held_generation.is_none_or(|held| held < record.generation)
                             && self.inner.policy.is_servable(expires_at_ms, now_ms) =>

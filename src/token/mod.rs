@@ -30,7 +30,7 @@ use crate::metrics::{AppTokenReading, Metrics};
 use crate::store::{FetchFailure, NewToken, Store, StoreError};
 
 pub(crate) use budget::{FetchPriority, TokenBudget};
-pub use cluster::ClusterMembership;
+use cluster::ClusterMembership;
 use cluster::ClusterTurn;
 pub(crate) use policy::RefreshPolicy;
 
@@ -337,8 +337,11 @@ impl TokenManager {
         audit: AuditLog,
         metrics: Metrics,
         tasks: TaskTracker,
-        cluster: Option<ClusterMembership>,
     ) -> Result<Self, StoreError> {
+        // A shared database makes this daemon one of a cluster.
+        let cluster = store
+            .is_shared()
+            .then(|| ClusterMembership::new(cluster::FETCH_LEASE));
         let policy = if douyin.uses_stable_tokens() {
             RefreshPolicy::from(config).for_stable_tokens()
         } else {
@@ -768,7 +771,11 @@ impl TokenManager {
 
     /// Commits a fetched token: in a cluster through the fenced write (false:
     /// fenced out), else as the one owner of the database.
-    async fn save_fetched(&self, client_key: &ClientKey, held: &HeldToken) -> Result<bool, StoreError> {
+    async fn save_fetched(
+        &self,
+        client_key: &ClientKey,
+        held: &HeldToken,
+    ) -> Result<bool, StoreError> {
         match (&self.inner.cluster, self.inner.store.cluster()) {
             (Some(membership), Some(cluster)) => {
                 cluster

@@ -1,0 +1,191 @@
+//! Several daemon processes on one PostgreSQL database (a private server the
+//! test starts) and one strict sandbox: each app's token is fetched once for
+//! the whole cluster, the app's rate holds for the cluster, and a daemon
+//! killed while it fetches is replaced by another without callers noticing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use douyin_tokend::bench::daemon_process::{DaemonLaunch, DaemonProcess};
+use douyin_tokend::bench::fleet::{Fleet, order_id, teach_orders};
+use douyin_tokend::bench::postgres_server::PostgresServer;
+use douyin_tokend::bench::{bench_auth, store_bench_client};
+use douyin_tokend::clock::{Clock, SystemClock};
+use douyin_tokend::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest;
+use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
+use douyin_tokend::sandbox::{Sandbox, SandboxConfig};
+use douyin_tokend::store::{DatabaseLocation, PostgresDatabase, Store};
+use tonic::transport::Channel;
+
+use crate::daemon_process::{BINARY, PATIENCE};
+
+const ORDERS: usize = 50;
+
+/// A private PostgreSQL database holding a fleet, a strict sandbox knowing
+/// it, and the master key every daemon of the cluster shares.
+struct ClusterSetup {
+    postgres: PostgresServer,
+    sandbox: Sandbox,
+    fleet: Fleet,
+    directory: tempfile::TempDir,
+    url: String,
+    master_key_file: PathBuf,
+}
+
+impl ClusterSetup {
+    async fn new(fleet: Fleet, sandbox_config: SandboxConfig) -> Self {
+        let postgres = PostgresServer::start().await.unwrap();
+        postgres.create_database("tokend").await.unwrap();
+        let url = postgres.url("tokend");
+        let sandbox = Sandbox::start(Arc::new(SystemClock), sandbox_config)
+            .await
+            .unwrap();
+        fleet.teach_sandbox(sandbox.state());
+        teach_orders(sandbox.state(), ORDERS);
+        let directory = tempfile::tempdir().unwrap();
+        let master_key_file = directory.path().join("master.key");
+        let location = DatabaseLocation::Postgres(PostgresDatabase {
+            url: url.clone(),
+            password: None,
+        });
+        let (store, _) = Store::open_location(&location, &master_key_file)
+            .await
+            .unwrap();
+        let now_ms = SystemClock.now_unix_ms();
+        fleet.store_in(&store, now_ms).await.unwrap();
+        store_bench_client(&store, now_ms).await.unwrap();
+        store.close().await;
+        Self {
+            postgres,
+            sandbox,
+            fleet,
+            directory,
+            url,
+            master_key_file,
+        }
+    }
+
+    /// Starts daemon number `index` on the shared database, up to READY=1.
+    async fn spawn_daemon(&self, index: usize) -> DaemonProcess {
+        let config_path = self.directory.path().join(format!("daemon-{index}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nmaster_key_file = \"{}\"\n\n[douyin]\nbase_url = \"{}\"\n",
+                self.url,
+                self.master_key_file.display(),
+                self.sandbox.base_url()
+            ),
+        )
+        .unwrap();
+        let launch = DaemonLaunch {
+            binary: BINARY.into(),
+            config_path,
+            notify_path: self.directory.path().join(format!("notify-{index}")),
+            log_path: self.directory.path().join(format!("daemon-{index}.log")),
+            arguments: Vec::new(),
+            environment: vec![(
+                "RUST_LOG".to_owned(),
+                "info,douyin_tokend=debug,tokio_cron_scheduler=warn,sqlx=warn".to_owned(),
+            )],
+            patience: PATIENCE,
+        };
+        match DaemonProcess::start(&launch).await {
+            Ok(daemon) => daemon,
+            Err(error) => panic!(
+                "{error:#}\n{}\npostgres:\n{}",
+                std::fs::read_to_string(&launch.log_path).unwrap_or_default(),
+                self.postgres.logs()
+            ),
+        }
+    }
+
+    fn lookup(&self, index: usize) -> GetAfterSaleOrderDetailRequest {
+        GetAfterSaleOrderDetailRequest {
+            account_id: self.fleet.account_id(index % self.fleet.merchants),
+            order_id: order_id(index % ORDERS),
+            certificate_id: None,
+            include_raw_json: false,
+        }
+    }
+}
+
+async fn client_of(
+    daemon: &DaemonProcess,
+) -> AfterSaleServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, douyin_tokend::cli::BearerAuth>,
+> {
+    let channel = Channel::from_shared(daemon.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AfterSaleServiceClient::with_interceptor(channel, bench_auth())
+}
+
+/// Sends `count` distinct lookups at once, spread round robin over the
+/// daemons; returns the failures as text.
+async fn lookups_at_once(
+    setup: &ClusterSetup,
+    daemons: &[&DaemonProcess],
+    count: usize,
+) -> Vec<String> {
+    let mut clients = Vec::new();
+    for daemon in daemons {
+        clients.push(client_of(daemon).await);
+    }
+    let calls = (0..count).map(|index| {
+        let mut client = clients[index % clients.len()].clone();
+        let mut request = tonic::Request::new(setup.lookup(index));
+        request.set_timeout(Duration::from_secs(30));
+        async move { client.get_after_sale_order_detail(request).await }
+    });
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter_map(|answer| answer.err())
+        .map(|status| format!("{:?}: {}", status.code(), status.message()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_database_fetch_each_token_once_and_keep_the_apps_rate() {
+    let setup = ClusterSetup::new(
+        Fleet {
+            apps: 4,
+            merchants: 8,
+        },
+        SandboxConfig::default(),
+    )
+    .await;
+    let first = setup.spawn_daemon(1).await;
+    let second = setup.spawn_daemon(2).await;
+
+    // 200 lookups of cold apps at once, half through each daemon: three
+    // times more than the apps' rate allows per second (10 per app).
+    let failures = lookups_at_once(&setup, &[&first, &second], 200).await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}\n{}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        first.logs(),
+        second.logs()
+    );
+    let stats = setup.sandbox.state().stats();
+    for app in 0..setup.fleet.apps {
+        assert_eq!(
+            stats.tokens_issued_for(&setup.fleet.client_key(app)),
+            1,
+            "one token per app for the whole cluster\n{}\n{}",
+            first.logs(),
+            second.logs()
+        );
+    }
+    assert_eq!(
+        stats.lookup_window_overruns, 0,
+        "no 2119003 from the cluster"
+    );
+    assert_eq!(stats.token_rejections(), 0);
+}

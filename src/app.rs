@@ -88,8 +88,9 @@ impl App {
         let declarations = resolve_declarations(&config)?;
         let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         config.check_master_key_file(credentials_directory.as_deref())?;
-        let master_key_path = config.master_key_path(credentials_directory.as_deref());
-        let (store, key_outcome) = Store::open(&config.database, &master_key_path).await?;
+        let master_key_path = config.master_key_path(credentials_directory.as_deref())?;
+        let database = config.database_location(credentials_directory.as_deref())?;
+        let (store, key_outcome) = Store::open_location(&database, &master_key_path).await?;
         if let MasterKeyOutcome::Created(path) = key_outcome {
             tracing::warn!(
                 path = %path.display(),
@@ -667,14 +668,22 @@ impl KeyFileOwnership {
 }
 
 pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
+    // A SQLite file's lock proves no daemon is using it; a shared PostgreSQL
+    // database has no such proof yet, and a daemon still running on the old
+    // key while the rows are re-sealed under the new one would fail.
+    let Some(database) = config.sqlite_path() else {
+        anyhow::bail!(
+            "rotate-master-key works on a SQLite database only for now: with PostgreSQL every daemon sharing the database must be stopped first, and nothing here can check that yet; nothing was changed"
+        );
+    };
     let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let key_file = config.master_key_path(credentials_directory.as_deref());
+    let key_file = config.master_key_path(credentials_directory.as_deref())?;
     if !key_file.exists() {
         anyhow::bail!("no master key at {}; nothing to rotate", key_file.display());
     }
     config.check_master_key_file(credentials_directory.as_deref())?;
-    let ownership = KeyFileOwnership::of(&key_file, &config.database)?;
-    let (mut store, _) = Store::open(&config.database, &key_file).await?;
+    let ownership = KeyFileOwnership::of(&key_file, database)?;
+    let (mut store, _) = Store::open(database, &key_file).await?;
     let staged = PathBuf::from(format!("{}.new", key_file.display()));
     if staged.exists() {
         std::fs::remove_file(&staged)

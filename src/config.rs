@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::access::{ApiClient, KeyHash, Scope};
 use crate::domain::{AccountId, ClientKey, ClientSecret, DouyinApi, RateScope};
 use crate::schedule::CronSchedule;
+use crate::store::{DatabaseLocation, PostgresDatabase};
 
 /// A configuration problem, always naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +47,19 @@ pub struct Config {
     pub unix_socket_mode: UnixSocketMode,
     /// TLS for the gRPC listener; absent means plaintext (fine on loopback or a Unix socket).
     pub tls: Option<TlsConfig>,
-    /// The SQLite database file.
-    pub database: PathBuf,
+    /// A SQLite file, or a `postgres://` URL naming a database that several
+    /// daemons share (see [`DatabaseSetting`]).
+    pub database: DatabaseSetting,
+    /// The PostgreSQL password (PostgreSQL only). A relative path is looked up
+    /// in `$CREDENTIALS_DIRECTORY`; absent, the credential `database-password`
+    /// is used when it exists. Read by [`Config::database_location`].
+    pub database_password_file: Option<PathBuf>,
     /// The master key that seals secrets and tokens in the database (64 hex
     /// digits). Default: `$CREDENTIALS_DIRECTORY/master-key` when that exists,
     /// else `master.key` beside the database. A relative path is looked up in
     /// `$CREDENTIALS_DIRECTORY` when set, else beside the database. Created
-    /// (mode 0600) on the first start of a new database.
+    /// (mode 0600) on the first start of a new database. With PostgreSQL there
+    /// is no "beside the database": see [`Config::master_key_path`].
     pub master_key_file: Option<PathBuf>,
     /// How long in-flight RPCs may run on after a shutdown signal.
     #[serde(with = "humane_duration")]
@@ -70,6 +77,86 @@ pub struct Config {
     /// Douyin's refund-request notifications (抖音码退款申请通知); off by default.
     pub webhook: WebhookConfig,
 }
+
+/// The `database` key: a SQLite file (the default, one daemon per file), or
+/// a PostgreSQL database that several daemons share, written as a
+/// `postgres://` or `postgresql://` URL. Anything that is not such a URL is a
+/// SQLite path, as it always was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseSetting {
+    Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+impl DatabaseSetting {
+    /// Reads the `database` value; a PostgreSQL URL is checked as
+    /// [`PostgresUrl::parse`] says.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            PostgresUrl::parse(text).map(Self::Postgres)
+        } else {
+            Ok(Self::Sqlite(PathBuf::from(text)))
+        }
+    }
+}
+
+impl std::fmt::Display for DatabaseSetting {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(formatter, "{}", path.display()),
+            Self::Postgres(url) => formatter.write_str(url.as_str()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DatabaseSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A PostgreSQL URL as the config file may hold it: it names a database and
+/// carries no password. The text is kept as written, for sqlx to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    /// Checks `text` with the `url` crate (the parser sqlx uses). A password
+    /// (after `user:` or as `?password=`) is refused: whoever reads the file
+    /// or a log line naming the database would learn it. Refusals never quote
+    /// the URL, so a refused password is not printed either. The Unix-socket
+    /// form (`postgres:///dbname?host=/run/postgresql&user=tokend`) is fine;
+    /// the database may also come as `?dbname=`, which sqlx reads too.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let url = reqwest::Url::parse(text).map_err(|error| {
+            format!("not a PostgreSQL URL like postgres://tokend@db.example:5432/tokend: {error}")
+        })?;
+        if url.password().is_some() || url.query_pairs().any(|(key, _)| key == "password") {
+            return Err(format!(
+                "the URL holds a password; the password must come from database_password_file or the systemd credential {DATABASE_PASSWORD_CREDENTIAL}, never the config file"
+            ));
+        }
+        let database_in_path = !url.path().trim_start_matches('/').is_empty();
+        let database_in_query = url
+            .query_pairs()
+            .any(|(key, value)| key == "dbname" && !value.is_empty());
+        if !database_in_path && !database_in_query {
+            return Err(
+                "the URL names no database; write it after the host, like postgres://tokend@db.example:5432/tokend (or postgres:///tokend?host=/run/postgresql&user=tokend over a Unix socket)"
+                    .to_owned(),
+            );
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The systemd credential that holds the PostgreSQL password when
+/// `database_password_file` is not set.
+const DATABASE_PASSWORD_CREDENTIAL: &str = "database-password";
 
 /// The webhook receiver of Douyin's refund-request notifications.
 #[derive(Debug, Clone, Deserialize)]
@@ -493,7 +580,10 @@ impl Default for Config {
             listen: ListenAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 50051))),
             unix_socket_mode: UnixSocketMode::default(),
             tls: None,
-            database: default_database_path(std::env::var_os("STATE_DIRECTORY").as_deref()),
+            database: DatabaseSetting::Sqlite(default_database_path(
+                std::env::var_os("STATE_DIRECTORY").as_deref(),
+            )),
+            database_password_file: None,
             master_key_file: None,
             shutdown_grace: Duration::from_secs(10),
             douyin: DouyinConfig::default(),
@@ -612,7 +702,8 @@ impl Config {
                 .map_err(|message| ConfigError::invalid("DOUYIN_TOKEND_LISTEN", message))?;
         }
         if let Some(database) = lookup("DOUYIN_TOKEND_DATABASE") {
-            self.database = PathBuf::from(database);
+            self.database = DatabaseSetting::parse(&database)
+                .map_err(|message| ConfigError::invalid("DOUYIN_TOKEND_DATABASE", message))?;
         }
         if let Some(base_url) = lookup("DOUYIN_TOKEND_DOUYIN_BASE_URL") {
             self.douyin.base_url = base_url;
@@ -621,6 +712,7 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_database()?;
         let base_url = reqwest::Url::parse(&self.douyin.base_url).map_err(|error| {
             ConfigError::invalid("douyin.base_url", format!("not a URL: {error}"))
         })?;
@@ -751,6 +843,39 @@ impl Config {
         Ok(())
     }
 
+    /// `database` and what goes with it: a password file only for PostgreSQL,
+    /// and with PostgreSQL no declarations in the file. Daemons sharing one
+    /// database each sync their own file at start and on reload, and a sync
+    /// removes what the file no longer declares: two files that differ would
+    /// undo each other's apps, merchants and clients, so with PostgreSQL they
+    /// are managed through AdminService, whose writes every daemon sees.
+    fn validate_database(&self) -> Result<(), ConfigError> {
+        match &self.database {
+            DatabaseSetting::Sqlite(_) => {
+                if self.database_password_file.is_some() {
+                    return Err(ConfigError::invalid(
+                        "database_password_file",
+                        "only a PostgreSQL database takes a password; database names a SQLite file",
+                    ));
+                }
+            }
+            DatabaseSetting::Postgres(_) => {
+                let declared = [
+                    ("apps", self.apps.is_empty()),
+                    ("merchants", self.merchants.is_empty()),
+                    ("clients", self.clients.is_empty()),
+                ];
+                if let Some((key, _)) = declared.iter().find(|(_, empty)| !empty) {
+                    return Err(ConfigError::invalid(
+                        *key,
+                        "with a PostgreSQL database the config file declares no apps, merchants or clients — every daemon sharing the database would sync its own file over the others'; manage them with AdminService (douyin-tokend app add …) and create the first admin client with `douyin-tokend client bootstrap`",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `[webhook]`: a path Douyin can post to, a listener of its own, a sane
     /// body bound, TLS files that exist (proven whole by `app::check_tls_files`).
     fn validate_webhook(&self) -> Result<(), ConfigError> {
@@ -818,17 +943,9 @@ impl Config {
             .map(|(index, app)| {
                 let (key, raw_secret) = match (&app.client_secret_file, &app.client_secret_env) {
                     (Some(file), _) => {
-                        let path = match credentials_directory {
-                            Some(directory) if file.is_relative() => directory.join(file),
-                            _ => file.clone(),
-                        };
                         let key = format!("apps[{index}].client_secret_file");
-                        let text = std::fs::read_to_string(&path).map_err(|error| {
-                            ConfigError::invalid(
-                                &key,
-                                format!("cannot read {}: {error}", path.display()),
-                            )
-                        })?;
+                        let path = credential_file_path(file, credentials_directory);
+                        let text = read_secret_file(&key, &path)?;
                         (key, text)
                     }
                     (None, Some(variable)) => {
@@ -848,7 +965,7 @@ impl Config {
                         ));
                     }
                 };
-                let client_secret = ClientSecret::parse(raw_secret.trim_end_matches(['\r', '\n']))
+                let client_secret = ClientSecret::parse(trim_line_end(&raw_secret))
                     .map_err(|error| ConfigError::invalid(key, error.to_string()))?;
                 Ok(ResolvedApp {
                     client_key: app.client_key.clone(),
@@ -912,20 +1029,92 @@ impl Config {
         })
     }
 
-    /// Where the master key lives (see `master_key_file`).
-    pub fn master_key_path(&self, credentials_directory: Option<&Path>) -> PathBuf {
-        let beside_database = self
-            .database
-            .parent()
-            .map_or_else(PathBuf::new, Path::to_path_buf);
-        match (&self.master_key_file, credentials_directory) {
-            (Some(file), _) if file.is_absolute() => file.clone(),
-            (Some(file), Some(credentials)) => credentials.join(file),
-            (Some(file), None) => beside_database.join(file),
-            (None, Some(credentials)) if credentials.join("master-key").exists() => {
-                credentials.join("master-key")
+    /// The SQLite file, when `database` names one (tools and tests that work
+    /// on the file itself: copies, lock files, its owner).
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match &self.database {
+            DatabaseSetting::Sqlite(path) => Some(path),
+            DatabaseSetting::Postgres(_) => None,
+        }
+    }
+
+    /// What the store opens: the SQLite file, or the PostgreSQL URL with its
+    /// password read from `database_password_file` (relative: in
+    /// `credentials_directory`) or else the credential `database-password`
+    /// when it exists; no password at all is fine (peer or certificate
+    /// authentication; sqlx still reads `PGPASSWORD` and `~/.pgpass`).
+    /// check-config calls it too, so a password file that cannot be read
+    /// fails there exactly as it would at start.
+    pub fn database_location(
+        &self,
+        credentials_directory: Option<&Path>,
+    ) -> Result<DatabaseLocation, ConfigError> {
+        let url = match &self.database {
+            DatabaseSetting::Sqlite(path) => return Ok(DatabaseLocation::Sqlite(path.clone())),
+            DatabaseSetting::Postgres(url) => url,
+        };
+        let password_path = match (&self.database_password_file, credentials_directory) {
+            (Some(file), _) => Some(credential_file_path(file, credentials_directory)),
+            (None, Some(credentials)) => Some(credentials.join(DATABASE_PASSWORD_CREDENTIAL))
+                .filter(|credential| credential.exists()),
+            (None, None) => None,
+        };
+        let password = match password_path {
+            Some(path) => {
+                let text = read_secret_file("database_password_file", &path)?;
+                let password = trim_line_end(&text);
+                if password.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "database_password_file",
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                Some(password.to_owned())
             }
-            (None, _) => beside_database.join("master.key"),
+            None => None,
+        };
+        Ok(DatabaseLocation::Postgres(PostgresDatabase {
+            url: url.as_str().to_owned(),
+            password,
+        }))
+    }
+
+    /// Where the master key lives (see `master_key_file`). With SQLite this
+    /// always has an answer (beside the database, at worst). A PostgreSQL
+    /// database has no directory beside it, and every daemon sharing it needs
+    /// the same key, so there the key file must be named: absolute, in
+    /// `credentials_directory`, or the credential `master-key`; else a
+    /// config error on `master_key_file`.
+    pub fn master_key_path(
+        &self,
+        credentials_directory: Option<&Path>,
+    ) -> Result<PathBuf, ConfigError> {
+        let beside_database = self.sqlite_path().map(|database| {
+            database
+                .parent()
+                .map_or_else(PathBuf::new, Path::to_path_buf)
+        });
+        let default_credential = credentials_directory
+            .map(|credentials| credentials.join("master-key"))
+            .filter(|credential| credential.exists());
+        match (&self.master_key_file, default_credential, beside_database) {
+            (Some(file), _, _) if file.is_absolute() || credentials_directory.is_some() => {
+                Ok(credential_file_path(file, credentials_directory))
+            }
+            (Some(file), _, Some(beside_database)) => Ok(beside_database.join(file)),
+            (Some(file), _, None) => Err(ConfigError::invalid(
+                "master_key_file",
+                format!(
+                    "{} is relative and $CREDENTIALS_DIRECTORY is not set; a PostgreSQL database has no directory beside it to look in, so give an absolute path (every daemon sharing the database needs the same key file)",
+                    file.display()
+                ),
+            )),
+            (None, Some(credential), _) => Ok(credential),
+            (None, None, Some(beside_database)) => Ok(beside_database.join("master.key")),
+            (None, None, None) => Err(ConfigError::invalid(
+                "master_key_file",
+                "with a PostgreSQL database it must be set (an absolute path, or a file in $CREDENTIALS_DIRECTORY such as the credential master-key): there is no directory beside the database to keep it in, and every daemon sharing the database needs the same key file",
+            )),
         }
     }
 
@@ -939,7 +1128,7 @@ impl Config {
         &self,
         credentials_directory: Option<&Path>,
     ) -> Result<(), ConfigError> {
-        let path = self.master_key_path(credentials_directory);
+        let path = self.master_key_path(credentials_directory)?;
         if !path.exists() {
             return Ok(());
         }
@@ -947,6 +1136,30 @@ impl Config {
             .map(drop)
             .map_err(|error| ConfigError::invalid("master_key_file", error.to_string()))
     }
+}
+
+/// A file named in the config: relative paths are looked up in
+/// `credentials_directory` (systemd's `$CREDENTIALS_DIRECTORY`, where
+/// `LoadCredential=` puts them) when it is given, else where the daemon runs.
+fn credential_file_path(file: &Path, credentials_directory: Option<&Path>) -> PathBuf {
+    match credentials_directory {
+        Some(directory) if file.is_relative() => directory.join(file),
+        _ => file.to_path_buf(),
+    }
+}
+
+/// The text of a secret file. A file that cannot be read is a config error
+/// naming `key`; the message says why (the I/O error) but never quotes the
+/// file, so no part of a secret reaches a log.
+fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| {
+        ConfigError::invalid(key, format!("cannot read {}: {error}", path.display()))
+    })
+}
+
+/// A secret as written to its file: the line end editors add is not part of it.
+fn trim_line_end(text: &str) -> &str {
+    text.trim_end_matches(['\r', '\n'])
 }
 
 /// `key: message (line L, column C)`. The key is serde's path to the value
@@ -1295,11 +1508,11 @@ mod tests {
     fn a_malformed_master_key_file_is_a_config_error_naming_the_key() {
         let directory = tempfile::tempdir().unwrap();
         let config = Config {
-            database: directory.path().join("tokend.db"),
+            database: DatabaseSetting::Sqlite(directory.path().join("tokend.db")),
             ..Config::default()
         };
         config.check_master_key_file(None).unwrap();
-        let key_file = config.master_key_path(None);
+        let key_file = config.master_key_path(None).unwrap();
         // 64 bytes that are not 64 characters: once a panic (exit 101).
         std::fs::write(
             &key_file,
@@ -1322,6 +1535,307 @@ mod tests {
             .write_new(&key_file)
             .unwrap();
         config.check_master_key_file(None).unwrap();
+    }
+
+    /// A PostgreSQL config with a master key named, so the tests below see
+    /// only what they are about.
+    fn postgres_config(extra: &str) -> Result<Config, String> {
+        Config::from_toml_str(&format!(
+            "database = \"postgres://tokend@db.example:5432/tokend\"\nmaster_key_file = \"/etc/douyin-tokend/master.key\"\n{extra}"
+        ))
+    }
+
+    /// The error of a `database_location` expected to fail, as it prints
+    /// (`DatabaseLocation` has no `Debug` for `unwrap_err`).
+    fn location_error(result: Result<DatabaseLocation, ConfigError>) -> String {
+        match result {
+            Ok(location) => panic!("expected an error, got {location}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_postgres_url_selects_postgresql_and_anything_else_is_a_sqlite_path() {
+        for url in [
+            "postgres://tokend@db.example:5432/tokend?sslmode=verify-full",
+            "postgresql://tokend@db.example/tokend",
+            "postgres:///tokend?host=/run/postgresql&user=tokend",
+            "postgres:///tokend%2Done?host=/tmp/pg%20test&port=5433&user=tokend",
+            "postgres://db.example?dbname=tokend&user=tokend",
+        ] {
+            let config = Config::from_toml_str(&format!("database = \"{url}\"")).unwrap();
+            let DatabaseSetting::Postgres(parsed) = &config.database else {
+                panic!("{url} is not PostgreSQL: {:?}", config.database);
+            };
+            assert_eq!(parsed.as_str(), url, "the URL is kept as written");
+            assert_eq!(config.sqlite_path(), None);
+            assert_eq!(config.database.to_string(), url);
+        }
+        let sqlite = Config::from_toml_str("database = \"/var/lib/x/tokend.db\"").unwrap();
+        assert_eq!(
+            sqlite.database,
+            DatabaseSetting::Sqlite(PathBuf::from("/var/lib/x/tokend.db"))
+        );
+        assert_eq!(
+            sqlite.sqlite_path(),
+            Some(Path::new("/var/lib/x/tokend.db"))
+        );
+        let relative = Config::from_toml_str("database = \"postgres.db\"").unwrap();
+        assert_eq!(relative.sqlite_path(), Some(Path::new("postgres.db")));
+        // The default stays the SQLite file it always was.
+        assert_eq!(
+            default_database_path(Some(std::ffi::OsStr::new("/var/lib/douyin-tokend"))),
+            PathBuf::from("/var/lib/douyin-tokend/tokend.db")
+        );
+        assert!(matches!(
+            Config::default().database,
+            DatabaseSetting::Sqlite(_)
+        ));
+        let location = sqlite.database_location(None).unwrap();
+        assert!(
+            matches!(&location, DatabaseLocation::Sqlite(path) if path == Path::new("/var/lib/x/tokend.db")),
+            "{location}"
+        );
+        // The environment override reads the same two forms.
+        let mut config = Config::default();
+        config
+            .apply_environment(|name| {
+                (name == "DOUYIN_TOKEND_DATABASE").then(|| "postgres://h/tokend".to_owned())
+            })
+            .unwrap();
+        assert_eq!(config.database.to_string(), "postgres://h/tokend");
+        let error = config
+            .apply_environment(|name| {
+                (name == "DOUYIN_TOKEND_DATABASE").then(|| "postgres://u:pw@h/tokend".to_owned())
+            })
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with("DOUYIN_TOKEND_DATABASE: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_postgres_url_with_a_password_or_without_a_database_is_refused() {
+        for url in [
+            "postgres://tokend:hunter2@db.example/tokend",
+            "postgresql://tokend:hunter2@db.example:5432/tokend?sslmode=require",
+            "postgres://tokend@db.example/tokend?password=hunter2",
+        ] {
+            let error = Config::from_toml_str(&format!("database = \"{url}\"")).unwrap_err();
+            assert!(error.starts_with("database: "), "{error}");
+            assert!(error.contains("database_password_file"), "{error}");
+            assert!(error.contains("database-password"), "{error}");
+            assert!(
+                !error.contains("hunter2"),
+                "the password is never printed: {error}"
+            );
+        }
+        for url in [
+            "postgres://tokend@db.example",
+            "postgres://tokend@db.example:5432/",
+            "postgres:///?host=/run/postgresql",
+            "postgres://db.example/?dbname=",
+        ] {
+            let error = Config::from_toml_str(&format!("database = \"{url}\"")).unwrap_err();
+            assert!(error.starts_with("database: "), "{error}");
+            assert!(error.contains("names no database"), "{error}");
+        }
+        let error =
+            Config::from_toml_str("database = \"postgres://db.example:port/x\"").unwrap_err();
+        assert!(error.starts_with("database: "), "{error}");
+    }
+
+    #[test]
+    fn the_database_password_comes_from_a_file_or_the_credential() {
+        let credentials = tempfile::tempdir().unwrap();
+        std::fs::write(credentials.path().join("pg-password"), "from-file\n").unwrap();
+        let password_of = |config: &Config, credentials_directory: Option<&Path>| match config
+            .database_location(credentials_directory)
+            .unwrap()
+        {
+            DatabaseLocation::Postgres(database) => database.password,
+            DatabaseLocation::Sqlite(path) => panic!("SQLite {}", path.display()),
+        };
+        // Relative: in $CREDENTIALS_DIRECTORY, the trailing newline dropped.
+        let named = postgres_config("database_password_file = \"pg-password\"").unwrap();
+        named.validate().unwrap();
+        assert_eq!(
+            password_of(&named, Some(credentials.path())).as_deref(),
+            Some("from-file")
+        );
+        // Absolute: as written.
+        let absolute = postgres_config(&format!(
+            "database_password_file = \"{}\"",
+            credentials.path().join("pg-password").display()
+        ))
+        .unwrap();
+        assert_eq!(password_of(&absolute, None).as_deref(), Some("from-file"));
+        // Not named: the credential database-password when it is there, else none.
+        let unnamed = postgres_config("").unwrap();
+        assert_eq!(password_of(&unnamed, Some(credentials.path())), None);
+        assert_eq!(password_of(&unnamed, None), None);
+        std::fs::write(
+            credentials.path().join("database-password"),
+            "credential\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            password_of(&unnamed, Some(credentials.path())).as_deref(),
+            Some("credential")
+        );
+        // A named file that cannot be read, or holds nothing, names the key.
+        let missing = postgres_config("database_password_file = \"absent\"").unwrap();
+        let error = location_error(missing.database_location(Some(credentials.path())));
+        assert!(
+            error.starts_with("database_password_file: cannot read "),
+            "{error}"
+        );
+        std::fs::write(credentials.path().join("empty"), "\n").unwrap();
+        let empty = postgres_config("database_password_file = \"empty\"").unwrap();
+        let error = location_error(empty.database_location(Some(credentials.path())));
+        assert!(error.starts_with("database_password_file: "), "{error}");
+        // SQLite takes no password.
+        let sqlite = Config::from_toml_str("database_password_file = \"pg-password\"").unwrap();
+        let error = sqlite.validate().unwrap_err();
+        assert!(
+            error.to_string().starts_with("database_password_file: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_database_password_never_shows_in_debug_output_or_errors() {
+        let credentials = tempfile::tempdir().unwrap();
+        let password = "s3cret-database-password";
+        std::fs::write(credentials.path().join("database-password"), password).unwrap();
+        let config = postgres_config("").unwrap();
+        let DatabaseLocation::Postgres(database) =
+            config.database_location(Some(credentials.path())).unwrap()
+        else {
+            panic!("PostgreSQL expected");
+        };
+        assert_eq!(database.password.as_deref(), Some(password));
+        assert!(!format!("{database:?}").contains(password), "{database:?}");
+        let location = DatabaseLocation::Postgres(database);
+        assert!(!location.to_string().contains(password), "{location}");
+        assert!(!format!("{config:?}").contains(password));
+        // Errors about the file say why it was refused, never what it holds.
+        let sqlite = Config::from_toml_str(&format!(
+            "database_password_file = \"{}\"",
+            credentials.path().join("database-password").display()
+        ))
+        .unwrap();
+        let error = sqlite.validate().unwrap_err().to_string();
+        assert!(!error.contains(password), "{error}");
+        std::fs::write(
+            credentials.path().join("not-text"),
+            [b"s3cret".as_slice(), &[0xff, 0xfe]].concat(),
+        )
+        .unwrap();
+        let not_text = postgres_config("database_password_file = \"not-text\"").unwrap();
+        let error = location_error(not_text.database_location(Some(credentials.path())));
+        assert!(error.starts_with("database_password_file: "), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn with_postgresql_the_file_declares_no_apps_merchants_or_clients() {
+        let hash = KeyHash::of_key("k").to_hex();
+        let cases = [
+            (
+                "[[apps]]\nclient_key = \"a\"\nclient_secret_env = \"S\"\n\
+                 [[merchants]]\naccount_id = \"1\"\nclient_key = \"a\"",
+                "apps",
+            ),
+            (
+                "[[merchants]]\naccount_id = \"1\"\nclient_key = \"a\"",
+                "merchants",
+            ),
+            (
+                &*format!(
+                    "[[clients]]\nname = \"ops\"\nkey_sha256 = \"{hash}\"\nscopes = [\"admin\"]"
+                ),
+                "clients",
+            ),
+        ];
+        for (declarations, key) in cases {
+            // The same declarations are fine with SQLite (merchants alone
+            // fail there for naming no declared app, a different key).
+            if key != "merchants" {
+                Config::from_toml_str(declarations)
+                    .unwrap()
+                    .validate()
+                    .unwrap();
+            }
+            let error = postgres_config(declarations)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with(&format!("{key}: ")), "{error}");
+            assert!(error.contains("AdminService"), "{error}");
+            assert!(error.contains("douyin-tokend client bootstrap"), "{error}");
+        }
+        postgres_config("").unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn with_postgresql_the_master_key_file_must_be_named() {
+        let credentials = tempfile::tempdir().unwrap();
+        let unnamed = Config::from_toml_str("database = \"postgres://h/tokend\"").unwrap();
+        // No file named, no credential: there is no "beside the database".
+        for credentials_directory in [None, Some(credentials.path())] {
+            let error = unnamed
+                .master_key_path(credentials_directory)
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with("master_key_file: "), "{error}");
+            assert!(error.contains("PostgreSQL"), "{error}");
+            let error = unnamed
+                .check_master_key_file(credentials_directory)
+                .unwrap_err();
+            assert!(
+                error.to_string().starts_with("master_key_file: "),
+                "{error}"
+            );
+        }
+        // The credential master-key, when loaded.
+        std::fs::write(credentials.path().join("master-key"), "x").unwrap();
+        assert_eq!(
+            unnamed.master_key_path(Some(credentials.path())).unwrap(),
+            credentials.path().join("master-key")
+        );
+        // Absolute: as written, with or without $CREDENTIALS_DIRECTORY.
+        let absolute = postgres_config("").unwrap();
+        for credentials_directory in [None, Some(credentials.path())] {
+            assert_eq!(
+                absolute.master_key_path(credentials_directory).unwrap(),
+                PathBuf::from("/etc/douyin-tokend/master.key")
+            );
+        }
+        // Relative: only in $CREDENTIALS_DIRECTORY.
+        let relative = Config::from_toml_str(
+            "database = \"postgres://h/tokend\"\nmaster_key_file = \"cluster-key\"",
+        )
+        .unwrap();
+        assert_eq!(
+            relative.master_key_path(Some(credentials.path())).unwrap(),
+            credentials.path().join("cluster-key")
+        );
+        let error = relative.master_key_path(None).unwrap_err().to_string();
+        assert!(error.starts_with("master_key_file: "), "{error}");
+        assert!(error.contains("absolute"), "{error}");
+        // SQLite keeps its rules: beside the database unless named otherwise.
+        let sqlite = Config::from_toml_str("database = \"/var/lib/x/tokend.db\"").unwrap();
+        assert_eq!(
+            sqlite.master_key_path(None).unwrap(),
+            PathBuf::from("/var/lib/x/master.key")
+        );
+        assert_eq!(
+            sqlite.master_key_path(Some(credentials.path())).unwrap(),
+            credentials.path().join("master-key")
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::cli::{
     run_merchant_command,
 };
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{ClientEntry, Config};
+use crate::config::{ClientEntry, Config, DatabaseSetting};
 use crate::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
 use crate::proto::douyin::goodlife::v1::{
     AfterSaleOrder, AuditAfterSaleOrderRequest, AuditAfterSaleOrderResponse,
@@ -115,7 +115,7 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
     // The demo's own API client, with every scope; only its key's hash is configured.
     let api_key = crate::access::generate_api_key();
     let mut config = Config {
-        database: directory.path().join("demo.db"),
+        database: DatabaseSetting::Sqlite(directory.path().join("demo.db")),
         ..Config::default()
     };
     config.douyin.base_url = sandbox.base_url();
@@ -130,8 +130,7 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
     writeln!(
         out,
         "douyin-tokend serving gRPC on {} (database {})",
-        daemon.address,
-        config.database.display()
+        daemon.address, config.database
     )?;
 
     let mut admin = admin_client(&daemon.address, &Default::default(), &api_key).await?;

@@ -68,6 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 credentials_directory.as_deref(),
             )?;
             config.check_master_key_file(credentials_directory.as_deref())?;
+            config.database_location(credentials_directory.as_deref())?;
             douyin_tokend::app::check_tls_files(&config)?;
             douyin_tokend::app::check_watchdog_feed(
                 &config,

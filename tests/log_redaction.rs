@@ -185,7 +185,7 @@ async fn no_secret_token_or_client_key_reaches_logs_errors_or_debug_output() {
     assert_eq!(event.client_key, CLIENT_KEY, "the contract carries it");
     visible.push_str(&format!("{event:?}"));
     drop(events);
-    let master_key = std::fs::read_to_string(app.config.master_key_path(None)).unwrap();
+    let master_key = std::fs::read_to_string(app.config.master_key_path(None).unwrap()).unwrap();
     app.stop().await;
 
     let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();

@@ -22,7 +22,7 @@ use super::fleet::{Fleet, order_id, teach_orders};
 use super::measure::ProcessSample;
 use crate::app::App;
 use crate::clock::{Clock, ManualClock, SharedClock};
-use crate::config::Config;
+use crate::config::{Config, DatabaseSetting};
 use crate::douyin::codes;
 use crate::grpc::status::TOKEND_DOMAIN;
 use crate::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest;
@@ -263,8 +263,9 @@ pub async fn run_simulated(plan: &SoakPlan) -> anyhow::Result<SoakReport> {
     teach_orders(sandbox.state(), orders);
 
     let directory = tempfile::tempdir()?;
+    let database = directory.path().join("soak.db");
     let mut config = Config {
-        database: directory.path().join("soak.db"),
+        database: DatabaseSetting::Sqlite(database.clone()),
         ..Config::default()
     };
     config.douyin.base_url = sandbox.base_url();
@@ -278,12 +279,9 @@ pub async fn run_simulated(plan: &SoakPlan) -> anyhow::Result<SoakReport> {
     config.lookup.retry_backoff_initial = Duration::from_millis(2);
     config.lookup.retry_backoff_max = Duration::from_millis(10);
     plan.adjust_daemon_config(&mut config);
-    let store = Store::open(
-        &config.database,
-        &crate::bench::master_key_beside(&config.database),
-    )
-    .await?
-    .0;
+    let store = Store::open(&database, &crate::bench::master_key_beside(&database))
+        .await?
+        .0;
     fleet.store_in(&store, clock.now_unix_ms()).await?;
     store.close().await;
 

@@ -1,5 +1,10 @@
 //! `douyin-tokend check-config` on broken configs: each exits 64 with a
-//! message that names the offending key; good configs exit 0.
+//! message that names the offending key; good configs exit 0 (a PostgreSQL
+//! one too, and its URL opens the store).
+
+use douyin_tokend::bench::postgres_server::PostgresServer;
+use douyin_tokend::config::Config;
+use douyin_tokend::store::{DatabaseLocation, MasterKeyOutcome, Store};
 
 use crate::daemon_process::BINARY;
 
@@ -264,6 +269,91 @@ async fn serve_refuses_a_malformed_master_key_file_with_64_before_opening_the_da
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("master_key_file: "), "{stderr}");
     assert!(!database.exists(), "nothing is created for a bad config");
+}
+
+#[tokio::test]
+async fn a_postgres_password_file_that_cannot_be_read_fails_check_config_and_serve_alike() {
+    let directory = tempfile::tempdir().unwrap();
+    // Nothing listens there: the refusal must come before any connection.
+    let config = directory.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"postgres://tokend@127.0.0.1:1/tokend\"\n\
+             master_key_file = \"{}\"\ndatabase_password_file = \"missing-password\"\n",
+            directory.path().join("master.key").display()
+        ),
+    )
+    .unwrap();
+    for command in ["check-config", "serve"] {
+        let output = tokio::process::Command::new(BINARY)
+            .arg("--config")
+            .arg(&config)
+            .arg(command)
+            .env("CREDENTIALS_DIRECTORY", directory.path())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("DOUYIN_TOKEND_LISTEN")
+            .env_remove("DOUYIN_TOKEND_DATABASE")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{command}: {stderr}");
+        assert!(
+            stderr.contains("database_password_file: cannot read "),
+            "{command}: {stderr}"
+        );
+    }
+    assert!(
+        !directory.path().join("master.key").exists(),
+        "no key is made up for a config that cannot start"
+    );
+}
+
+#[tokio::test]
+async fn a_postgres_socket_url_from_the_config_file_opens_the_store() {
+    let server = PostgresServer::start().await.expect("the server starts");
+    server.create_database("from_config").await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let key_file = directory.path().join("cluster-master.key");
+    let config_file = directory.path().join("config.toml");
+    // postgres:///<database>?host=<socket directory>&port=…&user=…: no host
+    // before the path, the socket directory in the query.
+    std::fs::write(
+        &config_file,
+        format!(
+            "database = \"{}\"\nmaster_key_file = \"{}\"\n",
+            server.url("from_config"),
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let checked = tokio::process::Command::new(BINARY)
+        .arg("--config")
+        .arg(&config_file)
+        .arg("check-config")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("DOUYIN_TOKEND_DATABASE")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        checked.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let config = Config::load(Some(&config_file)).unwrap();
+    let location = config.database_location(None).unwrap();
+    assert!(
+        matches!(location, DatabaseLocation::Postgres(_)),
+        "{location}"
+    );
+    let (store, outcome) = Store::open_location(&location, &config.master_key_path(None).unwrap())
+        .await
+        .expect("the store opens on the URL as the config file wrote it");
+    assert_eq!(outcome, MasterKeyOutcome::Created(key_file.clone()));
+    store.close().await;
 }
 
 #[tokio::test]

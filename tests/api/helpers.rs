@@ -8,7 +8,7 @@ use std::time::Duration;
 use douyin_tokend::app::{App, ServeOptions};
 use douyin_tokend::cli::{AuthenticatedChannel, BearerAuth};
 use douyin_tokend::clock::{Clock, ManualClock, SharedClock, SystemClock};
-use douyin_tokend::config::{ClientEntry, Config};
+use douyin_tokend::config::{ClientEntry, Config, DatabaseSetting};
 use douyin_tokend::domain::DouyinApi;
 use douyin_tokend::lookup::LookupCounters;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
@@ -151,7 +151,7 @@ impl TestApp {
         let mut sandbox_config = SandboxConfig::default();
         let directory = Arc::new(tempfile::tempdir().unwrap());
         let mut config = Config {
-            database: directory.path().join("tokend.db"),
+            database: DatabaseSetting::Sqlite(directory.path().join("tokend.db")),
             ..Config::default()
         };
         config.refresh.sweep = None;
@@ -551,7 +551,12 @@ impl StoppedApp {
 
     /// The files the daemon keeps on disk: database, WAL, shared memory.
     pub fn database_files(&self) -> Vec<std::path::PathBuf> {
-        let database = self.config.database.display().to_string();
+        let database = self
+            .config
+            .sqlite_path()
+            .expect("the test daemons keep a SQLite file")
+            .display()
+            .to_string();
         [
             database.clone(),
             format!("{database}-wal"),

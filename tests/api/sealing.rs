@@ -56,7 +56,7 @@ async fn a_wrong_or_missing_master_key_stops_start_up_and_leaves_the_data_intact
     app.register_default().await;
     let token = app.access_token_for(ACCOUNT_ID).await.unwrap().access_token;
     let stopped = app.stop_daemon().await;
-    let key_file = stopped.config.master_key_path(None);
+    let key_file = stopped.config.master_key_path(None).unwrap();
     let right_key = std::fs::read(&key_file).unwrap();
 
     std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
@@ -99,7 +99,7 @@ async fn rotating_the_master_key_keeps_every_token_and_secret_usable() {
     app.register_default().await;
     let token = app.access_token_for(ACCOUNT_ID).await.unwrap().access_token;
     let stopped = app.stop_daemon().await;
-    let key_file = stopped.config.master_key_path(None);
+    let key_file = stopped.config.master_key_path(None).unwrap();
     let old_key = std::fs::read_to_string(&key_file).unwrap();
 
     let rotation = douyin_tokend::app::rotate_master_key(&stopped.config)
@@ -154,7 +154,7 @@ async fn rotation_keeps_the_key_files_owner_group_and_mode_and_refuses_an_unread
     let app = TestApp::spawn().await;
     app.register_default().await;
     let stopped = app.stop_daemon().await;
-    let key_file = stopped.config.master_key_path(None);
+    let key_file = stopped.config.master_key_path(None).unwrap();
     // The service user: nobody when the test runs as root (as CI does), else ourselves.
     let service = if current_uid() == 0 {
         65534

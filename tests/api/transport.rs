@@ -150,7 +150,9 @@ async fn the_unix_socket_listener_serves_with_its_permissions_and_cleans_up() {
     let directory = tempfile::tempdir().unwrap();
     let socket = directory.path().join("grpc.sock");
     let mut config = douyin_tokend::config::Config {
-        database: directory.path().join("tokend.db"),
+        database: douyin_tokend::config::DatabaseSetting::Sqlite(
+            directory.path().join("tokend.db"),
+        ),
         listen: ListenAddress::Unix(socket.clone()),
         ..douyin_tokend::config::Config::default()
     };

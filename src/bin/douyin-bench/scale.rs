@@ -100,7 +100,7 @@ impl Bench {
         )
         .await?;
         let mut config = Config {
-            database: setup.database.clone(),
+            database: douyin_tokend::config::DatabaseSetting::Sqlite(setup.database.clone()),
             ..Config::default()
         };
         config.clients.push(douyin_tokend::bench::bench_client());

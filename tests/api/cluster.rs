@@ -164,7 +164,12 @@ async fn two_daemons_on_one_database_fetch_each_token_once_and_keep_the_apps_rat
 
     // 200 lookups of cold apps at once, half through each daemon: three
     // times more than the apps' rate allows per second (10 per app).
-    let failures = lookups_at_once(&setup, &[&first, &second], 200).await;
+    let failures = tokio::time::timeout(
+        PATIENCE * 2,
+        lookups_at_once(&setup, &[&first, &second], 200),
+    )
+    .await
+    .expect("the lookups end within their deadlines");
     assert!(
         failures.is_empty(),
         "{} failed: {:?}\n{}\n{}",
@@ -188,4 +193,52 @@ async fn two_daemons_on_one_database_fetch_each_token_once_and_keep_the_apps_rat
         "no 2119003 from the cluster"
     );
     assert_eq!(stats.token_rejections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_while_fetching_is_replaced_within_its_lease_and_survivors_see_no_error() {
+    let setup = ClusterSetup::new(
+        Fleet {
+            apps: 1,
+            merchants: 2,
+        },
+        SandboxConfig::default(),
+    )
+    .await;
+    // The token endpoint holds every call: the first daemon's start-up fetch
+    // takes the app's fetch lease and stays at the sandbox.
+    let gate = setup.sandbox.state().gate_token_endpoint();
+    let mut fetching = setup.spawn_daemon(1).await;
+    tokio::time::timeout(PATIENCE, gate.arrived(1))
+        .await
+        .expect("the first daemon's fetch reaches the sandbox");
+    let survivor = setup.spawn_daemon(2).await;
+    fetching.send_signal("KILL").unwrap();
+    assert!(fetching.exit_within(PATIENCE).await.is_some());
+    gate.release();
+
+    // The survivor's callers wait for the dead daemon's lease to end, then
+    // the survivor fetches: no error reaches them.
+    let started = std::time::Instant::now();
+    let failures = tokio::time::timeout(PATIENCE, lookups_at_once(&setup, &[&survivor], 10))
+        .await
+        .expect("the lookups end within their deadlines");
+    let failover = started.elapsed();
+    assert!(failures.is_empty(), "{failures:?}\n{}", survivor.logs());
+    assert!(
+        failover < Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
+    let stats = setup.sandbox.state().stats();
+    let issued = stats.tokens_issued_for(&setup.fleet.client_key(0));
+    assert!(
+        (1..=2).contains(&issued),
+        "at most the dead daemon's token and the survivor's: {issued}"
+    );
+    assert_eq!(stats.token_rejections(), 0);
+    assert!(
+        survivor.logs().contains("client_token fetched"),
+        "the survivor fetched the token itself\n{}",
+        survivor.logs()
+    );
 }

@@ -60,6 +60,9 @@ pub(crate) const DAEMON: &str = "daemon";
 
 /// How long the writer gathers lines before writing them.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// Lines kept while the database cannot be written (a PostgreSQL outage):
+/// past this, the oldest are dropped, with an error saying how many.
+const MAX_BUFFERED: usize = 100_000;
 const MAX_BATCH: usize = 1000;
 
 enum Command {
@@ -183,6 +186,8 @@ async fn write_batches(store: Store, mut receiver: mpsc::UnboundedReceiver<Comma
     // Index of the pending hand-out line each identical hand-out adds to.
     let mut handouts: HashMap<(String, String, String), usize> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    // While writes fail, only the flush interval retries (not every line).
+    let mut writes_failing = false;
     loop {
         let event = if pending.is_empty() {
             receiver
@@ -228,13 +233,34 @@ async fn write_batches(store: Store, mut receiver: mpsc::UnboundedReceiver<Comma
             WriterEvent::TimeToWrite => (false, true),
             WriterEvent::Closed => (true, true),
         };
-        if time_to_write || pending.len() >= MAX_BATCH {
+        if time_to_write || (pending.len() >= MAX_BATCH && !writes_failing) {
             if !pending.is_empty() {
-                if let Err(error) = store.audit().append(&pending).await {
-                    tracing::error!(%error, lines = pending.len(), "cannot write the audit trail; these lines are lost");
+                match store.audit().append(&pending).await {
+                    Ok(()) => {
+                        pending.clear();
+                        handouts.clear();
+                        writes_failing = false;
+                    }
+                    Err(error) if closed => {
+                        tracing::error!(%error, lines = pending.len(), "cannot write the audit trail at shutdown; these lines are lost");
+                    }
+                    Err(error) => {
+                        // Kept and written at the next flush: a database
+                        // that is away for a while loses no line.
+                        tracing::warn!(%error, lines = pending.len(), "cannot write the audit trail now; keeping the lines and trying again");
+                        writes_failing = true;
+                        if pending.len() > MAX_BUFFERED {
+                            let dropped = pending.len() - MAX_BUFFERED;
+                            pending.drain(..dropped);
+                            handouts.clear();
+                            tracing::error!(
+                                dropped,
+                                kept = MAX_BUFFERED,
+                                "the audit buffer is full while the database is away; the oldest lines are lost"
+                            );
+                        }
+                    }
                 }
-                pending.clear();
-                handouts.clear();
             }
             for done in waiting.drain(..) {
                 let _ = done.send(());

@@ -18,6 +18,9 @@ use douyin_tokend::sandbox::{Sandbox, SandboxConfig};
 use douyin_tokend::store::{DatabaseLocation, PostgresDatabase, Store};
 use tonic::transport::Channel;
 
+use douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient;
+use douyin_tokend::proto::tokend::v1::{PutAppRequest, PutMerchantRequest, RefreshTokenRequest};
+
 use crate::daemon_process::{BINARY, PATIENCE};
 
 const ORDERS: usize = 50;
@@ -109,6 +112,19 @@ impl ClusterSetup {
             include_raw_json: false,
         }
     }
+}
+
+async fn admin_of(
+    daemon: &DaemonProcess,
+) -> AdminServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, douyin_tokend::cli::BearerAuth>,
+> {
+    let channel = Channel::from_shared(daemon.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AdminServiceClient::with_interceptor(channel, bench_auth())
 }
 
 async fn client_of(
@@ -240,5 +256,126 @@ async fn a_daemon_killed_while_fetching_is_replaced_within_its_lease_and_survivo
         survivor.logs().contains("client_token fetched"),
         "the survivor fetched the token itself\n{}",
         survivor.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_postgresql_keeps_held_tokens_serving_and_fetches_nothing_without_the_lease() {
+    let mut setup = ClusterSetup::new(
+        Fleet {
+            apps: 1,
+            merchants: 2,
+        },
+        SandboxConfig::default(),
+    )
+    .await;
+    let first = setup.spawn_daemon(1).await;
+    let second = setup.spawn_daemon(2).await;
+    let failures = lookups_at_once(&setup, &[&first, &second], 4).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    let issued_before = setup.sandbox.state().stats().tokens_issued_total();
+
+    setup.postgres.stop().await.unwrap();
+    // The tokens held keep serving through both daemons.
+    let failures = lookups_at_once(&setup, &[&first, &second], 4).await;
+    assert!(failures.is_empty(), "{failures:?}\n{}", first.logs());
+    // A fetch needs the lease, and the lease needs the database.
+    let refused = admin_of(&first)
+        .await
+        .refresh_token(RefreshTokenRequest {
+            client_key: setup.fleet.client_key(0),
+        })
+        .await
+        .expect_err("no fetch without the database");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("database"), "{refused:?}");
+    assert_eq!(
+        setup.sandbox.state().stats().tokens_issued_total(),
+        issued_before,
+        "nothing fetched without the lease"
+    );
+
+    setup.postgres.start_again().await.unwrap();
+    let refreshed = admin_of(&first)
+        .await
+        .refresh_token(RefreshTokenRequest {
+            client_key: setup.fleet.client_key(0),
+        })
+        .await
+        .expect("the database is back")
+        .into_inner();
+    // The other daemon hears of the new token through its link, re-established
+    // on its own: its lookups use it, and Douyin rejects none.
+    let failures = lookups_at_once(&setup, &[&second], 4).await;
+    assert!(failures.is_empty(), "{failures:?}\n{}", second.logs());
+    assert!(refreshed.generation >= 2);
+    assert_eq!(setup.sandbox.state().stats().token_rejections(), 0);
+    assert!(
+        first.pid().is_some() && second.pid().is_some(),
+        "no daemon crashed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_and_merchant_added_through_one_daemon_serve_through_the_other_within_a_second() {
+    let setup = ClusterSetup::new(
+        Fleet {
+            apps: 2,
+            merchants: 2,
+        },
+        SandboxConfig::default(),
+    )
+    .await;
+    let first = setup.spawn_daemon(1).await;
+    let second = setup.spawn_daemon(2).await;
+    // The sandbox knows a third app and merchant the daemons do not.
+    let (client_key, secret, account_id) =
+        ("awcluster0000001", "cluster-secret", "7300000000000000001");
+    setup.sandbox.state().add_app(client_key, secret);
+    setup
+        .sandbox
+        .state()
+        .authorize_merchant(account_id, client_key);
+    let mut admin = admin_of(&first).await;
+    admin
+        .put_app(PutAppRequest {
+            client_key: client_key.to_owned(),
+            client_secret: secret.to_owned(),
+        })
+        .await
+        .unwrap();
+    admin
+        .put_merchant(PutMerchantRequest {
+            account_id: account_id.to_owned(),
+            client_key: client_key.to_owned(),
+        })
+        .await
+        .unwrap();
+    let written = std::time::Instant::now();
+    let mut lookups = client_of(&second).await;
+    // Propagation is measured, so this polls: each answer says whether the
+    // second daemon knows the merchant yet.
+    let propagated = loop {
+        let answer = lookups
+            .get_after_sale_order_detail(GetAfterSaleOrderDetailRequest {
+                account_id: account_id.to_owned(),
+                order_id: order_id(0),
+                certificate_id: None,
+                include_raw_json: false,
+            })
+            .await;
+        match answer {
+            Ok(_) => break written.elapsed(),
+            Err(status)
+                if status.code() == tonic::Code::NotFound && written.elapsed() < PATIENCE =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => panic!("{status:?}\n{}", second.logs()),
+        }
+    };
+    assert!(
+        propagated < Duration::from_secs(1),
+        "the second daemon served the new merchant after {propagated:?}"
     );
 }

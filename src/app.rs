@@ -667,6 +667,79 @@ impl KeyFileOwnership {
     }
 }
 
+/// `client bootstrap`: creates the first admin client (scope `admin` only)
+/// in the database and returns its key for stdout. Refused when an admin
+/// client exists already, so it cannot be used to mint keys on a running
+/// cluster; a running daemon sees the new client through the store's
+/// registry notification.
+pub async fn bootstrap_admin_client(
+    config: &Config,
+    name: &str,
+) -> anyhow::Result<crate::cli::CommandOutput> {
+    let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    config.check_master_key_file(credentials_directory.as_deref())?;
+    let key_file = config.master_key_path(credentials_directory.as_deref())?;
+    let location = config.database_location(credentials_directory.as_deref())?;
+    let (store, _) = Store::open_location(&location, &key_file).await?;
+    let outcome = create_first_admin(
+        &store,
+        name,
+        crate::clock::Clock::now_unix_ms(&crate::clock::SystemClock),
+    )
+    .await;
+    store.close().await;
+    outcome
+}
+
+async fn create_first_admin(
+    store: &Store,
+    name: &str,
+    now_ms: i64,
+) -> anyhow::Result<crate::cli::CommandOutput> {
+    let admin = crate::access::Scope::Admin.as_str();
+    if let Some(existing) = store
+        .clients()
+        .list()
+        .await?
+        .into_iter()
+        .find(|client| client.scopes.iter().any(|scope| scope == admin))
+    {
+        anyhow::bail!(
+            "an admin client exists already ({}); create more with `douyin-tokend client create` — nothing was changed",
+            existing.name
+        );
+    }
+    let key = crate::access::generate_api_key();
+    let declared = crate::access::ApiClient::declare(
+        name,
+        crate::access::KeyHash::of_key(&key),
+        [crate::access::Scope::Admin].into(),
+        None,
+        None,
+    )?;
+    let record = crate::store::ClientRecord {
+        name: declared.name.clone(),
+        key_sha256: declared.key_hash.to_hex(),
+        scopes: vec![admin.to_owned()],
+        apps: None,
+        merchants: None,
+        source: crate::store::Source::Admin,
+    };
+    if !store.clients().create(&record, now_ms).await? {
+        anyhow::bail!(
+            "a client named {} exists already — nothing was changed",
+            record.name
+        );
+    }
+    Ok(crate::cli::CommandOutput {
+        stdout: format!("{key}\n"),
+        stderr: format!(
+            "created the admin client {}; the API key above is shown once and stored only as its SHA-256\n",
+            record.name
+        ),
+    })
+}
+
 pub async fn rotate_master_key(config: &Config) -> anyhow::Result<KeyRotation> {
     // A SQLite file's lock proves no daemon is using it; a shared PostgreSQL
     // database has no such proof yet, and a daemon still running on the old

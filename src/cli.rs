@@ -175,6 +175,13 @@ pub enum ClientCommand {
     /// Print a new key and its SHA-256 for a [[clients]] entry in the config
     /// file; needs no daemon.
     NewKey,
+    /// Create the first admin client straight in the database named by
+    /// --config and print its key (needs no daemon): for daemons sharing a
+    /// PostgreSQL database, whose config files declare no clients. Refused
+    /// once any admin client exists; add more with `client create`.
+    Bootstrap {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -688,6 +695,9 @@ pub async fn run_client_command(
             CommandOutput::result(format!("client {name:?} removed\n"))
         }
         ClientCommand::NewKey => new_key(),
+        ClientCommand::Bootstrap { .. } => anyhow::bail!(
+            "client bootstrap writes to the database named by --config directly, not through a daemon"
+        ),
     })
 }
 

@@ -126,6 +126,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_output(&cli::new_key());
             Ok(())
         }
+        Command::Client {
+            command: cli::ClientCommand::Bootstrap { name },
+            ..
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            print_output(&douyin_tokend::app::bootstrap_admin_client(&config, name).await?);
+            Ok(())
+        }
         Command::App { command, daemon } => {
             let mut client = connect_admin(&cli, daemon).await?;
             print!("{}", cli::run_app_command(&mut client, command).await?);

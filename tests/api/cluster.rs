@@ -379,3 +379,69 @@ async fn an_app_and_merchant_added_through_one_daemon_serve_through_the_other_wi
         "the second daemon served the new merchant after {propagated:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_gets_its_first_admin_client_from_client_bootstrap_once() {
+    let postgres = PostgresServer::start().await.unwrap();
+    postgres.create_database("fresh").await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let config_path = directory.path().join("tokend.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nmaster_key_file = \"{}\"\n",
+            postgres.url("fresh"),
+            directory.path().join("master.key").display()
+        ),
+    )
+    .unwrap();
+    let bootstrap = || {
+        std::process::Command::new(BINARY)
+            .arg("--config")
+            .arg(&config_path)
+            .args(["client", "bootstrap", "ops"])
+            .output()
+            .unwrap()
+    };
+    let first = bootstrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let key = String::from_utf8(first.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("dtk_"), "the key alone on stdout: {key:?}");
+    let second = bootstrap();
+    assert!(!second.status.success());
+    let refusal = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        refusal.contains("an admin client exists already (ops)"),
+        "{refusal}"
+    );
+
+    let launch = DaemonLaunch {
+        binary: BINARY.into(),
+        config_path: config_path.clone(),
+        notify_path: directory.path().join("notify"),
+        log_path: directory.path().join("daemon.log"),
+        arguments: Vec::new(),
+        environment: Vec::new(),
+        patience: PATIENCE,
+    };
+    let daemon = DaemonProcess::start(&launch).await.unwrap();
+    let channel = Channel::from_shared(daemon.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = AdminServiceClient::with_interceptor(
+        channel,
+        douyin_tokend::cli::BearerAuth::new(&key).unwrap(),
+    );
+    let apps = admin
+        .list_apps(douyin_tokend::proto::tokend::v1::ListAppsRequest::default())
+        .await
+        .expect("the bootstrapped key is an admin's")
+        .into_inner();
+    assert!(apps.apps.is_empty());
+}

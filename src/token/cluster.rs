@@ -133,13 +133,42 @@ impl TokenManager {
                     }));
                 }
                 Err(error) => {
-                    tracing::error!(app = %slot.client_key, %error, "cannot take the fetch lease from the database; not fetching without it");
-                    return ClusterTurn::Answered(Err(TokenError::DatabaseUnavailable {
-                        client_key: slot.client_key.clone(),
-                        message: error.to_string(),
-                    }));
+                    return ClusterTurn::Answered(Err(self.database_unavailable(slot, &error)));
                 }
             }
+        }
+    }
+
+    /// Remembers that the database could not give the lease, backing off as
+    /// after a failed fetch: callers meanwhile get the cached answer at once
+    /// instead of each waiting for a connection that will not come.
+    fn database_unavailable(&self, slot: &AppSlot, error: &crate::store::StoreError) -> TokenError {
+        let now_ms = self.now_ms();
+        let mut state = slot.state.lock();
+        let consecutive = state
+            .failure
+            .as_ref()
+            .map_or(0, |failure| failure.consecutive)
+            .saturating_add(1);
+        let delay = self.inner.policy.backoff(consecutive, &mut rand::rng());
+        let message = error.to_string();
+        if consecutive == 1 {
+            tracing::error!(app = %slot.client_key, error = %message, "cannot take the fetch lease from the database; not fetching without it");
+        } else {
+            tracing::warn!(app = %slot.client_key, error = %message, consecutive, "the database still cannot give the fetch lease");
+        }
+        state.failure = Some(super::Failure {
+            douyin_code: None,
+            message: message.clone(),
+            at_ms: now_ms,
+            permanent: false,
+            consecutive,
+            retry_at_ms: now_ms + duration_ms(delay),
+            database_unavailable: true,
+        });
+        TokenError::DatabaseUnavailable {
+            client_key: slot.client_key.clone(),
+            message,
         }
     }
 
@@ -229,6 +258,17 @@ impl TokenManager {
         };
         for (client_key, record) in records {
             if let Some(slot) = self.slot(&client_key) {
+                // The database answers again: an app backing off because it
+                // did not may fetch at once.
+                let mut state = slot.state.lock();
+                if state
+                    .failure
+                    .as_ref()
+                    .is_some_and(|failure| failure.database_unavailable)
+                {
+                    state.failure = None;
+                }
+                drop(state);
                 self.apply_stored(&slot, record);
             }
         }

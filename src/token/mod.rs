@@ -216,6 +216,8 @@ struct Failure {
     permanent: bool,
     consecutive: u32,
     retry_at_ms: i64,
+    /// The shared database could not give the fetch lease (no Douyin call was made).
+    database_unavailable: bool,
 }
 
 struct AppState {
@@ -399,6 +401,7 @@ impl TokenManager {
                     permanent: record.last_error_permanent,
                     consecutive,
                     retry_at_ms,
+                    database_unavailable: false,
                 }
             });
             let state = AppState {
@@ -730,6 +733,7 @@ impl TokenManager {
                         permanent,
                         consecutive,
                         retry_at_ms: now_ms + duration_ms(delay),
+                        database_unavailable: false,
                     };
                     let error = failure_error(client_key, &failure, now_ms);
                     state.failure = Some(failure.clone());
@@ -1165,6 +1169,12 @@ fn lease_of(client_key: &ClientKey, held: &HeldToken) -> TokenLease {
 
 fn failure_error(client_key: &ClientKey, failure: &Failure, now_ms: i64) -> TokenError {
     let retry_in_seconds = ((failure.retry_at_ms - now_ms).max(0) + 999) / 1000;
+    if failure.database_unavailable {
+        return TokenError::DatabaseUnavailable {
+            client_key: client_key.clone(),
+            message: failure.message.clone(),
+        };
+    }
     if failure.permanent {
         TokenError::CredentialsRefused {
             client_key: client_key.clone(),

@@ -445,3 +445,68 @@ async fn a_new_cluster_gets_its_first_admin_client_from_client_bootstrap_once() 
         .into_inner();
     assert!(apps.apps.is_empty());
 }
+
+/// What one daemon on SQLite proves also holds on PostgreSQL: a restart
+/// reuses the stored token, secrets and tokens are sealed at rest, and the
+/// audit trail is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_restart_reuses_the_token_values_are_sealed_and_the_audit_is_kept() {
+    let setup = ClusterSetup::new(
+        Fleet {
+            apps: 1,
+            merchants: 1,
+        },
+        SandboxConfig::default(),
+    )
+    .await;
+    let mut daemon = setup.spawn_daemon(1).await;
+    let failures = lookups_at_once(&setup, &[&daemon], 3).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(setup.sandbox.state().stats().tokens_issued_total(), 1);
+
+    let stored = setup
+        .postgres
+        .psql(
+            "tokend",
+            "SELECT t.access_token || ' ' || a.client_secret FROM tokens t JOIN apps a USING (client_key)",
+        )
+        .await
+        .unwrap();
+    for value in stored.split_whitespace() {
+        assert!(value.starts_with("v1:"), "sealed at rest: {stored:?}");
+    }
+    let audit = admin_of(&daemon)
+        .await
+        .list_audit(douyin_tokend::proto::tokend::v1::ListAuditRequest {
+            since_unix_ms: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        audit
+            .entries
+            .iter()
+            .any(|entry| entry.action == "token_fetch"),
+        "{:?}",
+        audit.entries
+    );
+
+    daemon.send_signal("TERM").unwrap();
+    assert!(
+        daemon
+            .exit_within(PATIENCE)
+            .await
+            .is_some_and(|status| status.success())
+    );
+    let restarted = setup.spawn_daemon(2).await;
+    let failures = lookups_at_once(&setup, &[&restarted], 3).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(
+        setup.sandbox.state().stats().tokens_issued_total(),
+        1,
+        "the restart fetched nothing\n{}",
+        restarted.logs()
+    );
+}

@@ -245,6 +245,7 @@ impl App {
                 registry: self.registry.clone(),
                 events: self.events.clone(),
                 lookup: self.lookup.clone(),
+                metrics: self.metrics.clone(),
             };
             crate::cluster::join(&parts).await;
             components.spawn("cluster link", crate::cluster::run(parts, stopping.clone()));

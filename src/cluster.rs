@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::after_sale_events::AfterSaleEvents;
 use crate::lookup::LookupService;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{CLUSTER_CHANNEL, ClusterMessage, Store};
 use crate::token::TokenManager;
@@ -33,6 +34,7 @@ pub(crate) struct ClusterParts {
     pub(crate) registry: Registry,
     pub(crate) events: AfterSaleEvents,
     pub(crate) lookup: LookupService,
+    pub(crate) metrics: Metrics,
 }
 
 /// Runs the link until `stopping`; then leaves the living. Never fails: a
@@ -62,6 +64,7 @@ pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> any
             }
         };
         reconnect_delay = RECONNECT_FIRST;
+        parts.metrics.record_cluster_link_up(true);
         // Whatever changed while no one listened.
         reread_everything(&parts).await;
         loop {
@@ -76,6 +79,7 @@ pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> any
                         }
                     }
                     Ok(None) | Err(_) => {
+                        parts.metrics.record_cluster_link_up(false);
                         tracing::warn!("lost the database connection that listens for other daemons' changes; reconnecting");
                         continue 'connection;
                     }
@@ -150,7 +154,10 @@ async fn beat(parts: &ClusterParts, instance: &str) {
         )
         .await
     {
-        Ok(alive) => parts.lookup.set_cluster_share(alive),
+        Ok(alive) => {
+            parts.lookup.set_cluster_share(alive);
+            parts.metrics.record_cluster_daemons(alive);
+        }
         Err(error) => tracing::warn!(%error, "cannot write the heartbeat to the database"),
     }
 }

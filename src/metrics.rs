@@ -135,6 +135,8 @@ pub struct Metrics {
     lookup_queue_depth: Gauge,
     unauthenticated_calls: Family<ReasonLabel, Counter>,
     webhook_notifications: Family<OutcomeLabel, Counter>,
+    cluster_daemons: Gauge,
+    cluster_link_up: Gauge,
 }
 
 impl Metrics {
@@ -152,6 +154,8 @@ impl Metrics {
             lookup_queue_depth: Gauge::default(),
             unauthenticated_calls: Family::default(),
             webhook_notifications: Family::default(),
+            cluster_daemons: Gauge::default(),
+            cluster_link_up: Gauge::default(),
         }
     }
 
@@ -211,6 +215,16 @@ impl Metrics {
             "webhook_notifications",
             "Requests to the webhook by outcome (stored, duplicate, url_check, other_event, malformed, too_large, slow_body, missing_msg_id, missing_signature, unknown_app, bad_signature, busy, store_failed)",
             metrics.webhook_notifications.clone(),
+        );
+        registry.register(
+            "cluster_daemons",
+            "Daemons alive on the shared PostgreSQL database by their heartbeats, this one included; each paces Douyin calls at this share of the rate (0 on SQLite)",
+            metrics.cluster_daemons.clone(),
+        );
+        registry.register(
+            "cluster_link_up",
+            "1 while this daemon listens to the shared database for the other daemons' changes, 0 while it reconnects (or on SQLite)",
+            metrics.cluster_link_up.clone(),
         );
         metrics
     }
@@ -294,6 +308,15 @@ impl Metrics {
     }
 
     /// One after-sale lookup over gRPC answered with `grpc_code_label` after `elapsed`.
+    /// The living daemons the last heartbeat counted.
+    pub(crate) fn record_cluster_daemons(&self, daemons: u32) {
+        self.cluster_daemons.set(i64::from(daemons));
+    }
+
+    pub(crate) fn record_cluster_link_up(&self, up: bool) {
+        self.cluster_link_up.set(i64::from(up));
+    }
+
     pub(crate) fn record_lookup(&self, grpc_code_label: &'static str, elapsed: Duration) {
         self.lookup_duration
             .get_or_create(&GrpcCodeLabel {

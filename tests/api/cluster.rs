@@ -75,7 +75,7 @@ impl ClusterSetup {
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nmaster_key_file = \"{}\"\n\n[douyin]\nbase_url = \"{}\"\n",
+                "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nmaster_key_file = \"{}\"\n\n[douyin]\nbase_url = \"{}\"\n",
                 self.url,
                 self.master_key_file.display(),
                 self.sandbox.base_url()
@@ -208,6 +208,18 @@ async fn two_daemons_on_one_database_fetch_each_token_once_and_keep_the_apps_rat
         stats.lookup_window_overruns, 0,
         "no 2119003 from the cluster"
     );
+    for daemon in [&first, &second] {
+        let metrics =
+            crate::metrics::scrape_address(daemon.metrics_address.expect("metrics are on")).await;
+        assert!(
+            metrics.contains("douyin_tokend_cluster_daemons 2\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("douyin_tokend_cluster_link_up 1\n"),
+            "{metrics}"
+        );
+    }
     assert_eq!(stats.token_rejections(), 0);
 }
 

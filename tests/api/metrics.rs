@@ -13,7 +13,11 @@ use crate::helpers::{self, ACCOUNT_ID, CLIENT_KEY, TestApp};
 
 /// GET /metrics over plain HTTP/1.1; returns the body.
 pub(crate) async fn scrape(app: &TestApp) -> String {
-    let address = app.metrics_address.expect("metrics are on");
+    scrape_address(app.metrics_address.expect("metrics are on")).await
+}
+
+/// GET /metrics from any daemon (in-process or a process of its own).
+pub(crate) async fn scrape_address(address: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")

@@ -35,37 +35,82 @@ pub(crate) struct SpawnedDaemon {
     pub(crate) address: String,
 }
 
+/// Where a spawned daemon keeps its state.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DaemonDatabase<'a> {
+    /// A SQLite file the bench filled, with its master key beside it (where
+    /// the daemon looks by default); the bench's API client is declared in
+    /// the config file.
+    Sqlite(&'a Path),
+    /// A PostgreSQL database shared with other daemons. Their config files
+    /// may declare no clients, so the bench's API client is stored in the
+    /// database (`douyin_tokend::bench::store_bench_client`), and every
+    /// daemon names the one master key file.
+    Postgres {
+        url: &'a str,
+        master_key_file: &'a Path,
+    },
+}
+
+impl DaemonDatabase<'_> {
+    /// The config file's `database` line, and `master_key_file` when it is needed.
+    fn config_lines(self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("database = \"{}\"\n", path.display()),
+            Self::Postgres {
+                url,
+                master_key_file,
+            } => format!(
+                "database = \"{url}\"\nmaster_key_file = \"{}\"\n",
+                master_key_file.display()
+            ),
+        }
+    }
+
+    /// The `[[clients]]` tables the config file declares.
+    fn client_tables(self) -> String {
+        match self {
+            Self::Sqlite(_) => douyin_tokend::bench::bench_client_toml(),
+            Self::Postgres { .. } => String::new(),
+        }
+    }
+}
+
 impl SpawnedDaemon {
     /// Spawns the daemon on a port of its choosing and waits for its READY=1;
-    /// returns it with the time from spawn to ready.
+    /// returns it with the time from spawn to ready. Its config file, notify
+    /// socket and log are `<name>.toml`, `<name>.notify` and `<name>.log` in
+    /// `directory`, so several daemons can share one directory.
     pub(crate) async fn start(
         binary: &Path,
         directory: &Path,
-        database: &Path,
+        name: &str,
+        database: DaemonDatabase<'_>,
         sandbox_url: &str,
         settings: &DaemonSettings,
     ) -> anyhow::Result<(Self, Duration)> {
-        let config_path = directory.join("bench-daemon.toml");
+        let config_path = directory.join(format!("{name}.toml"));
         let config = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\nshutdown_grace = \"1s\"\n\n\
+            "listen = \"127.0.0.1:0\"\n{}shutdown_grace = \"1s\"\n\n\
              [douyin]\nbase_url = \"{sandbox_url}\"\n\n\
              [refresh]\nsweep = \"{}\"\n{}\n\n[lookup]\n{}\n\n{}\n{}",
-            database.display(),
+            database.config_lines(),
             settings.sweep,
             settings.refresh,
             settings.lookup,
-            douyin_tokend::bench::bench_client_toml(),
+            database.client_tables(),
             settings.extra_tables,
         );
         std::fs::write(&config_path, config)?;
-        let notify_path = directory.join("bench-daemon.notify");
-        // A daemon spawned before (the scale scenario starts several) left its socket.
+        let notify_path = directory.join(format!("{name}.notify"));
+        // A daemon spawned before under this name (the scale scenario starts
+        // several) left its socket.
         let _ = std::fs::remove_file(&notify_path);
         let launch = DaemonLaunch {
             binary: binary.to_owned(),
             config_path,
             notify_path,
-            log_path: directory.join("bench-daemon.log"),
+            log_path: directory.join(format!("{name}.log")),
             arguments: Vec::new(),
             environment: vec![("RUST_LOG".to_owned(), settings.log_filter.clone())],
             patience: Duration::from_secs(60),
@@ -75,6 +120,22 @@ impl SpawnedDaemon {
         let ready_after = started.elapsed();
         let address = process.grpc_url();
         Ok((Self { process, address }, ready_after))
+    }
+
+    /// SIGTERM, then up to 10 s for the daemon's own shutdown (it is killed
+    /// when dropped still running), so the next measurement does not share
+    /// the cores with it.
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
+        self.process.send_signal("TERM")?;
+        if self
+            .process
+            .exit_within(Duration::from_secs(10))
+            .await
+            .is_none()
+        {
+            anyhow::bail!("the daemon did not stop within 10 s of SIGTERM");
+        }
+        Ok(())
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -140,6 +201,8 @@ pub(crate) struct Setup {
     pub(crate) fleet: Fleet,
     pub(crate) directory: tempfile::TempDir,
     pub(crate) database: PathBuf,
+    /// The tokens stored in the database at set-up (none unless asked for).
+    pub(crate) tokens: FleetTokens,
 }
 
 pub(crate) const ORDERS: usize = 1000;
@@ -207,34 +270,73 @@ pub(crate) async fn set_up_from(
     )
     .await?
     .0;
-    let now_ms = clock.now_unix_ms();
-    if store_tokens {
-        let lifetime_ms = 7_200_000;
-        for app in 0..fleet.apps {
-            let client_key = ClientKey::parse(&fleet.client_key(app))?;
-            let token = sandbox
-                .state()
-                .issue_token_out_of_band(&fleet.client_key(app))
-                .context("the sandbox knows every bench app")?;
-            store
-                .tokens()
-                .save_fetched(&NewToken {
-                    client_key: &client_key,
-                    access_token: &AccessToken::new(token),
-                    generation: 1,
-                    fetched_at_ms: now_ms,
-                    expires_at_ms: now_ms + lifetime_ms,
-                })
-                .await?;
-        }
-    }
+    let tokens = if store_tokens {
+        let tokens = FleetTokens::issue(sandbox.state(), fleet, clock.now_unix_ms())?;
+        tokens.store_in(&store, fleet).await?;
+        tokens
+    } else {
+        FleetTokens::default()
+    };
     store.close().await;
     Ok(Setup {
         sandbox,
         fleet,
         directory,
         database,
+        tokens,
     })
+}
+
+/// A token the sandbox issued for every app of the fleet at set-up, as a
+/// daemon that has been running would hold them. Kept, so a second database
+/// (the cluster's) can hold the same tokens: fetching others would make
+/// these the older of two, which Douyin stops accepting after its grace.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FleetTokens {
+    /// App `i`'s token at index `i`; empty when none were issued.
+    pub(crate) tokens: Vec<AccessToken>,
+    pub(crate) fetched_at_ms: i64,
+}
+
+/// The sandbox's default token lifetime, which the stored expiry repeats.
+const FLEET_TOKEN_LIFETIME_MS: i64 = 7_200_000;
+
+impl FleetTokens {
+    pub(crate) fn issue(
+        sandbox: &SandboxState,
+        fleet: Fleet,
+        fetched_at_ms: i64,
+    ) -> anyhow::Result<Self> {
+        let tokens = (0..fleet.apps)
+            .map(|app| {
+                sandbox
+                    .issue_token_out_of_band(&fleet.client_key(app))
+                    .map(AccessToken::new)
+                    .context("the sandbox knows every bench app")
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            tokens,
+            fetched_at_ms,
+        })
+    }
+
+    /// Stores every app's token as generation 1.
+    pub(crate) async fn store_in(&self, store: &Store, fleet: Fleet) -> anyhow::Result<()> {
+        for (app, access_token) in self.tokens.iter().enumerate() {
+            store
+                .tokens()
+                .save_fetched(&NewToken {
+                    client_key: &ClientKey::parse(&fleet.client_key(app))?,
+                    access_token,
+                    generation: 1,
+                    fetched_at_ms: self.fetched_at_ms,
+                    expires_at_ms: self.fetched_at_ms + FLEET_TOKEN_LIFETIME_MS,
+                })
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 impl Setup {
@@ -246,7 +348,8 @@ impl Setup {
         SpawnedDaemon::start(
             binary,
             self.directory.path(),
-            &self.database,
+            "bench-daemon",
+            DaemonDatabase::Sqlite(&self.database),
             &self.sandbox.base_url(),
             settings,
         )
@@ -254,12 +357,18 @@ impl Setup {
     }
 
     pub(crate) fn lookup_request(&self, index: usize) -> GetAfterSaleOrderDetailRequest {
-        GetAfterSaleOrderDetailRequest {
-            account_id: self.fleet.account_id(index % self.fleet.merchants),
-            order_id: order_id(index % ORDERS),
-            certificate_id: None,
-            include_raw_json: false,
-        }
+        lookup_request(self.fleet, index)
+    }
+}
+
+/// Lookup number `index`: merchant `index` and order `index`, each modulo
+/// how many there are, so consecutive lookups spread over apps and orders.
+pub(crate) fn lookup_request(fleet: Fleet, index: usize) -> GetAfterSaleOrderDetailRequest {
+    GetAfterSaleOrderDetailRequest {
+        account_id: fleet.account_id(index % fleet.merchants),
+        order_id: order_id(index % ORDERS),
+        certificate_id: None,
+        include_raw_json: false,
     }
 }
 

@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! cargo build --release --bins
-//! target/release/douyin-bench overhead|throughput|tokens|scale|soak|webhook|all
+//! target/release/douyin-bench overhead|throughput|tokens|scale|soak|webhook|cluster|all
 //! ```
 
 use std::collections::BTreeMap;
@@ -35,10 +35,11 @@ use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::After
 use douyin_tokend::proto::tokend::v1::GetAccessTokenRequest;
 use douyin_tokend::proto::tokend::v1::get_access_token_request::Selector;
 use douyin_tokend::proto::tokend::v1::token_service_client::TokenServiceClient;
-use douyin_tokend::sandbox::{Fault, Sandbox, SandboxConfig};
+use douyin_tokend::sandbox::{Fault, Sandbox, SandboxConfig, SandboxState};
 use douyin_tokend::store::{NewToken, Store};
 use tonic::transport::Channel;
 
+mod cluster;
 mod daemon;
 mod overhead;
 mod scale;
@@ -84,6 +85,11 @@ enum Scenario {
     /// 6. Refund-request notifications: accepted per second (each stored
     ///    before its 200) and webhook → watcher latency at a fixed rate.
     Webhook(WebhookArgs),
+    /// 7. Several daemons on one PostgreSQL database (a private server the
+    ///    bench starts): lookups and hand-outs against one daemon on SQLite,
+    ///    token propagation delay, and failover when the fetching daemon is
+    ///    killed.
+    Cluster(ClusterArgs),
     /// Every scenario with its default (short) settings, one after another.
     All,
 }
@@ -221,6 +227,51 @@ impl Default for SoakArgs {
     }
 }
 
+#[derive(Debug, Clone, clap::Args)]
+struct ClusterArgs {
+    /// Apps, one merchant each: at Douyin's 10 QPS per app, 2,000 apps allow
+    /// about 18,000 lookups/s, to one daemon and to the cluster alike.
+    #[arg(long, default_value_t = 2000)]
+    apps: usize,
+    /// Daemons on the PostgreSQL database (at least 2).
+    #[arg(long, default_value_t = 2)]
+    daemons: usize,
+    /// Seconds per throughput level.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Lookups in flight, one run per level, through each setup.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    concurrency: Vec<usize>,
+    /// GetAccessToken requests in flight, one run per level, through each setup.
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    token_concurrency: Vec<usize>,
+    /// gRPC connections in all, split evenly over the daemons (rounded up).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Forced refreshes whose propagation to the other daemons is measured
+    /// (the cluster's token budget is 500 per 5 minutes).
+    #[arg(long, default_value_t = 50)]
+    refreshes: usize,
+    /// Failover rounds (each waits out an 8 s fetch lease).
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
+}
+
+impl Default for ClusterArgs {
+    fn default() -> Self {
+        Self {
+            apps: 2000,
+            daemons: 2,
+            seconds: 8,
+            concurrency: vec![64],
+            token_concurrency: vec![32],
+            connections: 8,
+            refreshes: 50,
+            failovers: 5,
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // reqwest is built without a default TLS provider (see douyin::DouyinClient).
@@ -245,12 +296,14 @@ fn main() -> anyhow::Result<()> {
             Scenario::Scale(arguments) => bench.scale(&arguments).await,
             Scenario::Soak(arguments) => bench.soak(&arguments).await,
             Scenario::Webhook(arguments) => bench.webhook(&arguments).await,
+            Scenario::Cluster(arguments) => bench.cluster(&arguments).await,
             Scenario::All => {
                 bench.overhead(&OverheadArgs::default()).await?;
                 bench.throughput(&ThroughputArgs::default()).await?;
                 bench.tokens(&TokensArgs::default()).await?;
                 bench.scale(&ScaleArgs::default()).await?;
                 bench.webhook(&WebhookArgs::default()).await?;
+                bench.cluster(&ClusterArgs::default()).await?;
                 bench.soak(&SoakArgs::default()).await
             }
         }

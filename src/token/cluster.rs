@@ -145,11 +145,7 @@ impl TokenManager {
     fn database_unavailable(&self, slot: &AppSlot, error: &crate::store::StoreError) -> TokenError {
         let now_ms = self.now_ms();
         let mut state = slot.state.lock();
-        let consecutive = state
-            .failure
-            .as_ref()
-            .map_or(0, |failure| failure.consecutive)
-            .saturating_add(1);
+        let consecutive = state.next_consecutive_failure();
         let delay = self.inner.policy.backoff(consecutive, &mut rand::rng());
         let message = error.to_string();
         if consecutive == 1 {

@@ -239,6 +239,14 @@ struct AppState {
 }
 
 impl AppState {
+    /// The count a failure now would carry: one more than the last, or 1.
+    fn next_consecutive_failure(&self) -> u32 {
+        self.failure
+            .as_ref()
+            .map_or(0, |failure| failure.consecutive)
+            .saturating_add(1)
+    }
+
     /// An app with no token, no failure and no history.
     fn new(secret: ClientSecret) -> Self {
         Self {
@@ -712,11 +720,7 @@ impl TokenManager {
             Err(cause) => {
                 let (failure, error) = {
                     let mut state = slot.state.lock();
-                    let consecutive = state
-                        .failure
-                        .as_ref()
-                        .map_or(0, |failure| failure.consecutive)
-                        .saturating_add(1);
+                    let consecutive = state.next_consecutive_failure();
                     let permanent = cause.is_permanent();
                     let delay = if permanent {
                         self.inner.policy.permanent_failure_cooldown

@@ -74,14 +74,34 @@ impl TokenManager {
                 generation: local_generation,
             };
         };
-        let scheduled = reason == RefreshReason::Scheduled;
         loop {
             // Armed before the database is asked, so a notification that
             // arrives in between is not missed.
             let changed = slot.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let known_generation = slot.state.lock().generation;
+            let now_ms = self.now_ms();
+            let (known_generation, servable_held) = {
+                let state = slot.state.lock();
+                let servable_held = state
+                    .current
+                    .as_ref()
+                    .filter(|held| self.inner.policy.is_servable(held.expires_at_ms, now_ms))
+                    .cloned();
+                (state.generation, servable_held)
+            };
+            // A token newer than any this daemon knew when the fetch was asked
+            // for arrived meanwhile (another daemon's fetch, which this one
+            // may have waited for): that token answers this fetch. Without
+            // this, each daemon that waited took the next turn and fetched
+            // again, one new token per waiting daemon within milliseconds,
+            // each killing the one before it at Douyin.
+            if let Some(held) = &servable_held
+                && held.generation >= local_generation
+            {
+                return ClusterTurn::Answered(Ok(lease_of(&slot.client_key, held)));
+            }
+            let scheduled = reason == RefreshReason::Scheduled;
             let request = FetchRequest {
                 client_key: &slot.client_key,
                 instance: &membership.instance,

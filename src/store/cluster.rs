@@ -49,7 +49,9 @@ pub(crate) struct FetchRequest<'a> {
     pub(crate) budget: i64,
     pub(crate) budget_reserve: i64,
     pub(crate) budget_window_ms: i64,
-    /// Douyin keeps the newest two tokens; one replaced stays valid this long.
+    /// Douyin keeps the newest two tokens; one replaced stays valid this long
+    /// (Douyin's grace, or the token's lifetime when that is shorter: a
+    /// token past its expiry has nothing left to lose to a third fetch).
     pub(crate) grace_ms: i64,
 }
 

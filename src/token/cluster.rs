@@ -2,8 +2,9 @@
 //! database): before calling Douyin a daemon takes the app's fetch turn from
 //! the database (`store::ClusterTable::begin_fetch`), adopts a token another
 //! daemon stored instead of fetching its own, waits for another daemon's
-//! fetch rather than racing it, and stores its token only through the fenced
-//! write. Notifications from other daemons arrive through `reread_from_store`.
+//! fetch rather than racing it (and uses the token it brought), and stores
+//! its token only through the fenced write. Notifications from other daemons
+//! arrive through `reread_from_store`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,7 +102,19 @@ impl TokenManager {
             {
                 return ClusterTurn::Answered(Ok(lease_of(&slot.client_key, held)));
             }
-            let scheduled = reason == RefreshReason::Scheduled;
+            // Only a refresh whose current token still serves may wait (the
+            // grace rule, the budget's reserve): once it no longer serves,
+            // callers need the fetch now, whatever started it.
+            let scheduled = reason == RefreshReason::Scheduled && servable_held.is_some();
+            // The grace rule protects the oldest of Douyin's two valid tokens
+            // from a third fetch; a token past its lifetime needs no
+            // protection, so fetches older than the lifetime are not counted
+            // (with Douyin's two-hour tokens this is the five-minute grace).
+            let grace = servable_held
+                .as_ref()
+                .map_or(duration_ms(DOUYIN_GRACE), |held| {
+                    duration_ms(DOUYIN_GRACE).min(held.expires_at_ms - held.fetched_at_ms)
+                });
             let request = FetchRequest {
                 client_key: &slot.client_key,
                 instance: &membership.instance,
@@ -111,7 +124,7 @@ impl TokenManager {
                 budget: i64::try_from(self.inner.budget.limit()).unwrap_or(i64::MAX),
                 budget_reserve: i64::try_from(self.inner.budget.reserve()).unwrap_or(0),
                 budget_window_ms: self.inner.budget.window_ms(),
-                grace_ms: duration_ms(DOUYIN_GRACE),
+                grace_ms: grace,
             };
             match cluster.begin_fetch(&request).await {
                 Ok(FetchTurn::Granted { generation }) => {

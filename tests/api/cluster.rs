@@ -2,8 +2,9 @@
 //! test starts) and one strict sandbox: each app's token is fetched once for
 //! the whole cluster, the app's rate holds for the cluster, a daemon killed
 //! while it fetches is replaced by another without callers noticing (once, and
-//! three times over), and three daemons on 20-second tokens refresh in the
-//! window with no rejected token and no wasted fetch.
+//! three times over), three daemons on 20-second tokens refresh in the window
+//! with no rejected token and no wasted fetch, and refund requests committed
+//! through one daemon's webhook stream from another.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,10 +16,14 @@ use douyin_tokend::bench::postgres_server::PostgresServer;
 use douyin_tokend::bench::soak::minimum_fetches;
 use douyin_tokend::bench::{bench_auth, store_bench_client};
 use douyin_tokend::clock::{Clock, SystemClock};
-use douyin_tokend::proto::douyin::goodlife::v1::GetAfterSaleOrderDetailRequest;
 use douyin_tokend::proto::douyin::goodlife::v1::after_sale_service_client::AfterSaleServiceClient;
+use douyin_tokend::proto::douyin::goodlife::v1::{
+    AfterSaleEvent, GetAfterSaleOrderDetailRequest, WatchAfterSaleEventsRequest,
+};
+use douyin_tokend::sandbox::notifications::{NotificationSender, RefundRequestContent, Signing};
 use douyin_tokend::sandbox::{Sandbox, SandboxConfig};
 use douyin_tokend::store::{DatabaseLocation, PostgresDatabase, Store};
+use futures::StreamExt;
 use tonic::transport::Channel;
 
 use douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient;
@@ -881,5 +886,129 @@ async fn the_fetching_daemon_killed_three_times_over_leaves_the_survivors_servin
         setup.sandbox.state().stats().token_rejections(),
         0,
         "no survivor handed out a token Douyin had replaced"
+    );
+}
+
+/// Waits for the stream's events up to and including the one with
+/// `last_msg_id`, within [`PATIENCE`].
+async fn events_through(
+    stream: &mut tonic::codec::Streaming<AfterSaleEvent>,
+    last_msg_id: &str,
+) -> Vec<AfterSaleEvent> {
+    let mut events = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let event = stream
+                .next()
+                .await
+                .expect("the stream ended")
+                .expect("an event");
+            let last = event.msg_id == last_msg_id;
+            events.push(event);
+            if last {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{last_msg_id} not streamed within {PATIENCE:?}: {events:?}"));
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_requests_committed_through_one_daemons_webhook_stream_from_another_once_each_in_order()
+ {
+    let fleet = Fleet {
+        apps: 2,
+        merchants: 4,
+    };
+    let setup = ClusterSetup::new(fleet, SandboxConfig::default()).await;
+    let receiving = setup
+        .spawn_daemon_with(1, "[webhook]\nlisten = \"127.0.0.1:0\"\n")
+        .await;
+    let watching = setup.spawn_daemon(2).await;
+    let webhook_address = receiving
+        .webhook_address
+        .expect("the receiving daemon names its webhook in READY's STATUS");
+    let sender = NotificationSender::new(format!("http://{webhook_address}/douyin/webhook"));
+    let watch_request = WatchAfterSaleEventsRequest {
+        after_sequence: 0,
+        account_ids: Vec::new(),
+    };
+    // Opened before anything is committed: what follows arrives live.
+    let mut remote = client_of(&watching)
+        .await
+        .watch_after_sale_events(watch_request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut local = client_of(&receiving)
+        .await
+        .watch_after_sale_events(watch_request)
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Refund requests of every merchant (each signed with its app's secret,
+    // which daemon 1 knows from the database), one after the other, each
+    // acknowledged before the next; every third is posted twice, as Douyin
+    // repeats a notification it is not sure arrived.
+    let events = 12;
+    let mut expected = Vec::new();
+    for index in 0..=events {
+        let merchant = index % fleet.merchants;
+        let app = fleet.app_of_merchant(merchant);
+        let msg_id = if index == events {
+            "cluster-last".to_owned()
+        } else {
+            format!("cluster-{index}")
+        };
+        let account_id = fleet.account_id(merchant);
+        let content = RefundRequestContent::example(&account_id, &format!("order-{msg_id}"));
+        let posts = if index % 3 == 2 { 2 } else { 1 };
+        for _ in 0..posts {
+            let status = sender
+                .send_refund_request(
+                    &fleet.client_key(app),
+                    &fleet.client_secret(app),
+                    &msg_id,
+                    &content,
+                    Signing::Correct,
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{msg_id}\n{}", receiving.logs());
+        }
+        expected.push((msg_id, account_id, fleet.client_key(app)));
+    }
+
+    let streamed = events_through(&mut remote, "cluster-last").await;
+    let seen: Vec<(String, String, String)> = streamed
+        .iter()
+        .map(|event| {
+            (
+                event.msg_id.clone(),
+                event.account_id.clone(),
+                event.client_key.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        expected,
+        "daemon 2 streams each event once, in commit order\n{}",
+        watching.logs()
+    );
+    for pair in streamed.windows(2) {
+        assert!(pair[0].sequence < pair[1].sequence, "{pair:?}");
+    }
+    let sequences = |events: &[AfterSaleEvent]| -> Vec<i64> {
+        events.iter().map(|event| event.sequence).collect()
+    };
+    let streamed_locally = events_through(&mut local, "cluster-last").await;
+    assert_eq!(
+        sequences(&streamed),
+        sequences(&streamed_locally),
+        "both daemons stream the same sequences"
     );
 }

@@ -131,30 +131,24 @@ impl ClusterSetup {
     }
 }
 
-async fn admin_of(
-    daemon: &DaemonProcess,
-) -> AdminServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, douyin_tokend::cli::BearerAuth>,
-> {
-    let channel = Channel::from_shared(daemon.grpc_url())
+/// The channel to a daemon, connected.
+async fn channel_to(daemon: &DaemonProcess) -> Channel {
+    Channel::from_shared(daemon.grpc_url())
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    AdminServiceClient::with_interceptor(channel, bench_auth())
+        .unwrap()
 }
 
-async fn client_of(
-    daemon: &DaemonProcess,
-) -> AfterSaleServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, douyin_tokend::cli::BearerAuth>,
-> {
-    let channel = Channel::from_shared(daemon.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    AfterSaleServiceClient::with_interceptor(channel, bench_auth())
+type Authenticated =
+    tonic::service::interceptor::InterceptedService<Channel, douyin_tokend::cli::BearerAuth>;
+
+async fn admin_of(daemon: &DaemonProcess) -> AdminServiceClient<Authenticated> {
+    AdminServiceClient::with_interceptor(channel_to(daemon).await, bench_auth())
+}
+
+async fn client_of(daemon: &DaemonProcess) -> AfterSaleServiceClient<Authenticated> {
+    AfterSaleServiceClient::with_interceptor(channel_to(daemon).await, bench_auth())
 }
 
 /// Sends `count` distinct lookups at once, spread round robin over the
@@ -458,13 +452,8 @@ async fn a_new_cluster_gets_its_first_admin_client_from_client_bootstrap_once() 
         patience: PATIENCE,
     };
     let daemon = DaemonProcess::start(&launch).await.unwrap();
-    let channel = Channel::from_shared(daemon.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     let mut admin = AdminServiceClient::with_interceptor(
-        channel,
+        channel_to(&daemon).await,
         douyin_tokend::cli::BearerAuth::new(&key).unwrap(),
     );
     let apps = admin

@@ -43,15 +43,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let log_format = cli.log_format;
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
-            if error.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EXIT_BAD_CONFIG)
+            let exit_code: u8 = if error.downcast_ref::<ConfigError>().is_some() {
+                EXIT_BAD_CONFIG
             } else {
-                ExitCode::FAILURE
+                1
+            };
+            match log_format {
+                // One more JSON line for the log pipeline, not a line of
+                // prose it cannot parse (the exit code as a number).
+                cli::LogFormat::Json => tracing::error!(
+                    error = %format!("{error:#}"),
+                    exit_code,
+                    "douyin-tokend stopped with an error"
+                ),
+                cli::LogFormat::Human => eprintln!("error: {error:#}"),
             }
+            ExitCode::from(exit_code)
         }
     }
 }

@@ -398,3 +398,28 @@ async fn client_new_key_prints_the_key_alone_on_stdout_and_its_hash_on_stderr() 
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn with_json_logs_a_fatal_start_up_error_is_a_json_line_with_a_numeric_exit_code() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("config.toml");
+    std::fs::write(&config, "listen = \"nonsense\"\n").unwrap();
+    let output = tokio::process::Command::new(BINARY)
+        .args(["--log-format", "json", "--config"])
+        .arg(&config)
+        .arg("serve")
+        .env_remove("DOUYIN_TOKEND_LISTEN")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last_line = stderr.lines().last().expect("a line");
+    let line: serde_json::Value = serde_json::from_str(last_line)
+        .unwrap_or_else(|error| panic!("not JSON ({error}): {stderr}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["fields"]["exit_code"], 64, "a number: {line}");
+    let message = line["fields"]["error"].as_str().unwrap();
+    assert!(message.contains("listen: \"nonsense\""), "{line}");
+}

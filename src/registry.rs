@@ -266,7 +266,7 @@ impl Registry {
     pub(crate) async fn reload_config(
         &self,
         declarations: &Declarations,
-    ) -> Result<ReloadReport, StoreError> {
+    ) -> Result<ReloadReport, RegistryError> {
         let _serialized = self.writes.lock().await;
         let clients_before: HashMap<String, ClientRecord> = self
             .store
@@ -276,14 +276,36 @@ impl Registry {
             .into_iter()
             .map(|client| (client.name.clone(), client))
             .collect();
+        // A file that drops the last admin client would leave nobody able to
+        // administer the daemon (AdminService would refuse the same removal).
+        let is_admin = |client: &&ClientRecord| {
+            client
+                .scopes
+                .iter()
+                .any(|scope| scope == Scope::Admin.as_str())
+        };
+        let admins_remain = declarations
+            .clients
+            .iter()
+            .any(|client| client.scopes.contains(&Scope::Admin))
+            || clients_before
+                .values()
+                .filter(|client| client.source == Source::Admin)
+                .any(|client| is_admin(&client));
+        if !admins_remain && let Some(last) = clients_before.values().find(is_admin) {
+            return Err(RegistryError::LastAdminClient {
+                name: last.name.clone(),
+            });
+        }
         Self::sync_config(&self.store, declarations, self.clock.now_unix_ms()).await?;
         let declared_keys: HashSet<&ClientKey> = declarations
             .apps
             .iter()
             .map(|app| &app.client_key)
             .collect();
-        self.take_stored_state(&clients_before, &declared_keys)
-            .await
+        Ok(self
+            .take_stored_state(&clients_before, &declared_keys)
+            .await?)
     }
 
     /// Another daemon sharing the database changed apps, merchants or

@@ -565,3 +565,30 @@ async fn metrics_are_served_on_a_listener_of_their_own_and_are_off_by_default() 
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_that_would_drop_the_last_admin_client_is_refused_and_changes_nothing() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let (daemon, runtime_directory) =
+        start_with_runtime_directory(&sandbox, app_and_merchants(&[ACCOUNT_ID]), None).await;
+    let key_file = runtime_directory.path().join("reload.key");
+    // The same app and merchant, but the file's only admin client is gone.
+    let without_clients: String = app_and_merchants(&[ACCOUNT_ID])
+        .split_once("[[apps]]")
+        .map(|(_, apps)| format!("[[apps]]{apps}"))
+        .unwrap();
+    daemon.write_config("", &without_clients);
+    let refused = reload_command(&daemon, &key_file).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("\"test-admin\" is the last one with the admin scope"),
+        "{stderr}"
+    );
+    // Nothing changed: the admin key still administers.
+    AdminServiceClient::with_interceptor(daemon.channel(), crate::daemon_process::admin_key())
+        .list_token_status(ListTokenStatusRequest {})
+        .await
+        .expect("the admin client survived the refused reload");
+    sandbox.stop().await;
+}

@@ -63,10 +63,18 @@ pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> any
                 continue 'connection;
             }
         };
+        // Whatever changed while no one listened.
+        if let Err(error) = reread_everything(&parts).await {
+            tracing::warn!(%error, retry_in_ms = reconnect_delay.as_millis(), "cannot re-read what changed while the link was down; trying again");
+            tokio::select! {
+                () = stopping.cancelled() => break 'connection,
+                () = tokio::time::sleep(reconnect_delay) => {}
+            }
+            reconnect_delay = (reconnect_delay * 2).min(RECONNECT_LAST);
+            continue 'connection;
+        }
         reconnect_delay = RECONNECT_FIRST;
         parts.metrics.record_cluster_link_up(true);
-        // Whatever changed while no one listened.
-        reread_everything(&parts).await;
         loop {
             tokio::select! {
                 () = stopping.cancelled() => break 'connection,
@@ -129,15 +137,16 @@ async fn apply(parts: &ClusterParts, message: ClusterMessage) {
     }
 }
 
-async fn reread_everything(parts: &ClusterParts) {
-    parts.tokens.reread_all_from_store().await;
-    if let Err(error) = parts.registry.reread_from_store().await {
-        tracing::warn!(%error, "cannot re-read apps, merchants and clients");
-    }
-    match parts.store.after_sale_events().latest_sequence().await {
-        Ok(latest) => parts.events.observe_committed(latest),
-        Err(error) => tracing::warn!(%error, "cannot re-read the latest after-sale event"),
-    }
+/// Re-reads tokens, the registry and the latest event. An error (a pooled
+/// connection that died with the server, say) fails the whole re-read, and
+/// the link reconnects and tries again: a notification missed while away
+/// must not stay missed.
+async fn reread_everything(parts: &ClusterParts) -> Result<(), crate::store::StoreError> {
+    parts.tokens.reread_all_from_store().await?;
+    parts.registry.reread_from_store().await?;
+    let latest = parts.store.after_sale_events().latest_sequence().await?;
+    parts.events.observe_committed(latest);
+    Ok(())
 }
 
 /// Writes the heartbeat and re-divides the apps' rates by the living daemons.

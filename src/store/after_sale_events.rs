@@ -49,28 +49,10 @@ impl AfterSaleEventTable<'_> {
     /// NORMAL), since Douyin will not send it again. Group commits pay the
     /// extra fsync once per group.
     pub(crate) async fn open_writer(&self) -> Result<AfterSaleEventWriter, StoreError> {
-        let connection = match &self.store.pool {
-            Backend::Sqlite(pool) => {
-                let mut connection = pool
-                    .acquire()
-                    .await
-                    .map_err(query_error("open the event writer's connection"))?
-                    .detach();
-                sqlx::query("PRAGMA synchronous = FULL")
-                    .execute(&mut connection)
-                    .await
-                    .map_err(query_error("make the event writer's commits durable"))?;
-                Backend::Sqlite(connection)
-            }
-            // PostgreSQL's commits are durable as they are (synchronous_commit on).
-            Backend::Postgres(pool) => Backend::Postgres(
-                pool.acquire()
-                    .await
-                    .map_err(query_error("open the event writer's connection"))?
-                    .detach(),
-            ),
-        };
-        Ok(AfterSaleEventWriter { connection })
+        Ok(AfterSaleEventWriter {
+            connection: Some(open_writer_connection(self.store).await?),
+            store: self.store.clone(),
+        })
     }
 
     /// The highest sequence stored, 0 when there is none.
@@ -213,9 +195,38 @@ async fn read_pruned_through(transaction: &mut Transaction) -> Result<i64, Store
     })
 }
 
+/// A connection of the writer's own, out of the pool (see `open_writer`).
+async fn open_writer_connection(store: &Store) -> Result<Connection, StoreError> {
+    Ok(match &store.pool {
+        Backend::Sqlite(pool) => {
+            let mut connection = pool
+                .acquire()
+                .await
+                .map_err(query_error("open the event writer's connection"))?
+                .detach();
+            sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut connection)
+                .await
+                .map_err(query_error("make the event writer's commits durable"))?;
+            Backend::Sqlite(connection)
+        }
+        // PostgreSQL's commits are durable as they are (synchronous_commit on).
+        Backend::Postgres(pool) => Backend::Postgres(
+            pool.acquire()
+                .await
+                .map_err(query_error("open the event writer's connection"))?
+                .detach(),
+        ),
+    })
+}
+
 /// The one connection that inserts events (see `open_writer`).
 pub(crate) struct AfterSaleEventWriter {
-    connection: Connection,
+    /// None after a failed group: the next group opens a new connection, so
+    /// a database that restarted (PostgreSQL) does not leave the writer on a
+    /// dead one for good.
+    connection: Option<Connection>,
+    store: Store,
 }
 
 /// The advisory lock PostgreSQL writers take for a group: sequences are drawn
@@ -231,8 +242,23 @@ impl AfterSaleEventWriter {
         &mut self,
         records: &[&AfterSaleEventRecord],
     ) -> Result<Vec<Option<i64>>, StoreError> {
-        let postgres = matches!(self.connection, Backend::Postgres(_));
-        on_backend!(&mut self.connection, connection => {
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => open_writer_connection(&self.store).await?,
+        };
+        let inserted = Self::insert_group_on(&mut connection, records).await;
+        if inserted.is_ok() {
+            self.connection = Some(connection);
+        }
+        inserted
+    }
+
+    async fn insert_group_on(
+        connection: &mut Connection,
+        records: &[&AfterSaleEventRecord],
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        let postgres = matches!(connection, Backend::Postgres(_));
+        on_backend!(connection, connection => {
             let mut transaction = connection
                 .begin()
                 .await
@@ -283,8 +309,10 @@ impl AfterSaleEventWriter {
 
     /// Closes the connection (before the pool closes, at shutdown).
     pub(crate) async fn close(self) {
-        on_backend!(self.connection, connection => {
-            let _ = connection.close().await;
-        });
+        if let Some(connection) = self.connection {
+            on_backend!(connection, connection => {
+                let _ = connection.close().await;
+            });
+        }
     }
 }

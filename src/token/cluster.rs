@@ -277,14 +277,8 @@ impl TokenManager {
 
     /// Re-reads every app's token row: after the listener reconnected, since
     /// notifications sent while it was away are lost.
-    pub(crate) async fn reread_all_from_store(&self) {
-        let records = match self.inner.store.tokens().load_all().await {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::warn!(%error, "cannot re-read the tokens after reconnecting to the database");
-                return;
-            }
-        };
+    pub(crate) async fn reread_all_from_store(&self) -> Result<(), crate::store::StoreError> {
+        let records = self.inner.store.tokens().load_all().await?;
         for (client_key, record) in records {
             if let Some(slot) = self.slot(&client_key) {
                 // The database answers again: an app backing off because it
@@ -301,5 +295,6 @@ impl TokenManager {
                 self.apply_stored(&slot, record);
             }
         }
+        Ok(())
     }
 }

@@ -1001,3 +1001,56 @@ async fn refund_requests_committed_through_one_daemons_webhook_stream_from_anoth
         "both daemons stream the same sequences"
     );
 }
+
+/// The webhook's writer holds a connection of its own: after PostgreSQL
+/// restarts, it must not stay on the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_requests_are_refused_while_postgresql_is_away_and_stored_again_after() {
+    let fleet = Fleet {
+        apps: 1,
+        merchants: 1,
+    };
+    let mut setup = ClusterSetup::new(fleet, SandboxConfig::default()).await;
+    let daemon = setup
+        .spawn_daemon_with(1, "[webhook]\nlisten = \"127.0.0.1:0\"\n")
+        .await;
+    let sender = NotificationSender::new(format!(
+        "http://{}/douyin/webhook",
+        daemon.webhook_address.expect("the webhook is on")
+    ));
+    let post = |msg_id: &'static str| {
+        let sender = &sender;
+        async move {
+            let content =
+                RefundRequestContent::example(&fleet.account_id(0), &format!("order-{msg_id}"));
+            sender
+                .send_refund_request(
+                    &fleet.client_key(0),
+                    &fleet.client_secret(0),
+                    msg_id,
+                    &content,
+                    Signing::Correct,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(post("before").await, 200);
+    setup.postgres.stop().await.unwrap();
+    assert_eq!(
+        post("during").await,
+        500,
+        "not acknowledged, so Douyin sends it again"
+    );
+    setup.postgres.start_again().await.unwrap();
+    assert_eq!(post("after").await, 200, "{}", daemon.logs());
+    let stored = setup
+        .postgres
+        .psql(
+            "tokend",
+            "SELECT string_agg(msg_id, ',' ORDER BY sequence) FROM after_sale_events",
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.trim(), "before,after");
+}

@@ -154,12 +154,16 @@ async fn beat(parts: &ClusterParts, instance: &str) {
     let Some(cluster) = parts.store.cluster() else {
         return;
     };
-    let forget_fetches_after = Duration::from_secs(600);
+    // Kept as long as any rule counts them: the budget window, Douyin's.
+    let forget_fetches_after_ms = parts
+        .tokens
+        .budget_window_ms()
+        .max(crate::clock::duration_ms(Duration::from_secs(600)));
     match cluster
         .heartbeat(
             instance,
             crate::clock::duration_ms(ALIVE_WITHIN),
-            crate::clock::duration_ms(forget_fetches_after),
+            forget_fetches_after_ms,
         )
         .await
     {

@@ -1045,6 +1045,11 @@ impl TokenManager {
         report
     }
 
+    /// The token endpoint budget's window (`refresh.budget_window`).
+    pub(crate) fn budget_window_ms(&self) -> i64 {
+        self.inner.budget.window_ms()
+    }
+
     /// Token endpoint calls still allowed in the current budget window.
     pub(crate) fn budget_remaining(&self) -> usize {
         self.inner.budget.remaining(self.now_ms())

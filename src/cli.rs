@@ -167,8 +167,16 @@ pub enum ClientCommand {
         /// Only this merchant, by account_id (repeatable).
         #[arg(long = "merchant")]
         merchants: Vec<String>,
+        /// Print one JSON object (the key, name, scopes and bounds) on stdout instead.
+        #[arg(long)]
+        json: bool,
     },
-    List,
+    /// The API clients, by name.
+    List {
+        /// Print one JSON document on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     Remove {
         name: String,
     },
@@ -190,6 +198,9 @@ pub enum AuditCommand {
     List {
         #[arg(long, default_value_t = 50)]
         limit: i32,
+        /// Print one JSON document on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -229,7 +240,12 @@ pub enum AppCommand {
         #[arg(long)]
         client_secret_env: Option<String>,
     },
-    List,
+    /// The apps, by client_key, with how many merchants each serves.
+    List {
+        /// Print one JSON document on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an app and its token. An app that still serves merchants needs
     /// --cascade; an app the config file declares is removed by editing the file.
     Remove {
@@ -248,9 +264,14 @@ pub enum MerchantCommand {
         #[arg(long)]
         client_key: String,
     },
+    /// The merchants, by account_id, with the app serving each.
     List {
+        /// Only the merchants of this app.
         #[arg(long)]
         client_key: Option<String>,
+        /// Print one JSON document on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     Remove {
         account_id: String,
@@ -260,7 +281,11 @@ pub enum MerchantCommand {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Token state of every app: expiry, generation, last refresh, last error.
-    List,
+    List {
+        /// Print one JSON document on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch a new token for an app now.
     Refresh { client_key: String },
 }
@@ -399,8 +424,24 @@ fn read_secret(file: Option<&PathBuf>, variable: Option<&String>) -> anyhow::Res
     Ok(secret)
 }
 
+/// The daemon's answer to a failed call as the CLI's error: its message alone,
+/// which already says what went wrong and what to do; the gRPC code's name
+/// ("FailedPrecondition") means nothing to an operator at a prompt. A status
+/// with no message (one tonic made up, not the daemon) falls back to the
+/// code's description so the error never reads empty.
 fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    let message = status.message().trim();
+    if message.is_empty() {
+        anyhow::anyhow!("{}", status.code().description())
+    } else {
+        anyhow::anyhow!("{message}")
+    }
+}
+
+/// One JSON document on stdout, pretty-printed for a reader and parsed the
+/// same by `jq` or a script.
+fn json_document(value: &serde_json::Value) -> anyhow::Result<String> {
+    Ok(format!("{}\n", serde_json::to_string_pretty(value)?))
 }
 
 pub async fn run_app_command(
@@ -429,13 +470,27 @@ pub async fn run_app_command(
                 "app secret replaced\n".to_owned()
             }
         }
-        AppCommand::List => {
-            let apps = client
+        AppCommand::List { json } => {
+            let mut apps = client
                 .list_apps(ListAppsRequest {})
                 .await
                 .map_err(status_error)?
                 .into_inner()
                 .apps;
+            apps.sort_by(|left, right| left.client_key.cmp(&right.client_key));
+            if *json {
+                let entries: Vec<serde_json::Value> = apps
+                    .iter()
+                    .map(|app| {
+                        serde_json::json!({
+                            "client_key": app.client_key,
+                            "source": app.source,
+                            "merchant_count": app.merchant_count,
+                        })
+                    })
+                    .collect();
+                return json_document(&serde_json::Value::Array(entries));
+            }
             let mut out = format!("{:<40} {:<8} {}\n", "CLIENT_KEY", "SOURCE", "MERCHANTS");
             for app in apps {
                 out.push_str(&format!(
@@ -488,8 +543,8 @@ pub async fn run_merchant_command(
                 "merchant updated\n".to_owned()
             }
         }
-        MerchantCommand::List { client_key } => {
-            let merchants = client
+        MerchantCommand::List { client_key, json } => {
+            let mut merchants = client
                 .list_merchants(ListMerchantsRequest {
                     client_key: client_key.clone().unwrap_or_default(),
                 })
@@ -497,6 +552,20 @@ pub async fn run_merchant_command(
                 .map_err(status_error)?
                 .into_inner()
                 .merchants;
+            merchants.sort_by(|left, right| left.account_id.cmp(&right.account_id));
+            if *json {
+                let entries: Vec<serde_json::Value> = merchants
+                    .iter()
+                    .map(|merchant| {
+                        serde_json::json!({
+                            "account_id": merchant.account_id,
+                            "client_key": merchant.client_key,
+                            "source": merchant.source,
+                        })
+                    })
+                    .collect();
+                return json_document(&serde_json::Value::Array(entries));
+            }
             let mut out = format!("{:<24} {:<40} {}\n", "ACCOUNT_ID", "CLIENT_KEY", "SOURCE");
             for merchant in merchants {
                 out.push_str(&format!(
@@ -523,13 +592,19 @@ pub async fn run_token_command(
     command: &TokenCommand,
 ) -> anyhow::Result<String> {
     Ok(match command {
-        TokenCommand::List => {
-            let tokens = client
+        TokenCommand::List { json } => {
+            let mut tokens = client
                 .list_token_status(ListTokenStatusRequest {})
                 .await
                 .map_err(status_error)?
                 .into_inner()
                 .tokens;
+            tokens.sort_by(|left, right| left.client_key.cmp(&right.client_key));
+            if *json {
+                let entries: Vec<serde_json::Value> =
+                    tokens.iter().map(token_status_json).collect();
+                return json_document(&serde_json::Value::Array(entries));
+            }
             format_token_table(&tokens)
         }
         TokenCommand::Refresh { client_key } => {
@@ -567,6 +642,23 @@ pub async fn reload(
         out.push_str(&format!("note: {note}\n"));
     }
     Ok(out)
+}
+
+/// A token's status for `token list --json`: the proto's fields, times as
+/// Unix milliseconds (0: never). Holds no token.
+fn token_status_json(token: &TokenStatus) -> serde_json::Value {
+    serde_json::json!({
+        "client_key": token.client_key,
+        "state": token.state,
+        "generation": token.generation,
+        "expires_at_unix_ms": token.expires_at_unix_ms,
+        "expires_in_seconds": token.expires_in_seconds,
+        "last_refresh_unix_ms": token.last_refresh_unix_ms,
+        "refresh_at_unix_ms": token.refresh_at_unix_ms,
+        "last_error": token.last_error,
+        "last_error_unix_ms": token.last_error_unix_ms,
+        "consecutive_failures": token.consecutive_failures,
+    })
 }
 
 /// The token status table the CLI and the demo print. Holds no token.
@@ -645,6 +737,7 @@ pub async fn run_client_command(
             scopes,
             apps,
             merchants,
+            json,
         } => {
             let answer = client
                 .create_client(CreateClientRequest {
@@ -656,18 +749,52 @@ pub async fn run_client_command(
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            if *json {
+                // The key sits with what it was made for, so a script that
+                // stores it keeps the two together.
+                return Ok(CommandOutput {
+                    stdout: json_document(&serde_json::json!({
+                        "api_key": answer.api_key,
+                        "name": name,
+                        "scopes": scopes,
+                        "apps": apps,
+                        "merchants": merchants,
+                    }))?,
+                    stderr: format!(
+                        "client {name:?} created; its API key above is shown this once\n"
+                    ),
+                });
+            }
             CommandOutput {
                 stdout: format!("{}\n", answer.api_key),
                 stderr: format!("client {name:?} created; its API key above is shown this once\n"),
             }
         }
-        ClientCommand::List => {
-            let clients = client
+        ClientCommand::List { json } => {
+            let mut clients = client
                 .list_clients(ListClientsRequest {})
                 .await
                 .map_err(status_error)?
                 .into_inner()
                 .clients;
+            clients.sort_by(|left, right| left.name.cmp(&right.name));
+            if *json {
+                let entries: Vec<serde_json::Value> = clients
+                    .iter()
+                    .map(|entry| {
+                        serde_json::json!({
+                            "name": entry.name,
+                            "source": entry.source,
+                            "scopes": entry.scopes,
+                            "apps": entry.apps,
+                            "merchants": entry.merchants,
+                        })
+                    })
+                    .collect();
+                return Ok(CommandOutput::result(json_document(
+                    &serde_json::Value::Array(entries),
+                )?));
+            }
             let mut out = format!(
                 "{:<24} {:<8} {:<48} {}\n",
                 "NAME", "SOURCE", "SCOPES", "BOUNDS"
@@ -705,7 +832,7 @@ pub async fn run_audit_command(
     client: &mut AdminServiceClient<AuthenticatedChannel>,
     command: &AuditCommand,
 ) -> anyhow::Result<String> {
-    let AuditCommand::List { limit } = command;
+    let AuditCommand::List { limit, json } = command;
     let entries = client
         .list_audit(ListAuditRequest {
             since_unix_ms: 0,
@@ -715,6 +842,24 @@ pub async fn run_audit_command(
         .map_err(status_error)?
         .into_inner()
         .entries;
+    // The daemon answers newest first; both outputs keep its order.
+    if *json {
+        let entries: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|entry| {
+                serde_json::json!({
+                    "at_unix_ms": entry.at_unix_ms,
+                    "client": entry.client,
+                    "action": entry.action,
+                    "app": entry.app,
+                    "reason": entry.reason,
+                    "token_fingerprint": entry.token_fingerprint,
+                    "count": entry.count,
+                })
+            })
+            .collect();
+        return json_document(&serde_json::Value::Array(entries));
+    }
     let mut out = format!(
         "{:<20} {:<16} {:<15} {:<13} {:<14} {:>5} {}\n",
         "AT", "CLIENT", "ACTION", "APP", "TOKEN", "COUNT", "REASON"

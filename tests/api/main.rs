@@ -12,6 +12,7 @@ mod admin;
 mod after_sale;
 mod after_sale_list_audit;
 mod check_config;
+mod cli_output;
 mod cluster;
 mod demo;
 mod failures;

@@ -32,6 +32,7 @@ pub struct Cli {
     /// Client certificate and key (PEM) for a daemon that requires mutual TLS.
     #[arg(long, global = true, requires = "tls_key_file")]
     pub(crate) tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
     #[arg(long, global = true, requires = "tls_cert_file")]
     pub(crate) tls_key_file: Option<PathBuf>,
     /// The name in the daemon's certificate, when it differs from the address's host.
@@ -802,7 +803,21 @@ pub async fn run_client_command(
             for entry in clients {
                 let bounds = match (entry.apps.is_empty(), entry.merchants.is_empty()) {
                     (true, true) => "-".to_owned(),
-                    _ => format!("apps {:?} merchants {:?}", entry.apps, entry.merchants),
+                    _ => {
+                        // "every" for an unbounded list, else the ids comma-separated.
+                        let list = |ids: &[String]| {
+                            if ids.is_empty() {
+                                "every".to_owned()
+                            } else {
+                                ids.join(",")
+                            }
+                        };
+                        format!(
+                            "apps {} merchants {}",
+                            list(&entry.apps),
+                            list(&entry.merchants)
+                        )
+                    }
                 };
                 out.push_str(&format!(
                     "{:<24} {:<8} {:<48} {}\n",

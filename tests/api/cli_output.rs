@@ -94,3 +94,35 @@ async fn a_refusal_from_the_daemon_prints_its_one_sentence_without_grpc_code_nam
         assert!(!stderr.contains(code_words), "{code_words} in {stderr}");
     }
 }
+
+#[tokio::test]
+async fn client_list_shows_bounds_as_plain_ids_not_rust_debug() {
+    let app = TestApp::spawn().await;
+    app.register_default().await;
+    let created = run_admin_command(
+        &app,
+        "client",
+        &[
+            "create",
+            "bounded",
+            "--scope",
+            "token.read",
+            "--app",
+            CLIENT_KEY,
+        ],
+    )
+    .await;
+    assert!(created.status.success(), "{created:?}");
+
+    let listed = run_admin_command(&app, "client", &["list"]).await;
+    let table = String::from_utf8_lossy(&listed.stdout);
+    let line = table
+        .lines()
+        .find(|line| line.starts_with("bounded"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.ends_with(&format!("apps {CLIENT_KEY} merchants every")),
+        "{line}"
+    );
+    assert!(!line.contains('[') && !line.contains('"'), "{line}");
+}

@@ -120,6 +120,21 @@ impl App {
         )
         .await?;
         let registry = Registry::load(store.clone(), tokens.clone(), clock.clone()).await?;
+        let registered_apps: std::collections::HashSet<crate::domain::ClientKey> = registry
+            .list_apps()
+            .await?
+            .into_iter()
+            .map(|app| app.client_key)
+            .collect();
+        for key in config
+            .lookup
+            .per_app_rates_for_unknown_apps(|client_key| registered_apps.contains(client_key))
+        {
+            tracing::warn!(
+                config_key = %key,
+                "a per-app rate names an app that is neither declared nor registered; it applies only once that app is registered"
+            );
+        }
         let lookup = LookupService::new(
             registry.clone(),
             tokens.clone(),

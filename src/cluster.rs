@@ -54,7 +54,7 @@ pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> any
         let mut listener = match listener {
             Ok(listener) => listener,
             Err(error) => {
-                tracing::warn!(%error, retry_in_ms = reconnect_delay.as_millis(), "cannot listen to the database for other daemons' changes; serving the tokens held and trying again");
+                tracing::warn!(%error, retry_in_ms = reconnect_delay.as_millis() as u64, "cannot listen to the database for other daemons' changes; serving the tokens held and trying again");
                 tokio::select! {
                     () = stopping.cancelled() => break 'connection,
                     () = tokio::time::sleep(reconnect_delay) => {}
@@ -65,7 +65,7 @@ pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> any
         };
         // Whatever changed while no one listened.
         if let Err(error) = reread_everything(&parts).await {
-            tracing::warn!(%error, retry_in_ms = reconnect_delay.as_millis(), "cannot re-read what changed while the link was down; trying again");
+            tracing::warn!(%error, retry_in_ms = reconnect_delay.as_millis() as u64, "cannot re-read what changed while the link was down; trying again");
             tokio::select! {
                 () = stopping.cancelled() => break 'connection,
                 () = tokio::time::sleep(reconnect_delay) => {}

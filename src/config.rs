@@ -324,6 +324,30 @@ impl LookupConfig {
         self.rates.entry(api).or_default().per_second = NonZeroU32::new(per_second.max(1));
     }
 
+    /// The `lookup.rates.<api>.per_app.<client_key>` entries naming an app
+    /// that `is_known` does not know, as config keys, sorted. Such an entry
+    /// is warned about, not refused: an app can be registered through
+    /// AdminService rather than declared in the file, and refusing a rate for
+    /// an app removed later would turn `app remove` into a failed restart.
+    pub fn per_app_rates_for_unknown_apps(
+        &self,
+        is_known: impl Fn(&ClientKey) -> bool,
+    ) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .rates
+            .iter()
+            .flat_map(|(api, group)| {
+                group
+                    .per_app
+                    .keys()
+                    .filter(|client_key| !is_known(client_key))
+                    .map(move |client_key| format!("lookup.rates.{api}.per_app.{client_key}"))
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Calls per second allowed to `client_key` on `api`.
     pub(crate) fn rate_per_second(&self, api: DouyinApi, client_key: &ClientKey) -> NonZeroU32 {
         let group = self.rates.get(&api);
@@ -497,6 +521,13 @@ pub struct MerchantEntry {
 pub struct ResolvedApp {
     pub(crate) client_key: ClientKey,
     pub(crate) client_secret: ClientSecret,
+}
+
+impl ResolvedApp {
+    /// The app's identifier (not a secret).
+    pub fn client_key(&self) -> &ClientKey {
+        &self.client_key
+    }
 }
 
 /// Everything the config file declares for the registry: apps with their

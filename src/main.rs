@@ -13,6 +13,7 @@ use douyin_tokend::cli::{self, Cli, Command};
 use douyin_tokend::clock::{SharedClock, SystemClock};
 use douyin_tokend::config::{Config, ConfigError};
 use douyin_tokend::sandbox::{Sandbox, SandboxConfig};
+use douyin_tokend::store::{DatabaseLocation, Store, StoreError};
 use douyin_tokend::systemd_notify::SystemdNotifier;
 use douyin_tokend::telemetry;
 use futures::stream::StreamExt;
@@ -47,7 +48,11 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let exit_code: u8 = if error.downcast_ref::<ConfigError>().is_some() {
+            let needs_a_changed_setting = error.downcast_ref::<ConfigError>().is_some()
+                || error
+                    .downcast_ref::<StoreError>()
+                    .is_some_and(StoreError::needs_a_changed_setting);
+            let exit_code: u8 = if needs_a_changed_setting {
                 EXIT_BAD_CONFIG
             } else {
                 1
@@ -79,12 +84,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 credentials_directory.as_deref(),
             )?;
             config.check_master_key_file(credentials_directory.as_deref())?;
-            config.database_location(credentials_directory.as_deref())?;
+            if let DatabaseLocation::Postgres(database) =
+                config.database_location(credentials_directory.as_deref())?
+            {
+                let master_key_path = config.master_key_path(credentials_directory.as_deref())?;
+                Store::check_postgres(&database, &master_key_path).await?;
+            }
             douyin_tokend::app::check_tls_files(&config)?;
             douyin_tokend::app::check_watchdog_feed(
                 &config,
                 std::env::var("WATCHDOG_USEC").ok().as_deref(),
             )?;
+            let declared_apps: std::collections::HashSet<_> = declarations
+                .apps
+                .iter()
+                .map(|app| app.client_key())
+                .collect();
+            for key in config
+                .lookup
+                .per_app_rates_for_unknown_apps(|client_key| declared_apps.contains(client_key))
+            {
+                eprintln!(
+                    "warning: {key}: this file declares no such app; the rate applies only while an app of that client_key is registered through AdminService"
+                );
+            }
             println!(
                 "config is valid: {} app(s) with readable secrets, {} merchant(s), {} API client(s)",
                 declarations.apps.len(),

@@ -82,7 +82,8 @@ impl AfterSaleService for AfterSaleGrpc {
 
 /// Logs how a call ended: failures at info (the message says why), successes at debug.
 fn log_outcome<T>(what: &'static str, started: Instant, answer: &Result<T, Status>) {
-    let elapsed_ms = started.elapsed().as_millis();
+    // u64, not the u128 of as_millis(): JSON logs write a u128 as a string.
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match answer {
         Ok(_) => tracing::debug!(elapsed_ms, "{what} answered"),
         Err(status) => tracing::info!(

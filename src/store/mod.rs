@@ -80,6 +80,42 @@ pub enum StoreError {
     Seal(#[from] SealError),
 }
 
+impl StoreError {
+    /// Whether this refusal is one a restart cannot cure, only a changed
+    /// setting: a master key that does not open the database, or PostgreSQL
+    /// refusing the login or naming no such database. `serve` and
+    /// check-config exit 64 for these, so systemd stops restarting.
+    pub fn needs_a_changed_setting(&self) -> bool {
+        match self {
+            Self::MasterKeyMissing { .. } | Self::MasterKeyMismatch { .. } => true,
+            Self::Open {
+                source: sqlx::Error::Database(error),
+                ..
+            } => {
+                // invalid_authorization_specification, invalid_password,
+                // invalid_catalog_name (no such database).
+                matches!(error.code().as_deref(), Some("28000" | "28P01" | "3D000"))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The connection settings of `database`, its password (kept out of the URL)
+/// added.
+fn postgres_connect_options(database: &PostgresDatabase) -> Result<PgConnectOptions, StoreError> {
+    let mut options = PgConnectOptions::from_str(&database.url)
+        .map_err(|source| StoreError::Open {
+            path: database.url.clone(),
+            source,
+        })?
+        .application_name("douyin-tokend");
+    if let Some(password) = &database.password {
+        options = options.password(password);
+    }
+    Ok(options)
+}
+
 /// What opening the store did about the master key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MasterKeyOutcome {
@@ -265,16 +301,10 @@ impl Store {
             path: database.url.clone(),
             source,
         };
-        let mut options = PgConnectOptions::from_str(&database.url)
-            .map_err(open_error)?
-            .application_name("douyin-tokend");
-        if let Some(password) = &database.password {
-            options = options.password(password);
-        }
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(postgres_connect_options(database)?)
             .await
             .map_err(open_error)?;
         let mut lock_holder = pool.acquire().await.map_err(open_error)?;
@@ -360,6 +390,31 @@ impl Store {
         database: &str,
         migrations: &Migrator,
     ) -> Result<(MasterKey, MasterKeyOutcome), StoreError> {
+        let (sealed, existing_key) =
+            Self::prove_master_key(pool, master_key_file, database).await?;
+        on_backend!(pool, pool => migrations.run(pool).await)?;
+        let (master_key, outcome) = match existing_key {
+            Some(key) => (key, MasterKeyOutcome::Loaded),
+            None => {
+                let key = MasterKey::generate();
+                key.write_new(master_key_file)?;
+                (key, MasterKeyOutcome::Created(master_key_file.to_owned()))
+            }
+        };
+        if !sealed {
+            seal_for_the_first_time(pool, &master_key).await?;
+        }
+        Ok((master_key, outcome))
+    }
+
+    /// Reads the database's key check and proves the key file against it,
+    /// writing nothing: whether the database is sealed yet, and the key file's
+    /// key when there is one.
+    async fn prove_master_key(
+        pool: &Pool,
+        master_key_file: &Path,
+        database: &str,
+    ) -> Result<(bool, Option<MasterKey>), StoreError> {
         let key_check = meta::read_key_check(pool).await?;
         let key_path = master_key_file.display().to_string();
         let database = database.to_owned();
@@ -373,19 +428,30 @@ impl Store {
         {
             return Err(StoreError::MasterKeyMismatch { key_path, database });
         }
-        on_backend!(pool, pool => migrations.run(pool).await)?;
-        let (master_key, outcome) = match existing_key {
-            Some(key) => (key, MasterKeyOutcome::Loaded),
-            None => {
-                let key = MasterKey::generate();
-                key.write_new(master_key_file)?;
-                (key, MasterKeyOutcome::Created(master_key_file.to_owned()))
-            }
-        };
-        if key_check.is_none() {
-            seal_for_the_first_time(pool, &master_key).await?;
-        }
-        Ok((master_key, outcome))
+        Ok((key_check.is_some(), existing_key))
+    }
+
+    /// check-config's look at a PostgreSQL database: logs in (with one
+    /// connection, for at most 5 s) and proves the master key file against a
+    /// database that was sealed. Reads only: a new database stays untouched
+    /// until `serve` migrates it.
+    pub async fn check_postgres(
+        database: &PostgresDatabase,
+        master_key_file: &Path,
+    ) -> Result<(), StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(postgres_connect_options(database)?)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: database.url.clone(),
+                source,
+            })?;
+        let pool = Backend::Postgres(pool);
+        let proven = Self::prove_master_key(&pool, master_key_file, &database.url).await;
+        pool.close().await;
+        proven.map(|_| ())
     }
 
     /// Re-seals every secret and token under `new_key` in one transaction.

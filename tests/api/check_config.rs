@@ -354,6 +354,54 @@ async fn a_postgres_socket_url_from_the_config_file_opens_the_store() {
         .expect("the store opens on the URL as the config file wrote it");
     assert_eq!(outcome, MasterKeyOutcome::Created(key_file.clone()));
     store.close().await;
+
+    // What serve would refuse for good, check-config refuses too, with 64 so
+    // systemd stops restarting: a key that does not open the sealed
+    // database, a database or a role PostgreSQL does not know.
+    let other_key = directory.path().join("other-master.key");
+    std::fs::write(&other_key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let unknown_role = server
+        .url("from_config")
+        .replace(&format!("user={}", server.user()), "user=nobody_here");
+    let refusals = [
+        (
+            server.url("from_config"),
+            &other_key,
+            "does not open the database",
+        ),
+        (
+            server.url("no_such_database"),
+            &key_file,
+            "no_such_database",
+        ),
+        (unknown_role, &key_file, "nobody_here"),
+    ];
+    for (url, key, expected) in refusals {
+        std::fs::write(
+            &config_file,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"{url}\"\nmaster_key_file = \"{}\"\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        for command in ["check-config", "serve"] {
+            let output = tokio::process::Command::new(BINARY)
+                .arg("--config")
+                .arg(&config_file)
+                .arg(command)
+                .env_remove("CREDENTIALS_DIRECTORY")
+                .env_remove("DOUYIN_TOKEND_DATABASE")
+                .env_remove("DOUYIN_TOKEND_LISTEN")
+                .env_remove("NOTIFY_SOCKET")
+                .output()
+                .await
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(64), "{command} {url}: {stderr}");
+            assert!(stderr.contains(expected), "{command} {url}: {stderr}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -422,4 +470,30 @@ async fn with_json_logs_a_fatal_start_up_error_is_a_json_line_with_a_numeric_exi
     assert_eq!(line["fields"]["exit_code"], 64, "a number: {line}");
     let message = line["fields"]["error"].as_str().unwrap();
     assert!(message.contains("listen: \"nonsense\""), "{line}");
+}
+
+#[tokio::test]
+async fn a_per_app_rate_for_an_undeclared_app_is_a_warning_naming_the_key_not_a_refusal() {
+    // Refused, it would make `app remove` of an admin-registered app a failed
+    // restart later; silent, a typo in the client_key would go unnoticed.
+    let rates =
+        "[lookup.rates.after_sale_order_detail]\nper_app = { awcheckkey0001 = 5, awtypo = 3 }\n";
+    let checked = check_config(&format!("{APP}{rates}"), &[]).await;
+    assert_eq!(checked.code, Some(0), "{}", checked.stderr);
+    let warnings: Vec<&str> = checked
+        .stderr
+        .lines()
+        .filter(|line| line.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", checked.stderr);
+    assert!(
+        warnings[0].contains("lookup.rates.after_sale_order_detail.per_app.awtypo"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        checked.stdout.contains("config is valid"),
+        "{}",
+        checked.stdout
+    );
 }

@@ -514,7 +514,22 @@ async fn json_logs_carry_the_request_id_merchant_app_and_douyin_logid_of_a_call(
         "{line}"
     );
     assert_eq!(line["fields"]["code"], "PERMISSION_DENIED");
+    // Numbers as numbers (a u128 field once came out as a string).
+    assert!(line["fields"]["elapsed_ms"].is_u64(), "{line}");
     assert!(logs.lines().all(|line| line.starts_with('{')), "{logs}");
+    for line in logs.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        for section in ["fields", "span"] {
+            let Some(fields) = line[section].as_object() else {
+                continue;
+            };
+            for (name, value) in fields {
+                if name.ends_with("_ms") || name.ends_with("_count") || name == "generation" {
+                    assert!(value.is_number(), "{name} in {line}");
+                }
+            }
+        }
+    }
     sandbox.stop().await;
 }
 

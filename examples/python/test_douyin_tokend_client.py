@@ -327,6 +327,34 @@ class PythonClientExampleTest(unittest.TestCase):
         self.assertEqual(example.douyin_error_code(outcome.answer), 0, outcome.answer)
         self.assertEqual(outcome.generation, handed_out.generation + 1)
 
+    def test_the_command_line_prints_both_answers_and_no_token(self):
+        demo, tokend = self.start_demo_set_up()
+
+        ran = subprocess.run(
+            [
+                sys.executable, str(pathlib.Path(example.__file__)),
+                "--daemon", demo.daemon_address,
+                "--douyin-base-url", demo.sandbox_url,
+                "--account-id", ACCOUNT_ID,
+                "--order-id", DOCUMENTED_ORDER_ID,
+            ],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            env=_clean_environment(DOUYIN_TOKEND_API_KEY=demo.api_key),
+            timeout=PATIENCE_SECONDS,
+        )
+
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        *detail_lines, outcome_line = ran.stdout.strip().splitlines()
+        detail = json.loads("\n".join(detail_lines))
+        self.assertEqual(
+            detail["data"]["after_sale_order_list"][0]["order_id"], DOCUMENTED_ORDER_ID
+        )
+        outcome = json.loads(outcome_line)
+        self.assertEqual(outcome["douyin_error_code"], 0, outcome)
+        current_token = tokend.get_access_token(ACCOUNT_ID).access_token
+        self.assertEqual(outcome["token"], f"token:{example.token_fingerprint(current_token)}")
+        self.assertNotIn(current_token, ran.stdout + ran.stderr)
+
     def wait_for_audit_entries(self, demo, action):
         """Audit lines are written in the background: waits, within the patience."""
         deadline = time.monotonic() + PATIENCE_SECONDS

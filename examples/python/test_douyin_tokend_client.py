@@ -115,8 +115,9 @@ class DemoSetUp:
         return process, log_path
 
     def _stop(self, process, log_path):
-        """SIGTERM, then SIGKILL if it has not exited within the patience;
-        a test that failed gets the process's log on stderr."""
+        """SIGTERM, then SIGKILL if it has not exited within the patience.
+        The process's log goes to stderr when the test failed (so CI shows
+        it) or PYTHON_EXAMPLE_SHOW_LOGS is set."""
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -124,8 +125,16 @@ class DemoSetUp:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=PATIENCE_SECONDS)
-        if os.environ.get("PYTHON_EXAMPLE_SHOW_LOGS"):
-            sys.stderr.write(f"--- {log_path.name}\n{log_path.read_text(errors='replace')}")
+        if self._test_failed() or os.environ.get("PYTHON_EXAMPLE_SHOW_LOGS"):
+            sys.stderr.write(f"\n--- {log_path.name}\n{log_path.read_text(errors='replace')}")
+
+    def _test_failed(self):
+        """Whether the test failed so far. Cleanups get no public word of it:
+        this reads the result unittest keeps in the test's private _outcome,
+        and says False when there is none."""
+        result = getattr(getattr(self._test, "_outcome", None), "result", None)
+        recorded = [*getattr(result, "failures", ()), *getattr(result, "errors", ())]
+        return any(test is self._test for test, _ in recorded)
 
     def _fail(self, message, log_path):
         self._test.fail(f"{message}\n--- {log_path.name}\n{log_path.read_text(errors='replace')}")
@@ -249,6 +258,11 @@ class PythonClientExampleTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         import grpc  # grpcio
+
+        # Everything here is on 127.0.0.1: never through a proxy the
+        # environment may name (grpc and urllib both honour no_proxy).
+        for name in ("no_proxy", "NO_PROXY"):
+            os.environ[name] = ",".join(filter(None, (os.environ.get(name), "127.0.0.1")))
 
         cls.grpc = grpc
         stubs_directory = tempfile.TemporaryDirectory(prefix="douyin-tokend-stubs-")

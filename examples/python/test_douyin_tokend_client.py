@@ -28,11 +28,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import douyin_tokend_client as example  # noqa: E402  (the module under test)
 
+CARGO_TARGET_DIRECTORY = pathlib.Path(
+    os.environ.get("CARGO_TARGET_DIR") or example.REPOSITORY_ROOT / "target"
+)
 BINARY = pathlib.Path(
-    os.environ.get("DOUYIN_TOKEND_BINARY")
-    or pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or example.REPOSITORY_ROOT / "target")
-    / "debug"
-    / "douyin-tokend"
+    os.environ.get("DOUYIN_TOKEND_BINARY") or CARGO_TARGET_DIRECTORY / "debug" / "douyin-tokend"
 )
 # Upper bound for anything the tests wait for (a debug build starting, an
 # exit, an audit line): generous, since CI's two cores also run other work.
@@ -257,6 +257,10 @@ scopes = ["admin"]
 class PythonClientExampleTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        if not BINARY.is_file():
+            raise FileNotFoundError(
+                f"{BINARY} does not exist: run `cargo build` first, or set DOUYIN_TOKEND_BINARY"
+            )
         import grpc  # grpcio
 
         # Everything here is on 127.0.0.1: never through a proxy the

@@ -1,22 +1,44 @@
 //! The admin commands as a script runs them: the real binary against a
-//! running daemon, `--json` parsed as JSON, and a refusal from the daemon
-//! printed as its one sentence without gRPC's code names.
+//! running daemon, `--json` parsed as JSON, a refusal from the daemon printed
+//! as its one sentence without gRPC's code names, and each command's help
+//! offering only the flags it uses.
 
 use std::process::Output;
 
 use crate::daemon_process::BINARY;
 use crate::helpers::{ACCOUNT_ID, ADMIN_API_KEY, CLIENT_KEY, OTHER_CLIENT_KEY, TestApp};
 
-/// Runs `douyin-tokend <command> --daemon <address> <subcommand...>` as the
+/// Runs `douyin-tokend <command> <subcommand...> --daemon <address>` as the
 /// test's admin client.
 async fn run_admin_command(app: &TestApp, command: &str, subcommand: &[&str]) -> Output {
+    run_against(&app.address.to_string(), command, subcommand).await
+}
+
+/// Runs `douyin-tokend <command> <subcommand...> --daemon <address>` with the
+/// admin key and none of the caller's own daemon settings.
+async fn run_against(address: &str, command: &str, subcommand: &[&str]) -> Output {
     tokio::process::Command::new(BINARY)
-        .args([command, "--daemon", &app.address.to_string()])
+        .arg(command)
         .args(subcommand)
+        .args(["--daemon", address])
         .env("DOUYIN_TOKEND_API_KEY", ADMIN_API_KEY)
+        .env_remove("DOUYIN_TOKEND_API_KEY_FILE")
+        .env_remove("DOUYIN_TOKEND_TLS_CA_FILE")
         .output()
         .await
         .unwrap()
+}
+
+/// `douyin-tokend <arguments...> --help`, its stdout.
+async fn help_of(arguments: &[&str]) -> String {
+    let output = tokio::process::Command::new(BINARY)
+        .args(arguments)
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
 }
 
 fn stdout_json(output: &Output) -> serde_json::Value {
@@ -125,4 +147,36 @@ async fn client_list_shows_bounds_as_plain_ids_not_rust_debug() {
         "{line}"
     );
     assert!(!line.contains('[') && !line.contains('"'), "{line}");
+}
+
+#[tokio::test]
+async fn sandbox_help_offers_no_daemon_connection_flags() {
+    let help = help_of(&["sandbox"]).await;
+
+    for daemon_words in ["TLS", "tls", "api-key", "API key", "--daemon", "--config"] {
+        assert!(!help.contains(daemon_words), "{daemon_words} in {help}");
+    }
+    assert!(help.contains("--listen"), "{help}");
+}
+
+#[tokio::test]
+async fn a_daemon_command_s_help_offers_the_connection_flags_with_their_variables() {
+    for command in [&["token", "list"][..], &["client", "create"], &["reload"]] {
+        let help = help_of(command).await;
+
+        for flag in [
+            "--daemon",
+            "--config",
+            "--api-key-file",
+            "--tls-ca-file",
+            "--tls-cert-file",
+            "--tls-key-file",
+            "--tls-domain",
+            "DOUYIN_TOKEND_ADDRESS",
+            "DOUYIN_TOKEND_API_KEY",
+            "DOUYIN_TOKEND_TLS_CA_FILE",
+        ] {
+            assert!(help.contains(flag), "{command:?}: no {flag} in {help}");
+        }
+    }
 }

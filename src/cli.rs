@@ -457,17 +457,20 @@ pub async fn healthcheck(
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
+    // No answer in time is the daemon being unreachable too: the same
+    // sentence, the same exit code.
+    let silent = || crate::transport::DaemonUnreachable::silent(address, timeout);
     let channel = tokio::time::timeout(timeout, crate::transport::connect(address, transport))
         .await
-        .with_context(|| format!("the daemon at {address} did not answer within {timeout:?}"))??;
+        .map_err(|_| silent())??;
     let mut health = HealthClient::new(channel);
     let check = health.check(HealthCheckRequest {
         service: service.to_owned(),
     });
     let answer = tokio::time::timeout(timeout, check)
         .await
-        .with_context(|| format!("the daemon at {address} did not answer within {timeout:?}"))?
-        .map_err(status_error)?
+        .map_err(|_| silent())?
+        .map_err(|status| name_the_daemon(status_error(status), address, transport))?
         .into_inner();
     let status = ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown);
     let what = if service.is_empty() {
@@ -506,14 +509,51 @@ fn read_secret(file: Option<&PathBuf>, variable: Option<&String>) -> anyhow::Res
 /// The daemon's answer to a failed call as the CLI's error: its message alone,
 /// which already says what went wrong and what to do; the gRPC code's name
 /// ("FailedPrecondition") means nothing to an operator at a prompt. A status
-/// with no message (one tonic made up, not the daemon) falls back to the
-/// code's description so the error never reads empty.
+/// with no message falls back to the code's description so the error never
+/// reads empty. A status tonic made itself because the connection failed
+/// (refused, closed, TLS) carries the transport error as its source (the
+/// daemon's own refusals arrive over the wire with none); it becomes a
+/// `ConnectionFailed`, which the caller who knows the address turns into one
+/// sentence naming it (`name_the_daemon`).
 fn status_error(status: tonic::Status) -> anyhow::Error {
+    if std::error::Error::source(&status).is_some() {
+        return anyhow::Error::new(ConnectionFailed(status));
+    }
+    daemon_message(&status)
+}
+
+/// The message of a status the daemon sent (see `status_error`).
+fn daemon_message(status: &tonic::Status) -> anyhow::Error {
     let message = status.message().trim();
     if message.is_empty() {
         anyhow::anyhow!("{}", status.code().description())
     } else {
         anyhow::anyhow!("{message}")
+    }
+}
+
+/// A call that failed on this side of the wire: the connection was refused or
+/// closed before the daemon answered. Shown on its own only where no address
+/// is known; `name_the_daemon` replaces it with a `DaemonUnreachable`.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection to the daemon failed ({})", .0.message())]
+pub struct ConnectionFailed(tonic::Status);
+
+/// `error` as the CLI shows it: a call whose connection failed becomes one
+/// sentence naming `address` and what to try; anything else is kept.
+pub fn name_the_daemon(
+    error: anyhow::Error,
+    address: &str,
+    transport: &crate::transport::ClientTransport,
+) -> anyhow::Error {
+    match error.downcast_ref::<ConnectionFailed>() {
+        Some(ConnectionFailed(status)) => {
+            let cause = std::error::Error::source(status).unwrap_or(status);
+            anyhow::Error::new(crate::transport::DaemonUnreachable::new(
+                address, transport, cause,
+            ))
+        }
+        None => error,
     }
 }
 
@@ -711,7 +751,7 @@ pub async fn reload(
     let answer = client
         .reload_config(ReloadConfigRequest {})
         .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .map_err(status_error)?
         .into_inner();
     let mut out = format!(
         "configuration reloaded: {}\n",
@@ -1004,7 +1044,7 @@ pub async fn tail_events(
             account_ids: merchants.clone(),
         })
         .await
-        .map_err(status_error)?
+        .map_err(|status| name_the_daemon(status_error(status), address, transport))?
         .into_inner();
     let mut last_sequence = *after;
     loop {
@@ -1021,7 +1061,14 @@ pub async fn tail_events(
                     .and_then(|info| info.metadata.get("pruned_through").cloned())
                     .and_then(|pruned_through| pruned_through.parse::<i64>().ok())
                     .unwrap_or(last_sequence);
-                return Err(status_error(status).context(format!(
+                // A connection that broke mid-stream is no refusal to
+                // connect: it is said as such, with the resume advice.
+                let ending = if std::error::Error::source(&status).is_some() {
+                    anyhow::anyhow!("the connection to the daemon at {address} broke")
+                } else {
+                    daemon_message(&status)
+                };
+                return Err(ending.context(format!(
                     "the event stream ended after sequence {last_sequence}; resume with `douyin-tokend events tail --after {resume_after}`"
                 )));
             }

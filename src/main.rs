@@ -1,7 +1,8 @@
 //! The `douyin-tokend` process: parses the command line, loads the config,
 //! sets up logging, binds the listeners, turns signals into shutdown (SIGTERM,
 //! SIGINT) and reloads (SIGHUP), runs the chosen command and turns its outcome
-//! into an exit code (64 for a bad config, 1 for any other failure).
+//! into an exit code (64 for a bad config, 69 for a daemon the CLI cannot
+//! reach, 1 for any other failure).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,10 +16,15 @@ use douyin_tokend::config::{Config, ConfigError};
 use douyin_tokend::sandbox::{Sandbox, SandboxConfig};
 use douyin_tokend::systemd_notify::SystemdNotifier;
 use douyin_tokend::telemetry;
+use douyin_tokend::transport::DaemonUnreachable;
 use futures::stream::StreamExt;
 
 /// sysexits' EX_USAGE / EX_CONFIG family: the operator must fix the config.
 const EXIT_BAD_CONFIG: u8 = 64;
+/// sysexits' EX_UNAVAILABLE: a client command found no daemon to talk to (or
+/// could not speak to it), which a script may retry; a refusal from the
+/// daemon stays 1.
+const EXIT_DAEMON_UNREACHABLE: u8 = 69;
 
 /// mimalloc instead of glibc's malloc: a gRPC call allocates and frees many
 /// small buffers across threads, and glibc's malloc (with its consolidation)
@@ -49,6 +55,8 @@ fn main() -> ExitCode {
         Err(error) => {
             let exit_code: u8 = if error.downcast_ref::<ConfigError>().is_some() {
                 EXIT_BAD_CONFIG
+            } else if error.downcast_ref::<DaemonUnreachable>().is_some() {
+                EXIT_DAEMON_UNREACHABLE
             } else {
                 1
             };
@@ -209,7 +217,8 @@ type AdminClient = douyin_tokend::proto::tokend::v1::admin_service_client::Admin
 >;
 
 /// Connects to AdminService at `address` with the key `daemon` names and
-/// runs `work` with it.
+/// runs `work` with it. A connection that fails, while connecting or under a
+/// call, comes back as one sentence naming `address`.
 async fn with_admin_client<Answer>(
     daemon: &cli::AdminConnection,
     address: String,
@@ -217,8 +226,12 @@ async fn with_admin_client<Answer>(
 ) -> anyhow::Result<Answer> {
     let api_key = daemon.api_key()?;
     let transport = daemon.connection.transport()?;
-    let mut client = cli::admin_client(&address, &transport, &api_key).await?;
-    work(&mut client).await
+    let answer = async {
+        let mut client = cli::admin_client(&address, &transport, &api_key).await?;
+        work(&mut client).await
+    }
+    .await;
+    answer.map_err(|error| cli::name_the_daemon(error, &address, &transport))
 }
 
 /// `--daemon` (or DOUYIN_TOKEND_ADDRESS), else `listen` from the config file.

@@ -20,29 +20,21 @@ use crate::proto::tokend::v1::*;
     about = "Owns Douyin client tokens and serves the after-sale order detail lookup over gRPC"
 )]
 pub struct Cli {
-    /// The TOML config file (defaults apply when absent).
-    #[arg(long, global = true, env = "DOUYIN_TOKEND_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// A file holding the API key for admin commands (or set DOUYIN_TOKEND_API_KEY).
-    #[arg(long, global = true, env = "DOUYIN_TOKEND_API_KEY_FILE")]
-    pub api_key_file: Option<PathBuf>,
-    /// Speak TLS to the daemon, trusting this CA (PEM).
-    #[arg(long, global = true, env = "DOUYIN_TOKEND_TLS_CA_FILE")]
-    pub(crate) tls_ca_file: Option<PathBuf>,
-    /// Client certificate and key (PEM) for a daemon that requires mutual TLS.
-    #[arg(long, global = true, requires = "tls_key_file")]
-    pub(crate) tls_cert_file: Option<PathBuf>,
-    /// The private key (PEM) of --tls-cert-file.
-    #[arg(long, global = true, requires = "tls_cert_file")]
-    pub(crate) tls_key_file: Option<PathBuf>,
-    /// The name in the daemon's certificate, when it differs from the address's host.
-    #[arg(long, global = true)]
-    pub(crate) tls_domain: Option<String>,
-    /// Log format on stderr.
+    /// Log format on stderr (the error a command fails with too).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--config` for the commands that read the whole file (serve, check-config,
+/// rotate-master-key, client bootstrap). Not global: `sandbox`, `demo` and
+/// `client new-key` read no config, so their help must not offer one.
+#[derive(Debug, clap::Args)]
+pub struct ConfigFile {
+    /// The TOML config file (defaults apply when absent).
+    #[arg(long, env = "DOUYIN_TOKEND_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -54,7 +46,10 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
-    Serve,
+    Serve {
+        #[command(flatten)]
+        config_file: ConfigFile,
+    },
     /// Run a sandbox Douyin and the daemon on a throwaway database, register a
     /// demo merchant, look up an after-sale order through gRPC and print it.
     Demo,
@@ -62,10 +57,15 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Re-seal the database's secrets and tokens under a new master key and
     /// replace the key file. Stop the daemon first.
-    RotateMasterKey,
+    RotateMasterKey {
+        #[command(flatten)]
+        config_file: ConfigFile,
+    },
     /// Validate the config file and exit (64 when it is invalid, with a
     /// message naming the offending key).
     CheckConfig {
+        #[command(flatten)]
+        config_file: ConfigFile,
         /// Where relative `client_secret_file`s live (systemd's
         /// `$CREDENTIALS_DIRECTORY`); every app's secret is read to check it.
         #[arg(long, env = "CREDENTIALS_DIRECTORY")]
@@ -78,7 +78,7 @@ pub enum Command {
     /// writes for it; operators need a key with the admin or config.reload scope.
     Reload {
         #[command(flatten)]
-        daemon: DaemonAddress,
+        daemon: AdminConnection,
     },
     /// Ask a running daemon's grpc.health.v1 service; exit 0 only when it
     /// answers SERVING.
@@ -90,42 +90,43 @@ pub enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
         #[command(flatten)]
-        daemon: DaemonAddress,
+        daemon: DaemonConnection,
     },
     /// Manage the apps (client_key) of a running daemon.
     App {
         #[command(subcommand)]
         command: AppCommand,
         #[command(flatten)]
-        daemon: DaemonAddress,
+        daemon: AdminConnection,
     },
     /// Manage the merchants (account_id) of a running daemon.
     Merchant {
         #[command(subcommand)]
         command: MerchantCommand,
         #[command(flatten)]
-        daemon: DaemonAddress,
+        daemon: AdminConnection,
     },
     /// Inspect or refresh the tokens of a running daemon.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
         #[command(flatten)]
-        daemon: DaemonAddress,
+        daemon: AdminConnection,
     },
-    /// Manage the API clients allowed to call a running daemon.
+    /// Manage the API clients allowed to call a running daemon, or make keys
+    /// and the first admin client without one.
     Client {
+        // No connection flags here: `new-key` and `bootstrap` talk to no
+        // daemon, so each command that does carries them itself.
         #[command(subcommand)]
         command: ClientCommand,
-        #[command(flatten)]
-        daemon: DaemonAddress,
     },
     /// Read the audit trail of a running daemon.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
         #[command(flatten)]
-        daemon: DaemonAddress,
+        daemon: AdminConnection,
     },
     /// Follow the refund-request notifications a running daemon's webhook
     /// stored (needs a key with the aftersale.events scope).
@@ -133,7 +134,7 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
         #[command(flatten)]
-        daemon: DaemonAddress,
+        daemon: AdminConnection,
     },
 }
 
@@ -158,6 +159,7 @@ pub enum EventsCommand {
 pub enum ClientCommand {
     /// Create a client on the daemon and print its key, once.
     Create {
+        /// The client's name, unique on the daemon.
         name: String,
         /// aftersale.read, aftersale.audit, aftersale.events, token.read, token.report, config.reload or admin (repeatable).
         #[arg(long = "scope", required = true)]
@@ -171,15 +173,23 @@ pub enum ClientCommand {
         /// Print one JSON object (the key, name, scopes and bounds) on stdout instead.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        daemon: AdminConnection,
     },
     /// The API clients, by name.
     List {
         /// Print one JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        daemon: AdminConnection,
     },
+    /// Remove an API client (never the last one with the admin scope).
     Remove {
+        /// The client's name.
         name: String,
+        #[command(flatten)]
+        daemon: AdminConnection,
     },
     /// Print a new key and its SHA-256 for a [[clients]] entry in the config
     /// file; needs no daemon.
@@ -189,7 +199,10 @@ pub enum ClientCommand {
     /// PostgreSQL database, whose config files declare no clients. Refused
     /// once any admin client exists; add more with `client create`.
     Bootstrap {
+        /// The admin client's name.
         name: String,
+        #[command(flatten)]
+        config_file: ConfigFile,
     },
 }
 
@@ -197,6 +210,7 @@ pub enum ClientCommand {
 pub enum AuditCommand {
     /// The newest audit lines first.
     List {
+        /// How many lines to print at most.
         #[arg(long, default_value_t = 50)]
         limit: i32,
         /// Print one JSON document on stdout instead of the table.
@@ -207,6 +221,7 @@ pub enum AuditCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct SandboxArgs {
+    /// Where the sandbox Douyin listens (point the daemon's douyin.base_url there).
     #[arg(long, default_value = "127.0.0.1:8089")]
     pub listen: std::net::SocketAddr,
     /// An app the sandbox knows, as CLIENT_KEY:CLIENT_SECRET (repeatable).
@@ -223,11 +238,47 @@ pub struct SandboxArgs {
     pub grace: std::time::Duration,
 }
 
+/// How a command finds and reaches the daemon: its address and the TLS to
+/// speak. Only the commands that talk to a daemon flatten it, so `sandbox
+/// --help` offers no TLS. The flags are global within the command that
+/// flattens them so that both `app --daemon ADDR list` and `app list --daemon
+/// ADDR` work.
 #[derive(Debug, clap::Args)]
-pub struct DaemonAddress {
-    /// The daemon's gRPC address (default: `listen` from the config).
-    #[arg(long, env = "DOUYIN_TOKEND_ADDRESS")]
+#[command(next_help_heading = "Daemon connection")]
+pub struct DaemonConnection {
+    /// The daemon's gRPC address: host:port, https://host:port or
+    /// unix:/path (default: `listen` from the config file).
+    #[arg(long, global = true, env = "DOUYIN_TOKEND_ADDRESS")]
     pub daemon: Option<String>,
+    /// The config file whose `listen` is the daemon's address when --daemon
+    /// is not given.
+    #[arg(long, global = true, env = "DOUYIN_TOKEND_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Speak TLS to the daemon, trusting this CA (PEM).
+    #[arg(long, global = true, env = "DOUYIN_TOKEND_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a daemon that requires mutual TLS; give
+    /// --tls-key-file with it.
+    #[arg(long, global = true, requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, global = true, requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The name in the daemon's certificate, when it differs from the address's host.
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
+}
+
+/// A daemon connection that authenticates: the commands that call
+/// AdminService (or the event stream) need an API key; `healthcheck` does not.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Daemon connection")]
+pub struct AdminConnection {
+    #[command(flatten)]
+    pub connection: DaemonConnection,
+    /// A file holding the API key (or set DOUYIN_TOKEND_API_KEY to the key itself).
+    #[arg(long, global = true, env = "DOUYIN_TOKEND_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,9 +286,12 @@ pub enum AppCommand {
     /// Add an app or replace its secret. The secret is read from a file, an
     /// environment variable, or standard input — never from the command line.
     Add {
+        /// The app's client_key.
         client_key: String,
+        /// Read the client secret from this file.
         #[arg(long, conflicts_with = "client_secret_env")]
         client_secret_file: Option<PathBuf>,
+        /// Read the client secret from this environment variable (its name).
         #[arg(long)]
         client_secret_env: Option<String>,
     },
@@ -250,6 +304,7 @@ pub enum AppCommand {
     /// Remove an app and its token. An app that still serves merchants needs
     /// --cascade; an app the config file declares is removed by editing the file.
     Remove {
+        /// The app's client_key.
         client_key: String,
         /// Also remove the merchants the app serves.
         #[arg(long)]
@@ -261,7 +316,9 @@ pub enum AppCommand {
 pub enum MerchantCommand {
     /// Add a merchant served by an app, or move it to another app.
     Add {
+        /// The merchant's account_id.
         account_id: String,
+        /// The app (client_key) whose token serves the merchant.
         #[arg(long)]
         client_key: String,
     },
@@ -274,7 +331,9 @@ pub enum MerchantCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a merchant; its app stays.
     Remove {
+        /// The merchant's account_id.
         account_id: String,
     },
 }
@@ -288,7 +347,10 @@ pub enum TokenCommand {
         json: bool,
     },
     /// Fetch a new token for an app now.
-    Refresh { client_key: String },
+    Refresh {
+        /// The app's client_key.
+        client_key: String,
+    },
 }
 
 /// Sends `authorization: Bearer <key>` with every call.
@@ -327,7 +389,9 @@ impl tonic::service::Interceptor for BearerAuth {
 /// A channel whose calls carry the API key.
 pub type AuthenticatedChannel = InterceptedService<Channel, BearerAuth>;
 
-/// The API key for admin commands: `--api-key-file`, else `DOUYIN_TOKEND_API_KEY`.
+/// The API key for the commands that authenticate: `--api-key-file`, else
+/// `DOUYIN_TOKEND_API_KEY`. The error for neither names both, and stands
+/// alone: "environment variable not found" after it would only repeat it.
 pub fn api_key(file: Option<&PathBuf>) -> anyhow::Result<String> {
     match file {
         Some(path) => Ok(std::fs::read_to_string(path)
@@ -335,23 +399,37 @@ pub fn api_key(file: Option<&PathBuf>) -> anyhow::Result<String> {
             .trim()
             .to_owned()),
         None => std::env::var("DOUYIN_TOKEND_API_KEY")
-            .context("no API key: give --api-key-file or set DOUYIN_TOKEND_API_KEY (a key with the admin scope)"),
+            .ok()
+            .filter(|key| !key.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{MISSING_API_KEY}")),
     }
 }
 
-/// How the CLI reaches the daemon, from its TLS flags.
-pub fn client_transport(cli: &Cli) -> anyhow::Result<crate::transport::ClientTransport> {
-    let read = |path: &PathBuf| {
-        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-    };
-    Ok(crate::transport::ClientTransport {
-        ca_pem: cli.tls_ca_file.as_ref().map(read).transpose()?,
-        identity_pem: match (&cli.tls_cert_file, &cli.tls_key_file) {
-            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
-            _ => None,
-        },
-        domain: cli.tls_domain.clone(),
-    })
+/// What a command that needs an API key says when it has none.
+const MISSING_API_KEY: &str = "no API key: give --api-key-file or set DOUYIN_TOKEND_API_KEY (a key with the admin scope, or the scope the command needs)";
+
+impl DaemonConnection {
+    /// How the CLI reaches the daemon, from the TLS flags.
+    pub fn transport(&self) -> anyhow::Result<crate::transport::ClientTransport> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        Ok(crate::transport::ClientTransport {
+            ca_pem: self.tls_ca_file.as_ref().map(read).transpose()?,
+            identity_pem: match (&self.tls_cert_file, &self.tls_key_file) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            },
+            domain: self.tls_domain.clone(),
+        })
+    }
+}
+
+impl AdminConnection {
+    /// The API key from --api-key-file or DOUYIN_TOKEND_API_KEY.
+    pub fn api_key(&self) -> anyhow::Result<String> {
+        api_key(self.api_key_file.as_ref())
+    }
 }
 
 /// Connects to the daemon's AdminService with an API key.
@@ -379,17 +457,20 @@ pub async fn healthcheck(
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
+    // No answer in time is the daemon being unreachable too: the same
+    // sentence, the same exit code.
+    let silent = || crate::transport::DaemonUnreachable::silent(address, timeout);
     let channel = tokio::time::timeout(timeout, crate::transport::connect(address, transport))
         .await
-        .with_context(|| format!("the daemon at {address} did not answer within {timeout:?}"))??;
+        .map_err(|_| silent())??;
     let mut health = HealthClient::new(channel);
     let check = health.check(HealthCheckRequest {
         service: service.to_owned(),
     });
     let answer = tokio::time::timeout(timeout, check)
         .await
-        .with_context(|| format!("the daemon at {address} did not answer within {timeout:?}"))?
-        .map_err(status_error)?
+        .map_err(|_| silent())?
+        .map_err(|status| name_the_daemon(status_error(status), address, transport))?
         .into_inner();
     let status = ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown);
     let what = if service.is_empty() {
@@ -428,14 +509,51 @@ fn read_secret(file: Option<&PathBuf>, variable: Option<&String>) -> anyhow::Res
 /// The daemon's answer to a failed call as the CLI's error: its message alone,
 /// which already says what went wrong and what to do; the gRPC code's name
 /// ("FailedPrecondition") means nothing to an operator at a prompt. A status
-/// with no message (one tonic made up, not the daemon) falls back to the
-/// code's description so the error never reads empty.
+/// with no message falls back to the code's description so the error never
+/// reads empty. A status tonic made itself because the connection failed
+/// (refused, closed, TLS) carries the transport error as its source (the
+/// daemon's own refusals arrive over the wire with none); it becomes a
+/// `ConnectionFailed`, which the caller who knows the address turns into one
+/// sentence naming it (`name_the_daemon`).
 fn status_error(status: tonic::Status) -> anyhow::Error {
+    if std::error::Error::source(&status).is_some() {
+        return anyhow::Error::new(ConnectionFailed(status));
+    }
+    daemon_message(&status)
+}
+
+/// The message of a status the daemon sent (see `status_error`).
+fn daemon_message(status: &tonic::Status) -> anyhow::Error {
     let message = status.message().trim();
     if message.is_empty() {
         anyhow::anyhow!("{}", status.code().description())
     } else {
         anyhow::anyhow!("{message}")
+    }
+}
+
+/// A call that failed on this side of the wire: the connection was refused or
+/// closed before the daemon answered. Shown on its own only where no address
+/// is known; `name_the_daemon` replaces it with a `DaemonUnreachable`.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection to the daemon failed ({})", .0.message())]
+pub struct ConnectionFailed(tonic::Status);
+
+/// `error` as the CLI shows it: a call whose connection failed becomes one
+/// sentence naming `address` and what to try; anything else is kept.
+pub fn name_the_daemon(
+    error: anyhow::Error,
+    address: &str,
+    transport: &crate::transport::ClientTransport,
+) -> anyhow::Error {
+    match error.downcast_ref::<ConnectionFailed>() {
+        Some(ConnectionFailed(status)) => {
+            let cause = std::error::Error::source(status).unwrap_or(status);
+            anyhow::Error::new(crate::transport::DaemonUnreachable::new(
+                address, transport, cause,
+            ))
+        }
+        None => error,
     }
 }
 
@@ -633,7 +751,7 @@ pub async fn reload(
     let answer = client
         .reload_config(ReloadConfigRequest {})
         .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .map_err(status_error)?
         .into_inner();
     let mut out = format!(
         "configuration reloaded: {}\n",
@@ -739,6 +857,7 @@ pub async fn run_client_command(
             apps,
             merchants,
             json,
+            daemon: _,
         } => {
             let answer = client
                 .create_client(CreateClientRequest {
@@ -771,7 +890,7 @@ pub async fn run_client_command(
                 stderr: format!("client {name:?} created; its API key above is shown this once\n"),
             }
         }
-        ClientCommand::List { json } => {
+        ClientCommand::List { json, daemon: _ } => {
             let mut clients = client
                 .list_clients(ListClientsRequest {})
                 .await
@@ -829,7 +948,7 @@ pub async fn run_client_command(
             }
             CommandOutput::result(out)
         }
-        ClientCommand::Remove { name } => {
+        ClientCommand::Remove { name, daemon: _ } => {
             client
                 .remove_client(RemoveClientRequest { name: name.clone() })
                 .await
@@ -925,7 +1044,7 @@ pub async fn tail_events(
             account_ids: merchants.clone(),
         })
         .await
-        .map_err(status_error)?
+        .map_err(|status| name_the_daemon(status_error(status), address, transport))?
         .into_inner();
     let mut last_sequence = *after;
     loop {
@@ -942,7 +1061,14 @@ pub async fn tail_events(
                     .and_then(|info| info.metadata.get("pruned_through").cloned())
                     .and_then(|pruned_through| pruned_through.parse::<i64>().ok())
                     .unwrap_or(last_sequence);
-                return Err(status_error(status).context(format!(
+                // A connection that broke mid-stream is no refusal to
+                // connect: it is said as such, with the resume advice.
+                let ending = if std::error::Error::source(&status).is_some() {
+                    anyhow::anyhow!("the connection to the daemon at {address} broke")
+                } else {
+                    daemon_message(&status)
+                };
+                return Err(ending.context(format!(
                     "the event stream ended after sequence {last_sequence}; resume with `douyin-tokend events tail --after {resume_after}`"
                 )));
             }
@@ -997,4 +1123,274 @@ pub(crate) fn event_text_line(
         event.client_key,
         event.msg_id
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn parse(arguments: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("douyin-tokend").chain(arguments.iter().copied()))
+    }
+
+    /// Every subcommand, nested ones too, with the path that names it.
+    fn every_command(
+        command: &clap::Command,
+        path: String,
+        found: &mut Vec<(String, clap::Command)>,
+    ) {
+        found.push((path.clone(), command.clone()));
+        for subcommand in command.get_subcommands() {
+            every_command(
+                subcommand,
+                format!("{path} {}", subcommand.get_name()),
+                found,
+            );
+        }
+    }
+
+    fn built_commands() -> Vec<(String, clap::Command)> {
+        let mut root = Cli::command();
+        root.build();
+        let mut found = Vec::new();
+        every_command(&root, "douyin-tokend".to_owned(), &mut found);
+        found
+    }
+
+    fn flag_names(command: &clap::Command) -> Vec<String> {
+        command
+            .get_arguments()
+            .filter_map(|argument| argument.get_long().map(str::to_owned))
+            .collect()
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_and_argument_has_help_text() {
+        for (path, command) in built_commands() {
+            for argument in command.get_arguments() {
+                let name = argument.get_id().as_str();
+                if name == "help" || name == "version" {
+                    continue;
+                }
+                assert!(
+                    argument.get_help().is_some(),
+                    "`{path}`: {name} has no help text"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn commands_that_talk_to_no_daemon_offer_no_connection_flags() {
+        let connection_flags = [
+            "daemon",
+            "api-key-file",
+            "tls-ca-file",
+            "tls-cert-file",
+            "tls-key-file",
+            "tls-domain",
+        ];
+        for (path, command) in built_commands() {
+            let name = path.trim_start_matches("douyin-tokend ");
+            if ![
+                "serve",
+                "demo",
+                "sandbox",
+                "rotate-master-key",
+                "check-config",
+                "client new-key",
+                "client bootstrap",
+            ]
+            .contains(&name)
+            {
+                continue;
+            }
+            let flags = flag_names(&command);
+            for flag in connection_flags {
+                assert!(
+                    !flags.iter().any(|own| own == flag),
+                    "`{path}` offers --{flag}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_commands_that_read_a_config_file_offer_config() {
+        for (path, command) in built_commands() {
+            let name = path.trim_start_matches("douyin-tokend ");
+            let offers_config = flag_names(&command).iter().any(|flag| flag == "config");
+            // clap's own `help` subcommands take no flags at all.
+            if name.split(' ').any(|word| word == "help") {
+                continue;
+            }
+            let reads_config = ![
+                "douyin-tokend",
+                "demo",
+                "sandbox",
+                "client",
+                "client new-key",
+            ]
+            .contains(&name);
+            assert_eq!(offers_config, reads_config, "`{path}`");
+        }
+    }
+
+    #[test]
+    fn the_commands_that_call_the_daemon_offer_every_connection_flag() {
+        for path in [
+            "reload",
+            "app add",
+            "merchant list",
+            "token refresh",
+            "client create",
+            "client list",
+            "client remove",
+            "audit list",
+            "events tail",
+        ] {
+            let (_, command) = built_commands()
+                .into_iter()
+                .find(|(full_path, _)| full_path == &format!("douyin-tokend {path}"))
+                .unwrap_or_else(|| panic!("no command {path}"));
+            let flags = flag_names(&command);
+            for flag in [
+                "daemon",
+                "config",
+                "api-key-file",
+                "tls-ca-file",
+                "tls-cert-file",
+                "tls-key-file",
+                "tls-domain",
+            ] {
+                assert!(
+                    flags.iter().any(|own| own == flag),
+                    "`{path}` lacks --{flag}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn connection_flags_keep_their_environment_variables() {
+        let (_, reload) = built_commands()
+            .into_iter()
+            .find(|(path, _)| path == "douyin-tokend reload")
+            .unwrap();
+        let environment_of = |flag: &str| {
+            reload
+                .get_arguments()
+                .find(|argument| argument.get_long() == Some(flag))
+                .and_then(|argument| argument.get_env())
+                .map(|name| name.to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            environment_of("daemon").as_deref(),
+            Some("DOUYIN_TOKEND_ADDRESS")
+        );
+        assert_eq!(
+            environment_of("config").as_deref(),
+            Some("DOUYIN_TOKEND_CONFIG")
+        );
+        assert_eq!(
+            environment_of("api-key-file").as_deref(),
+            Some("DOUYIN_TOKEND_API_KEY_FILE")
+        );
+        assert_eq!(
+            environment_of("tls-ca-file").as_deref(),
+            Some("DOUYIN_TOKEND_TLS_CA_FILE")
+        );
+    }
+
+    #[test]
+    fn connection_flags_work_after_the_group_and_after_its_command() {
+        for arguments in [
+            ["app", "--daemon", "127.0.0.1:9", "list"],
+            ["app", "list", "--daemon", "127.0.0.1:9"],
+        ] {
+            let cli = parse(&arguments).unwrap();
+            let Command::App { daemon, .. } = cli.command else {
+                panic!("{arguments:?} is not `app`");
+            };
+            assert_eq!(
+                daemon.connection.daemon.as_deref(),
+                Some("127.0.0.1:9"),
+                "{arguments:?}"
+            );
+        }
+        let cli = parse(&["client", "list", "--api-key-file", "/k", "--json"]).unwrap();
+        let Command::Client {
+            command: ClientCommand::List { daemon, json },
+        } = cli.command
+        else {
+            panic!("not `client list`");
+        };
+        assert!(json);
+        assert_eq!(daemon.api_key_file, Some(PathBuf::from("/k")));
+    }
+
+    #[test]
+    fn the_unit_s_exec_reload_line_parses() {
+        let cli = parse(&[
+            "reload",
+            "--config",
+            "/etc/douyin-tokend/config.toml",
+            "--api-key-file",
+            "/run/douyin-tokend/reload.key",
+        ])
+        .unwrap();
+        let Command::Reload { daemon } = cli.command else {
+            panic!("not `reload`");
+        };
+        assert_eq!(
+            daemon.connection.config,
+            Some(PathBuf::from("/etc/douyin-tokend/config.toml"))
+        );
+        assert_eq!(
+            daemon.api_key_file,
+            Some(PathBuf::from("/run/douyin-tokend/reload.key"))
+        );
+    }
+
+    #[test]
+    fn commands_that_need_no_daemon_refuse_its_flags() {
+        for arguments in [
+            &["sandbox", "--tls-ca-file", "/ca.pem"][..],
+            &["demo", "--api-key-file", "/k"],
+            &["client", "new-key", "--daemon", "127.0.0.1:9"],
+            &["client", "bootstrap", "ops", "--api-key-file", "/k"],
+            &["sandbox", "--config", "/c.toml"],
+            &["healthcheck", "--api-key-file", "/k"],
+        ] {
+            let error = parse(arguments).expect_err(&format!("{arguments:?} parsed"));
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{arguments:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_missing_key_error_names_the_variable_and_the_flag() {
+        // The variable is read from the process environment, which tests
+        // share: only assert when it is not set for the whole run.
+        if std::env::var_os("DOUYIN_TOKEND_API_KEY").is_some() {
+            return;
+        }
+        let message = format!("{:#}", api_key(None).unwrap_err());
+        assert!(message.contains("DOUYIN_TOKEND_API_KEY"), "{message}");
+        assert!(message.contains("--api-key-file"), "{message}");
+        assert!(
+            !message.contains("environment variable not found"),
+            "{message}"
+        );
+    }
 }

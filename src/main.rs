@@ -1,7 +1,8 @@
 //! The `douyin-tokend` process: parses the command line, loads the config,
 //! sets up logging, binds the listeners, turns signals into shutdown (SIGTERM,
 //! SIGINT) and reloads (SIGHUP), runs the chosen command and turns its outcome
-//! into an exit code (64 for a bad config, 1 for any other failure).
+//! into an exit code (64 for a bad config, 69 for a daemon the CLI cannot
+//! reach, 1 for any other failure).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,10 +17,15 @@ use douyin_tokend::sandbox::{Sandbox, SandboxConfig};
 use douyin_tokend::store::{DatabaseLocation, Store, StoreError};
 use douyin_tokend::systemd_notify::SystemdNotifier;
 use douyin_tokend::telemetry;
+use douyin_tokend::transport::DaemonUnreachable;
 use futures::stream::StreamExt;
 
 /// sysexits' EX_USAGE / EX_CONFIG family: the operator must fix the config.
 const EXIT_BAD_CONFIG: u8 = 64;
+/// sysexits' EX_UNAVAILABLE: a client command found no daemon to talk to (or
+/// could not speak to it), which a script may retry; a refusal from the
+/// daemon stays 1.
+const EXIT_DAEMON_UNREACHABLE: u8 = 69;
 
 /// mimalloc instead of glibc's malloc: a gRPC call allocates and frees many
 /// small buffers across threads, and glibc's malloc (with its consolidation)
@@ -30,7 +36,7 @@ static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Serve | Command::Sandbox(_) => "info,tokio_cron_scheduler=warn,sqlx=warn",
+        Command::Serve { .. } | Command::Sandbox(_) => "info,tokio_cron_scheduler=warn,sqlx=warn",
         _ => "warn",
     };
     telemetry::init_logging(cli.log_format, default_filter);
@@ -54,6 +60,8 @@ fn main() -> ExitCode {
                     .is_some_and(StoreError::needs_a_changed_setting);
             let exit_code: u8 = if needs_a_changed_setting {
                 EXIT_BAD_CONFIG
+            } else if error.downcast_ref::<DaemonUnreachable>().is_some() {
+                EXIT_DAEMON_UNREACHABLE
             } else {
                 1
             };
@@ -74,11 +82,15 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Serve => serve(Config::load(cli.config.as_deref())?, cli.config.clone()).await,
+        Command::Serve { config_file } => {
+            let config = Config::load(config_file.config.as_deref())?;
+            serve(config, config_file.config.clone()).await
+        }
         Command::CheckConfig {
+            config_file,
             credentials_directory,
         } => {
-            let config = Config::load(cli.config.as_deref())?;
+            let config = Config::load(config_file.config.as_deref())?;
             let declarations = config.resolve_declarations(
                 |name| std::env::var(name).ok(),
                 credentials_directory.as_deref(),
@@ -121,26 +133,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
             daemon,
         } => {
-            let address = daemon_address(&cli, daemon)?;
+            let address = daemon_address(daemon)?;
             print!(
                 "{}",
-                cli::healthcheck(&address, &cli::client_transport(&cli)?, service, *timeout)
-                    .await?
+                cli::healthcheck(&address, &daemon.transport()?, service, *timeout).await?
             );
             Ok(())
         }
         Command::Reload { daemon } => {
-            let address = reload_address(&cli, daemon)?;
-            let api_key = cli::api_key(cli.api_key_file.as_ref())?;
-            let mut client =
-                cli::admin_client(&address, &cli::client_transport(&cli)?, &api_key).await?;
-            print!("{}", cli::reload(&mut client).await?);
+            let address = reload_address(&daemon.connection)?;
+            let output =
+                with_admin_client(daemon, address, async |client| cli::reload(client).await)
+                    .await?;
+            print!("{output}");
             Ok(())
         }
-        Command::RotateMasterKey => {
-            let rotation =
-                douyin_tokend::app::rotate_master_key(&Config::load(cli.config.as_deref())?)
-                    .await?;
+        Command::RotateMasterKey { config_file } => {
+            let config = Config::load(config_file.config.as_deref())?;
+            let rotation = douyin_tokend::app::rotate_master_key(&config).await?;
             println!(
                 "re-sealed {} values under a new master key, now in {}; back it up",
                 rotation.values_resealed,
@@ -153,77 +163,105 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             douyin_tokend::demo::run(&mut stdout).await
         }
         Command::Sandbox(arguments) => run_sandbox(arguments).await,
-        Command::Client {
-            command: cli::ClientCommand::NewKey,
-            ..
-        } => {
-            print_output(&cli::new_key());
-            Ok(())
-        }
-        Command::Client {
-            command: cli::ClientCommand::Bootstrap { name },
-            ..
-        } => {
-            let config = Config::load(cli.config.as_deref())?;
-            print_output(&douyin_tokend::app::bootstrap_admin_client(&config, name).await?);
-            Ok(())
-        }
+        Command::Client { command } => run_client(command).await,
         Command::App { command, daemon } => {
-            let mut client = connect_admin(&cli, daemon).await?;
-            print!("{}", cli::run_app_command(&mut client, command).await?);
+            let address = daemon_address(&daemon.connection)?;
+            let output = with_admin_client(daemon, address, async |client| {
+                cli::run_app_command(client, command).await
+            })
+            .await?;
+            print!("{output}");
             Ok(())
         }
         Command::Merchant { command, daemon } => {
-            let mut client = connect_admin(&cli, daemon).await?;
-            print!("{}", cli::run_merchant_command(&mut client, command).await?);
+            let address = daemon_address(&daemon.connection)?;
+            let output = with_admin_client(daemon, address, async |client| {
+                cli::run_merchant_command(client, command).await
+            })
+            .await?;
+            print!("{output}");
             Ok(())
         }
         Command::Token { command, daemon } => {
-            let mut client = connect_admin(&cli, daemon).await?;
-            print!("{}", cli::run_token_command(&mut client, command).await?);
-            Ok(())
-        }
-        Command::Client { command, daemon } => {
-            let mut client = connect_admin(&cli, daemon).await?;
-            print_output(&cli::run_client_command(&mut client, command).await?);
+            let address = daemon_address(&daemon.connection)?;
+            let output = with_admin_client(daemon, address, async |client| {
+                cli::run_token_command(client, command).await
+            })
+            .await?;
+            print!("{output}");
             Ok(())
         }
         Command::Events { command, daemon } => {
-            let api_key = cli::api_key(cli.api_key_file.as_ref())?;
-            let address = daemon_address(&cli, daemon)?;
-            let transport = cli::client_transport(&cli)?;
+            let api_key = daemon.api_key()?;
+            let address = daemon_address(&daemon.connection)?;
+            let transport = daemon.connection.transport()?;
             let mut stdout = std::io::stdout();
             cli::tail_events(&address, &transport, &api_key, command, &mut stdout).await
         }
         Command::Audit { command, daemon } => {
-            let mut client = connect_admin(&cli, daemon).await?;
-            print!("{}", cli::run_audit_command(&mut client, command).await?);
+            let address = daemon_address(&daemon.connection)?;
+            let output = with_admin_client(daemon, address, async |client| {
+                cli::run_audit_command(client, command).await
+            })
+            .await?;
+            print!("{output}");
             Ok(())
         }
     }
 }
 
-async fn connect_admin(
-    cli: &Cli,
-    daemon: &cli::DaemonAddress,
-) -> anyhow::Result<
-    douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient<
-        cli::AuthenticatedChannel,
-    >,
-> {
-    let api_key = cli::api_key(cli.api_key_file.as_ref())?;
-    cli::admin_client(
-        &daemon_address(cli, daemon)?,
-        &cli::client_transport(cli)?,
-        &api_key,
-    )
-    .await
+/// `client …`: `new-key` and `bootstrap` need no daemon; the others call one.
+async fn run_client(command: &cli::ClientCommand) -> anyhow::Result<()> {
+    let daemon = match command {
+        cli::ClientCommand::NewKey => {
+            print_output(&cli::new_key());
+            return Ok(());
+        }
+        cli::ClientCommand::Bootstrap { name, config_file } => {
+            let config = Config::load(config_file.config.as_deref())?;
+            print_output(&douyin_tokend::app::bootstrap_admin_client(&config, name).await?);
+            return Ok(());
+        }
+        cli::ClientCommand::Create { daemon, .. }
+        | cli::ClientCommand::List { daemon, .. }
+        | cli::ClientCommand::Remove { daemon, .. } => daemon,
+    };
+    let address = daemon_address(&daemon.connection)?;
+    let output = with_admin_client(daemon, address, async |client| {
+        cli::run_client_command(client, command).await
+    })
+    .await?;
+    print_output(&output);
+    Ok(())
 }
 
-fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<String> {
+type AdminClient = douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient<
+    cli::AuthenticatedChannel,
+>;
+
+/// Connects to AdminService at `address` with the key `daemon` names and
+/// runs `work` with it. A connection that fails, while connecting or under a
+/// call, comes back as one sentence naming `address`.
+async fn with_admin_client<Answer>(
+    daemon: &cli::AdminConnection,
+    address: String,
+    work: impl AsyncFnOnce(&mut AdminClient) -> anyhow::Result<Answer>,
+) -> anyhow::Result<Answer> {
+    let api_key = daemon.api_key()?;
+    let transport = daemon.connection.transport()?;
+    let answer = async {
+        let mut client = cli::admin_client(&address, &transport, &api_key).await?;
+        work(&mut client).await
+    }
+    .await;
+    answer.map_err(|error| cli::name_the_daemon(error, &address, &transport))
+}
+
+/// `--daemon` (or DOUYIN_TOKEND_ADDRESS), else `listen` from the config file.
+fn daemon_address(daemon: &cli::DaemonConnection) -> anyhow::Result<String> {
     match &daemon.daemon {
         Some(address) => Ok(address.clone()),
-        None => Ok(Config::load(cli.config.as_deref())?.listen.to_string()),
+        None => Ok(Config::load(daemon.config.as_deref())?.listen.to_string()),
     }
 }
 
@@ -231,8 +269,8 @@ fn daemon_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<Stri
 /// the very failure the reload must report; under systemd (`ExecReload=`
 /// sets `$MAINPID`) the daemon also gets SIGHUP, so its STATUS and log record
 /// the failed reload as they do when asked over gRPC.
-fn reload_address(cli: &Cli, daemon: &cli::DaemonAddress) -> anyhow::Result<String> {
-    daemon_address(cli, daemon).map_err(|error| {
+fn reload_address(daemon: &cli::DaemonConnection) -> anyhow::Result<String> {
+    daemon_address(daemon).map_err(|error| {
         let Ok(main_pid) = std::env::var("MAINPID") else {
             return error;
         };

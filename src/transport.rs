@@ -225,7 +225,11 @@ pub struct ClientTransport {
 }
 
 /// Connects to `address` (`host:port`, `http(s)://host:port` or `unix:/path`).
+/// A daemon that cannot be reached is a `DaemonUnreachable` naming `address`.
 pub async fn connect(address: &str, transport: &ClientTransport) -> anyhow::Result<Channel> {
+    let unreachable = |error: tonic::transport::Error| {
+        anyhow::Error::new(DaemonUnreachable::new(address, transport, &error))
+    };
     if let Some(path) = address.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         // The URI is required by the API but unused: the connector dials the socket.
@@ -236,7 +240,7 @@ pub async fn connect(address: &str, transport: &ClientTransport) -> anyhow::Resu
                 async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
             }))
             .await
-            .with_context(|| format!("cannot reach the daemon at {address}; is `douyin-tokend serve` running?"));
+            .map_err(unreachable);
     }
     let scheme = if transport.ca_pem.is_some() {
         "https"
@@ -248,7 +252,9 @@ pub async fn connect(address: &str, transport: &ClientTransport) -> anyhow::Resu
     } else {
         format!("{scheme}://{address}")
     };
-    let mut endpoint = Endpoint::from_shared(uri.clone())?;
+    let mut endpoint = Endpoint::from_shared(uri).with_context(|| {
+        format!("{address} is not a daemon address (host:port, https://host:port or unix:/path)")
+    })?;
     if let Some(ca) = &transport.ca_pem {
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(domain) = &transport.domain {
@@ -259,7 +265,230 @@ pub async fn connect(address: &str, transport: &ClientTransport) -> anyhow::Resu
         }
         endpoint = endpoint.tls_config(tls)?;
     }
-    endpoint.connect().await.with_context(|| {
-        format!("cannot reach the daemon at {uri}; is `douyin-tokend serve` running?")
-    })
+    endpoint.connect().await.map_err(unreachable)
+}
+
+/// What to try when nothing answers at the address.
+const START_OR_POINT_ELSEWHERE: &str =
+    "is `douyin-tokend serve` running? set --daemon or DOUYIN_TOKEND_ADDRESS";
+
+/// The daemon could not be reached or spoken to: nothing listening, no such
+/// socket, a name that does not resolve, TLS on one side only, a certificate
+/// not trusted, no answer in time. Its message is one sentence an operator
+/// can act on: the address, what went wrong, what to try. The cause chain
+/// stays out (it is not this error's `source`): tonic's and hyper's layers
+/// each repeat it ("transport error: tcp connect error: tcp connect error:
+/// Connection refused (os error 111)") and name library internals. The CLI
+/// exits with sysexits' EX_UNAVAILABLE for it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the daemon at {address}: {reason} ({advice})")]
+pub struct DaemonUnreachable {
+    address: String,
+    reason: String,
+    advice: String,
+}
+
+impl DaemonUnreachable {
+    /// Names what in `failure`'s cause chain (a connect error, or the source
+    /// of a status tonic made when the connection broke) kept `address`
+    /// from answering, with advice that fits how `transport` spoke to it.
+    pub fn new(
+        address: &str,
+        transport: &ClientTransport,
+        failure: &(dyn std::error::Error + 'static),
+    ) -> Self {
+        let (reason, advice) = describe_connection_failure(address, transport, failure);
+        Self {
+            address: address.to_owned(),
+            reason,
+            advice,
+        }
+    }
+
+    /// The daemon at `address` gave no answer within `timeout`.
+    pub fn silent(address: &str, timeout: std::time::Duration) -> Self {
+        Self {
+            address: address.to_owned(),
+            reason: format!("no answer within {}", humantime::format_duration(timeout)),
+            advice: START_OR_POINT_ELSEWHERE.to_owned(),
+        }
+    }
+}
+
+/// The reason and the advice of a `DaemonUnreachable`, from the first thing
+/// in the cause chain that says what happened: a TLS error, else an I/O
+/// error, else a connection that closed before the daemon answered.
+fn describe_connection_failure(
+    address: &str,
+    transport: &ClientTransport,
+    failure: &(dyn std::error::Error + 'static),
+) -> (String, String) {
+    let speaks_tls = transport.ca_pem.is_some() || address.starts_with("https://");
+    let mut io_failure: Option<&std::io::Error> = None;
+    let mut cause = Some(failure);
+    while let Some(error) = cause {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return describe_tls_failure(tls, transport);
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            // An I/O error's `source` skips the error it wraps, which is
+            // where rustls puts its own.
+            let wrapped_tls = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            if let Some(tls) = wrapped_tls {
+                return describe_tls_failure(tls, transport);
+            }
+            io_failure = io_failure.or(Some(io));
+        }
+        cause = error.source();
+    }
+    use std::io::ErrorKind;
+    match io_failure.map(|io| (io.kind(), io)) {
+        Some((ErrorKind::ConnectionRefused, _)) => (
+            "connection refused".to_owned(),
+            START_OR_POINT_ELSEWHERE.to_owned(),
+        ),
+        Some((ErrorKind::NotFound, _)) if address.starts_with("unix:") => (
+            "no such socket".to_owned(),
+            START_OR_POINT_ELSEWHERE.to_owned(),
+        ),
+        Some((ErrorKind::PermissionDenied, _)) => (
+            "permission denied".to_owned(),
+            "run as a user that the socket's unix_socket_mode lets in".to_owned(),
+        ),
+        // rustls errors that reached here as text (some layers turn them
+        // into strings): a TLS failure all the same.
+        Some((ErrorKind::InvalidData, io)) if speaks_tls => {
+            (plain_io_text(io), tls_advice(transport))
+        }
+        Some((
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof,
+            _,
+        ))
+        | None => (
+            "the connection closed before the daemon answered".to_owned(),
+            mismatch_advice(speaks_tls, transport),
+        ),
+        Some((_, io)) => (plain_io_text(io), START_OR_POINT_ELSEWHERE.to_owned()),
+    }
+}
+
+/// A rustls error as a reason, with what to check.
+fn describe_tls_failure(tls: &rustls::Error, transport: &ClientTransport) -> (String, String) {
+    match tls {
+        rustls::Error::InvalidCertificate(_) => (
+            tls.to_string(),
+            "does --tls-ca-file hold the CA that signed the daemon's certificate, and does the \
+             certificate carry the address's host or --tls-domain?"
+                .to_owned(),
+        ),
+        rustls::Error::InvalidMessage(_) => (
+            "it does not speak TLS".to_owned(),
+            "drop --tls-ca-file if the daemon has no [tls]; else check --daemon or \
+             DOUYIN_TOKEND_ADDRESS"
+                .to_owned(),
+        ),
+        _ => (tls.to_string(), tls_advice(transport)),
+    }
+}
+
+/// What to check after a TLS failure the error does not pin down.
+fn tls_advice(transport: &ClientTransport) -> String {
+    if transport.identity_pem.is_some() {
+        "is --tls-cert-file signed by the CA in the daemon's client_ca_file? check \
+         --tls-ca-file and --tls-domain too"
+            .to_owned()
+    } else {
+        "if the daemon asks for client certificates, give --tls-cert-file \
+         and --tls-key-file; check --tls-ca-file and --tls-domain too"
+            .to_owned()
+    }
+}
+
+/// What to check when the daemon hung up without saying why, which is how a
+/// TLS listener answers plaintext and how mutual TLS refuses a client
+/// without a certificate.
+fn mismatch_advice(speaks_tls: bool, transport: &ClientTransport) -> String {
+    if speaks_tls {
+        tls_advice(transport)
+    } else {
+        "if the daemon has [tls], give --tls-ca-file; else check --daemon or \
+         DOUYIN_TOKEND_ADDRESS"
+            .to_owned()
+    }
+}
+
+/// An I/O error's text without the "(os error 111)" an operator cannot use.
+fn plain_io_text(io: &std::io::Error) -> String {
+    let text = io.to_string();
+    match text.rfind(" (os error ") {
+        Some(start) if text.ends_with(')') => text[..start].to_owned(),
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(address: &str, transport: &ClientTransport, failure: std::io::Error) -> String {
+        DaemonUnreachable::new(address, transport, &failure).to_string()
+    }
+
+    #[test]
+    fn a_refused_connection_names_the_address_and_what_to_try() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            message("127.0.0.1:50051", &ClientTransport::default(), refused),
+            "cannot reach the daemon at 127.0.0.1:50051: connection refused \
+             (is `douyin-tokend serve` running? set --daemon or DOUYIN_TOKEND_ADDRESS)"
+        );
+    }
+
+    #[test]
+    fn a_missing_socket_file_is_said_as_such() {
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = message("unix:/run/x.sock", &ClientTransport::default(), missing);
+        assert!(
+            text.starts_with("cannot reach the daemon at unix:/run/x.sock: no such socket ("),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_untrusted_certificate_points_at_the_ca_and_the_domain() {
+        let untrusted = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let transport = ClientTransport {
+            ca_pem: Some(Vec::new()),
+            ..ClientTransport::default()
+        };
+        let text = message("127.0.0.1:50051", &transport, untrusted);
+        assert!(text.contains("UnknownIssuer"), "{text}");
+        assert!(
+            text.contains("--tls-ca-file") && text.contains("--tls-domain"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_daemon_that_hangs_up_on_plaintext_suggests_tls() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let text = message("127.0.0.1:50051", &ClientTransport::default(), reset);
+        assert!(
+            text.contains("the connection closed before the daemon answered"),
+            "{text}"
+        );
+        assert!(text.contains("give --tls-ca-file"), "{text}");
+    }
+
+    #[test]
+    fn os_error_numbers_stay_out_of_the_reason() {
+        let error = std::io::Error::from_raw_os_error(113);
+        let text = message("10.0.0.1:50051", &ClientTransport::default(), error);
+        assert!(!text.contains("os error"), "{text}");
+    }
 }

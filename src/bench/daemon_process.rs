@@ -23,7 +23,7 @@ pub struct DaemonLaunch {
     pub notify_path: PathBuf,
     /// Where stderr (the daemon's logs) goes.
     pub log_path: PathBuf,
-    /// Arguments before `serve` (e.g. `--log-format json`).
+    /// Arguments after `serve --config FILE` (e.g. `--log-format json`).
     pub arguments: Vec<String>,
     /// Environment set for the child; everything else is inherited, except
     /// the variables that would steer it away from the config file.
@@ -77,10 +77,10 @@ impl DaemonProcess {
             .with_context(|| format!("cannot create {}", launch.log_path.display()))?;
         let mut command = Command::new(&launch.binary);
         command
+            .arg("serve")
             .arg("--config")
             .arg(&launch.config_path)
-            .args(&launch.arguments)
-            .arg("serve");
+            .args(&launch.arguments);
         for variable in STEERING_VARIABLES {
             command.env_remove(variable);
         }

@@ -26,9 +26,9 @@ async fn check_config(text: &str, environment: &[(&str, &str)]) -> Checked {
     )
     .unwrap();
     let output = tokio::process::Command::new(BINARY)
+        .arg("check-config")
         .arg("--config")
         .arg(&path)
-        .arg("check-config")
         .env("CREDENTIALS_DIRECTORY", directory.path())
         .env_remove("DOUYIN_TOKEND_LISTEN")
         .env_remove("DOUYIN_TOKEND_DATABASE")
@@ -255,9 +255,9 @@ async fn serve_refuses_a_malformed_master_key_file_with_64_before_opening_the_da
     )
     .unwrap();
     let output = tokio::process::Command::new(BINARY)
+        .arg("serve")
         .arg("--config")
         .arg(&config)
-        .arg("serve")
         .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("DOUYIN_TOKEND_LISTEN")
@@ -287,9 +287,9 @@ async fn a_postgres_password_file_that_cannot_be_read_fails_check_config_and_ser
     .unwrap();
     for command in ["check-config", "serve"] {
         let output = tokio::process::Command::new(BINARY)
+            .arg(command)
             .arg("--config")
             .arg(&config)
-            .arg(command)
             .env("CREDENTIALS_DIRECTORY", directory.path())
             .env_remove("NOTIFY_SOCKET")
             .env_remove("DOUYIN_TOKEND_LISTEN")
@@ -329,9 +329,9 @@ async fn a_postgres_socket_url_from_the_config_file_opens_the_store() {
     )
     .unwrap();
     let checked = tokio::process::Command::new(BINARY)
+        .arg("check-config")
         .arg("--config")
         .arg(&config_file)
-        .arg("check-config")
         .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("DOUYIN_TOKEND_DATABASE")
         .output()
@@ -453,9 +453,8 @@ async fn with_json_logs_a_fatal_start_up_error_is_a_json_line_with_a_numeric_exi
     let config = directory.path().join("config.toml");
     std::fs::write(&config, "listen = \"nonsense\"\n").unwrap();
     let output = tokio::process::Command::new(BINARY)
-        .args(["--log-format", "json", "--config"])
+        .args(["--log-format", "json", "serve", "--config"])
         .arg(&config)
-        .arg("serve")
         .env_remove("DOUYIN_TOKEND_LISTEN")
         .env_remove("NOTIFY_SOCKET")
         .output()

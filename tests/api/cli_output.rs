@@ -1,22 +1,75 @@
 //! The admin commands as a script runs them: the real binary against a
-//! running daemon, `--json` parsed as JSON, and a refusal from the daemon
-//! printed as its one sentence without gRPC's code names.
+//! running daemon, `--json` parsed as JSON, a refusal from the daemon printed
+//! as its one sentence without gRPC's code names, a daemon that cannot be
+//! reached as one line naming its address, and each command's help offering
+//! only the flags it uses.
 
 use std::process::Output;
 
 use crate::daemon_process::BINARY;
 use crate::helpers::{ACCOUNT_ID, ADMIN_API_KEY, CLIENT_KEY, OTHER_CLIENT_KEY, TestApp};
 
-/// Runs `douyin-tokend <command> --daemon <address> <subcommand...>` as the
+/// sysexits' EX_UNAVAILABLE, the CLI's exit code for a daemon it cannot reach.
+const EXIT_DAEMON_UNREACHABLE: i32 = 69;
+
+/// Runs `douyin-tokend <command> <subcommand...> --daemon <address>` as the
 /// test's admin client.
 async fn run_admin_command(app: &TestApp, command: &str, subcommand: &[&str]) -> Output {
+    run_against(&app.address.to_string(), command, subcommand).await
+}
+
+/// Runs `douyin-tokend <command> <subcommand...> --daemon <address>` with the
+/// admin key and none of the caller's own daemon settings.
+async fn run_against(address: &str, command: &str, subcommand: &[&str]) -> Output {
     tokio::process::Command::new(BINARY)
-        .args([command, "--daemon", &app.address.to_string()])
+        .arg(command)
         .args(subcommand)
+        .args(["--daemon", address])
         .env("DOUYIN_TOKEND_API_KEY", ADMIN_API_KEY)
+        .env_remove("DOUYIN_TOKEND_API_KEY_FILE")
+        .env_remove("DOUYIN_TOKEND_TLS_CA_FILE")
         .output()
         .await
         .unwrap()
+}
+
+/// `douyin-tokend <arguments...> --help`, its stdout.
+async fn help_of(arguments: &[&str]) -> String {
+    let output = tokio::process::Command::new(BINARY)
+        .args(arguments)
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A loopback address nothing listens on: a port the kernel handed out and
+/// took back.
+fn closed_loopback_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    address.to_string()
+}
+
+/// The stderr of a failed command, asserted to be one line with no cause
+/// chain from tonic or hyper in it.
+fn the_one_error_line(output: &Output) -> String {
+    assert!(output.stdout.is_empty(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    for chain_words in [
+        "transport error",
+        "Caused by",
+        "error trying to connect",
+        "tcp connect error",
+        "os error",
+    ] {
+        assert!(!stderr.contains(chain_words), "{chain_words} in {stderr}");
+    }
+    stderr.trim_end().to_owned()
 }
 
 fn stdout_json(output: &Output) -> serde_json::Value {
@@ -125,4 +178,94 @@ async fn client_list_shows_bounds_as_plain_ids_not_rust_debug() {
         "{line}"
     );
     assert!(!line.contains('[') && !line.contains('"'), "{line}");
+}
+
+#[tokio::test]
+async fn sandbox_help_offers_no_daemon_connection_flags() {
+    let help = help_of(&["sandbox"]).await;
+
+    for daemon_words in ["TLS", "tls", "api-key", "API key", "--daemon", "--config"] {
+        assert!(!help.contains(daemon_words), "{daemon_words} in {help}");
+    }
+    assert!(help.contains("--listen"), "{help}");
+}
+
+#[tokio::test]
+async fn a_daemon_command_s_help_offers_the_connection_flags_with_their_variables() {
+    for command in [&["token", "list"][..], &["client", "create"], &["reload"]] {
+        let help = help_of(command).await;
+
+        for flag in [
+            "--daemon",
+            "--config",
+            "--api-key-file",
+            "--tls-ca-file",
+            "--tls-cert-file",
+            "--tls-key-file",
+            "--tls-domain",
+            "DOUYIN_TOKEND_ADDRESS",
+            "DOUYIN_TOKEND_API_KEY",
+            "DOUYIN_TOKEND_TLS_CA_FILE",
+        ] {
+            assert!(help.contains(flag), "{command:?}: no {flag} in {help}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_closed_port_is_one_line_naming_the_address_and_exit_69() {
+    let address = closed_loopback_address();
+
+    let output = run_against(&address, "token", &["list"]).await;
+
+    let line = the_one_error_line(&output);
+    assert!(
+        line.starts_with(&format!("error: cannot reach the daemon at {address}: ")),
+        "{line}"
+    );
+    assert!(line.contains("connection refused"), "{line}");
+    assert!(line.contains("douyin-tokend serve"), "{line}");
+    assert!(line.contains("DOUYIN_TOKEND_ADDRESS"), "{line}");
+    assert_eq!(output.status.code(), Some(EXIT_DAEMON_UNREACHABLE));
+}
+
+#[tokio::test]
+async fn tls_to_a_plaintext_daemon_is_one_line_pointing_at_the_ca_flag() {
+    let app = TestApp::spawn().await;
+    let pki = crate::transport::TestPki::new();
+    let directory = tempfile::tempdir().unwrap();
+    let ca_file = directory.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+
+    let output = run_against(
+        &app.address.to_string(),
+        "client",
+        &["list", "--tls-ca-file", ca_file.to_str().unwrap()],
+    )
+    .await;
+
+    let line = the_one_error_line(&output);
+    assert!(
+        line.contains(&format!("cannot reach the daemon at {}", app.address)),
+        "{line}"
+    );
+    assert!(line.contains("--tls-ca-file"), "{line}");
+    assert_eq!(output.status.code(), Some(EXIT_DAEMON_UNREACHABLE));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn no_api_key_is_one_line_naming_the_variable_and_the_flag() {
+    let output = tokio::process::Command::new(BINARY)
+        .args(["app", "list", "--daemon", &closed_loopback_address()])
+        .env_remove("DOUYIN_TOKEND_API_KEY")
+        .env_remove("DOUYIN_TOKEND_API_KEY_FILE")
+        .output()
+        .await
+        .unwrap();
+
+    let line = the_one_error_line(&output);
+    assert!(line.contains("DOUYIN_TOKEND_API_KEY"), "{line}");
+    assert!(line.contains("--api-key-file"), "{line}");
+    assert_eq!(output.status.code(), Some(1));
 }

@@ -450,9 +450,8 @@ async fn a_new_cluster_gets_its_first_admin_client_from_client_bootstrap_once() 
     .unwrap();
     let bootstrap = || {
         std::process::Command::new(BINARY)
-            .arg("--config")
+            .args(["client", "bootstrap", "ops", "--config"])
             .arg(&config_path)
-            .args(["client", "bootstrap", "ops"])
             .output()
             .unwrap()
     };

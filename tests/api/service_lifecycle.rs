@@ -301,9 +301,9 @@ async fn reload_command(
     key_file: &std::path::Path,
 ) -> std::process::Output {
     tokio::process::Command::new(BINARY)
-        .arg("--api-key-file")
+        .args(["reload", "--api-key-file"])
         .arg(key_file)
-        .args(["reload", "--daemon"])
+        .arg("--daemon")
         .arg(process.grpc_address.to_string())
         .output()
         .await

@@ -225,9 +225,9 @@ async fn serve_once(
     let output = tokio::time::timeout(
         crate::daemon_process::PATIENCE,
         tokio::process::Command::new(crate::daemon_process::BINARY)
+            .arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .arg("serve")
             .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("WATCHDOG_USEC")
             .env_remove("CREDENTIALS_DIRECTORY")

@@ -23,8 +23,125 @@ pub struct Cli {
     /// Log format on stderr (the error a command fails with too).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub leading: LeadingFlags,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The flags that were global until they moved to the commands that use them,
+/// still taken before the command (hidden from help), so scripts and unit
+/// drop-ins written as `douyin-tokend --config F serve` keep working. Given
+/// there, a flag wins over its environment variable, as it did.
+#[derive(Debug, Default, clap::Args)]
+pub struct LeadingFlags {
+    #[arg(long = "config", id = "leading_config", hide = true)]
+    pub config: Option<PathBuf>,
+    #[arg(long = "api-key-file", id = "leading_api_key_file", hide = true)]
+    pub api_key_file: Option<PathBuf>,
+    #[arg(long = "tls-ca-file", id = "leading_tls_ca_file", hide = true)]
+    pub tls_ca_file: Option<PathBuf>,
+    #[arg(long = "tls-cert-file", id = "leading_tls_cert_file", hide = true)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long = "tls-key-file", id = "leading_tls_key_file", hide = true)]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// Where a command keeps each flag `LeadingFlags` may carry (`None`: the
+/// command takes no such flag).
+#[derive(Default)]
+struct FlagSlots<'a> {
+    config: Option<&'a mut Option<PathBuf>>,
+    api_key_file: Option<&'a mut Option<PathBuf>>,
+    tls_ca_file: Option<&'a mut Option<PathBuf>>,
+    tls_cert_file: Option<&'a mut Option<PathBuf>>,
+    tls_key_file: Option<&'a mut Option<PathBuf>>,
+}
+
+impl<'a> FlagSlots<'a> {
+    fn of_config(config_file: &'a mut ConfigFile) -> Self {
+        Self {
+            config: Some(&mut config_file.config),
+            ..Self::default()
+        }
+    }
+
+    fn of_connection(connection: &'a mut DaemonConnection) -> Self {
+        let DaemonConnection {
+            config,
+            tls_ca_file,
+            tls_cert_file,
+            tls_key_file,
+            ..
+        } = connection;
+        Self {
+            config: Some(config),
+            api_key_file: None,
+            tls_ca_file: Some(tls_ca_file),
+            tls_cert_file: Some(tls_cert_file),
+            tls_key_file: Some(tls_key_file),
+        }
+    }
+
+    fn of_admin(admin: &'a mut AdminConnection) -> Self {
+        Self {
+            api_key_file: Some(&mut admin.api_key_file),
+            ..Self::of_connection(&mut admin.connection)
+        }
+    }
+}
+
+impl Cli {
+    /// Moves the flags given before the command into the command; the flag
+    /// named in the error is one the command does not take.
+    pub fn apply_leading_flags(&mut self) -> Result<(), &'static str> {
+        let leading = std::mem::take(&mut self.leading);
+        let slots = match &mut self.command {
+            Command::Serve { config_file }
+            | Command::RotateMasterKey { config_file }
+            | Command::CheckConfig { config_file, .. }
+            | Command::Client {
+                command: ClientCommand::Bootstrap { config_file, .. },
+            } => FlagSlots::of_config(config_file),
+            Command::Healthcheck { daemon, .. } => FlagSlots::of_connection(daemon),
+            Command::Reload { daemon }
+            | Command::App { daemon, .. }
+            | Command::Merchant { daemon, .. }
+            | Command::Token { daemon, .. }
+            | Command::Audit { daemon, .. }
+            | Command::Events { daemon, .. }
+            | Command::Client {
+                command:
+                    ClientCommand::Create { daemon, .. }
+                    | ClientCommand::List { daemon, .. }
+                    | ClientCommand::Remove { daemon, .. },
+            } => FlagSlots::of_admin(daemon),
+            Command::Demo
+            | Command::Sandbox(_)
+            | Command::Client {
+                command: ClientCommand::NewKey,
+            } => FlagSlots::default(),
+        };
+        let moves = [
+            ("--config", leading.config, slots.config),
+            ("--api-key-file", leading.api_key_file, slots.api_key_file),
+            ("--tls-ca-file", leading.tls_ca_file, slots.tls_ca_file),
+            (
+                "--tls-cert-file",
+                leading.tls_cert_file,
+                slots.tls_cert_file,
+            ),
+            ("--tls-key-file", leading.tls_key_file, slots.tls_key_file),
+        ];
+        for (flag, value, slot) in moves {
+            match (value, slot) {
+                (None, _) => {}
+                (Some(value), Some(slot)) => *slot = Some(value),
+                (Some(_), None) => return Err(flag),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `--config` for the commands that read the whole file (serve, check-config,

@@ -34,7 +34,16 @@ const EXIT_DAEMON_UNREACHABLE: u8 = 69;
 static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(flag) = cli.apply_leading_flags() {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("{flag} does not apply to this command"),
+            )
+            .exit();
+    }
     let default_filter = match cli.command {
         Command::Serve { .. } | Command::Sandbox(_) => "info,tokio_cron_scheduler=warn,sqlx=warn",
         _ => "warn",

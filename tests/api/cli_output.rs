@@ -269,3 +269,60 @@ async fn no_api_key_is_one_line_naming_the_variable_and_the_flag() {
     assert!(line.contains("--api-key-file"), "{line}");
     assert_eq!(output.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn flags_written_before_the_command_as_they_once_were_still_work_where_they_apply() {
+    // `--config F serve` and `--api-key-file K app list` were the documented
+    // forms while these flags were global: scripts and drop-ins keep working.
+    let app = TestApp::spawn().await;
+    let directory = tempfile::tempdir().unwrap();
+    let key_file = directory.path().join("admin.key");
+    std::fs::write(&key_file, ADMIN_API_KEY).unwrap();
+    let listed = tokio::process::Command::new(BINARY)
+        .arg("--api-key-file")
+        .arg(&key_file)
+        .args([
+            "app",
+            "list",
+            "--daemon",
+            &app.address.to_string(),
+            "--json",
+        ])
+        .env_remove("DOUYIN_TOKEND_API_KEY")
+        .env_remove("DOUYIN_TOKEND_API_KEY_FILE")
+        .output()
+        .await
+        .unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(stdout_json(&listed).is_array(), "{listed:?}");
+
+    let config = directory.path().join("config.toml");
+    std::fs::write(&config, "listen = \"nowhere\"\n").unwrap();
+    let checked = tokio::process::Command::new(BINARY)
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .env_remove("DOUYIN_TOKEND_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        checked.status.code(),
+        Some(64),
+        "the file was read: {checked:?}"
+    );
+
+    // Before a command that takes no such flag: refused, not ignored.
+    let refused = tokio::process::Command::new(BINARY)
+        .args(["--tls-ca-file", "/nowhere/ca.pem", "sandbox"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--tls-ca-file does not apply to this command"),
+        "{stderr}"
+    );
+    assert!(!help_of(&[]).await.contains("--tls-ca-file"));
+}

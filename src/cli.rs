@@ -35,14 +35,19 @@ pub struct Cli {
 /// there, a flag wins over its environment variable, as it did.
 #[derive(Debug, Default, clap::Args)]
 pub struct LeadingFlags {
+    /// `--config` of the command that follows.
     #[arg(long = "config", id = "leading_config", hide = true)]
     pub config: Option<PathBuf>,
+    /// `--api-key-file` of the command that follows.
     #[arg(long = "api-key-file", id = "leading_api_key_file", hide = true)]
     pub api_key_file: Option<PathBuf>,
+    /// `--tls-ca-file` of the command that follows.
     #[arg(long = "tls-ca-file", id = "leading_tls_ca_file", hide = true)]
     pub tls_ca_file: Option<PathBuf>,
+    /// `--tls-cert-file` of the command that follows.
     #[arg(long = "tls-cert-file", id = "leading_tls_cert_file", hide = true)]
     pub tls_cert_file: Option<PathBuf>,
+    /// `--tls-key-file` of the command that follows.
     #[arg(long = "tls-key-file", id = "leading_tls_key_file", hide = true)]
     pub tls_key_file: Option<PathBuf>,
 }
@@ -1276,9 +1281,12 @@ mod tests {
         found
     }
 
+    /// The flags a command offers (in its help); the hidden ones kept for
+    /// old command lines (`LeadingFlags`) are not offered.
     fn flag_names(command: &clap::Command) -> Vec<String> {
         command
             .get_arguments()
+            .filter(|argument| !argument.is_hide_set())
             .filter_map(|argument| argument.get_long().map(str::to_owned))
             .collect()
     }

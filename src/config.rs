@@ -38,6 +38,10 @@ impl ConfigError {
     }
 }
 
+/// More threads than this would only contend: the daemon's work per call is
+/// short, and Douyin's rate limits bound the calls.
+const MAX_WORKER_THREADS: usize = 64;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -64,6 +68,12 @@ pub struct Config {
     /// How long in-flight RPCs may run on after a shutdown signal.
     #[serde(with = "humane_duration")]
     pub shutdown_grace: Duration,
+    /// Threads the daemon's own work runs on. 1 (the default) is one thread
+    /// for everything async, the cheapest per call: no work stealing, no
+    /// wake-ups across threads (BENCHMARKS.md §8: about a third less CPU per
+    /// lookup and per hand-out than two workers). More, for a host where one
+    /// core cannot carry the calls. SQLite keeps its own threads either way.
+    pub worker_threads: usize,
     pub douyin: DouyinConfig,
     pub refresh: RefreshConfig,
     pub lookup: LookupConfig,
@@ -617,6 +627,7 @@ impl Default for Config {
             database_password_file: None,
             master_key_file: None,
             shutdown_grace: Duration::from_secs(10),
+            worker_threads: 1,
             douyin: DouyinConfig::default(),
             refresh: RefreshConfig::default(),
             lookup: LookupConfig::default(),
@@ -744,6 +755,12 @@ impl Config {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.validate_database()?;
+        if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
+            return Err(ConfigError::invalid(
+                "worker_threads",
+                format!("must be between 1 and {MAX_WORKER_THREADS}"),
+            ));
+        }
         let base_url = reqwest::Url::parse(&self.douyin.base_url).map_err(|error| {
             ConfigError::invalid("douyin.base_url", format!("not a URL: {error}"))
         })?;

@@ -49,10 +49,26 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     telemetry::init_logging(cli.log_format, default_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `serve` reads its file before the runtime exists, since the file says
+    // how many threads the runtime gets; a refusal is reported by `run`.
+    let serve_config = match &cli.command {
+        Command::Serve { config_file } => Some(Config::load(config_file.config.as_deref())),
+        _ => None,
+    };
+    let worker_threads = match &serve_config {
+        Some(Ok(config)) => config.worker_threads,
+        _ => 1,
+    };
+    // One thread unless the file asks for more: the cheapest per call (see
+    // `Config::worker_threads`), and plenty for every other command.
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(worker_threads);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -60,7 +76,7 @@ fn main() -> ExitCode {
         }
     };
     let log_format = cli.log_format;
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, serve_config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let needs_a_changed_setting = error.downcast_ref::<ConfigError>().is_some()
@@ -89,10 +105,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, serve_config: Option<Result<Config, ConfigError>>) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve { config_file } => {
-            let config = Config::load(config_file.config.as_deref())?;
+            let config =
+                serve_config.unwrap_or_else(|| Config::load(config_file.config.as_deref()))?;
             serve(config, config_file.config.clone()).await
         }
         Command::CheckConfig {

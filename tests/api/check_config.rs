@@ -55,6 +55,8 @@ async fn every_broken_config_exits_64_naming_its_key() {
         ("listen = \"nowhere\"".into(), "listen"),
         ("listen = ".into(), "listen"),
         ("shutdown_grace = \"soon\"".into(), "shutdown_grace"),
+        ("worker_threads = 0".into(), "worker_threads"),
+        ("worker_threads = 65".into(), "worker_threads"),
         (
             "metrics_listen = \"127.0.0.1:50051\"".into(),
             "metrics_listen",

@@ -607,3 +607,23 @@ async fn a_reload_that_would_drop_the_last_admin_client_is_refused_and_changes_n
         .expect("the admin client survived the refused reload");
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_daemon_given_several_worker_threads_serves_and_stops_like_the_one_thread_default() {
+    // Every other process test runs the default single-threaded runtime; this
+    // one proves the multi-threaded one `worker_threads` selects.
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let mut daemon = DaemonProcess::start(
+        "worker_threads = 2",
+        DaemonSettings::new(sandbox.base_url()),
+    )
+    .await;
+    for _ in 0..3 {
+        lookup(daemon.channel(), ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+            .await
+            .unwrap();
+    }
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    sandbox.stop().await;
+}

@@ -66,7 +66,12 @@ pub(crate) fn refusal_body(error: &DouyinError) -> String {
 /// Reads a recorded audit answer (the body Douyin sent) again: the success
 /// it was, or the refusal it was, exactly as when it arrived.
 pub(crate) fn decode_recorded_audit_answer(body: &str) -> Result<RefundAuditAnswer, LookupFailure> {
-    decode_goodlife_answer(200, body.as_bytes(), "application/json", String::new())
+    decode_goodlife_answer(
+        200,
+        &bytes::Bytes::copy_from_slice(body.as_bytes()),
+        "application/json",
+        String::new(),
+    )
 }
 
 #[cfg(test)]

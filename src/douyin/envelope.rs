@@ -65,14 +65,23 @@ pub(crate) use goodlife_response;
 #[derive(Debug, Clone)]
 pub struct Decoded<T> {
     pub response: T,
-    pub(crate) raw_body: String,
+    /// The body as received, shared with the HTTP client's buffer: most
+    /// callers never ask for it, so it is turned into text only on demand.
+    raw_body: bytes::Bytes,
+}
+
+impl<T> Decoded<T> {
+    /// The body Douyin sent, as text (it decoded as JSON, so it is UTF-8).
+    pub(crate) fn raw_json(&self) -> String {
+        String::from_utf8_lossy(&self.raw_body).into_owned()
+    }
 }
 
 /// Decodes one answer. Error codes are read from the newer gateway's `err_no`,
 /// then `data`, then `extra`, as Douyin documents.
 pub(crate) fn decode_goodlife_answer<T: GoodlifeResponse>(
     status: u16,
-    body: &[u8],
+    body: &bytes::Bytes,
     content_type: &str,
     header_logid: String,
 ) -> Result<Decoded<T>, LookupFailure> {
@@ -91,8 +100,7 @@ pub(crate) fn decode_goodlife_answer<T: GoodlifeResponse>(
     {
         return Ok(Decoded {
             response,
-            // The body was valid JSON, hence valid UTF-8.
-            raw_body: String::from_utf8_lossy(body).into_owned(),
+            raw_body: body.clone(),
         });
     }
     decode_in_general(status, body, content_type, header_logid)
@@ -107,7 +115,7 @@ fn contains_err_no(body: &[u8]) -> bool {
 /// envelopes are judged field by field.
 pub(super) fn decode_in_general<T: GoodlifeResponse>(
     status: u16,
-    body: &[u8],
+    body: &bytes::Bytes,
     content_type: &str,
     header_logid: String,
 ) -> Result<Decoded<T>, LookupFailure> {
@@ -170,8 +178,7 @@ pub(super) fn decode_in_general<T: GoodlifeResponse>(
         })?;
     Ok(Decoded {
         response,
-        // The body was valid JSON, hence valid UTF-8.
-        raw_body: String::from_utf8_lossy(body).into_owned(),
+        raw_body: body.clone(),
     })
 }
 

@@ -199,7 +199,7 @@ pub(crate) fn install_tls_provider() {
 async fn read_answer<T, E: From<TransportError>>(
     response: reqwest::Response,
     timeout: Duration,
-    decode: impl FnOnce(u16, &[u8], &str, String) -> Result<T, E>,
+    decode: impl FnOnce(u16, &bytes::Bytes, &str, String) -> Result<T, E>,
 ) -> Result<T, E> {
     let status = response.status().as_u16();
     let logid = logid_header(&response);

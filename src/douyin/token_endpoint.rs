@@ -141,7 +141,10 @@ impl DouyinClient {
             .send()
             .await
             .map_err(|error| transport_error(&error, timeout))?;
-        read_answer(response, timeout, parse_token_answer).await
+        read_answer(response, timeout, |status, body, content_type, logid| {
+            parse_token_answer(status, body, content_type, logid)
+        })
+        .await
     }
 }
 

@@ -128,10 +128,11 @@ impl AfterSaleGrpc {
         .map_err(|error| status::invalid_argument(&error))?;
         self.require_merchant(&client, &query.account_id)?;
         let answer = read_outcome(self.lookup.after_sale_order_detail(&query, deadline)).await?;
+        let raw_json = request.include_raw_json.then(|| answer.raw_json());
         let mut response = answer.response;
         record_extra_logid(response.extra.as_ref());
-        if request.include_raw_json {
-            response.raw_json = answer.raw_body;
+        if let Some(raw_json) = raw_json {
+            response.raw_json = raw_json;
         }
         Ok(Response::new(response))
     }
@@ -162,10 +163,11 @@ impl AfterSaleGrpc {
         .map_err(|error| status::invalid_argument(&error))?;
         self.require_merchant(&client, &query.account_id)?;
         let answer = read_outcome(self.lookup.list_after_sale_orders(&query, deadline)).await?;
+        let raw_json = request.include_raw_json.then(|| answer.raw_json());
         let mut response = answer.response;
         record_extra_logid(response.extra.as_ref());
-        if request.include_raw_json {
-            response.raw_json = answer.raw_body;
+        if let Some(raw_json) = raw_json {
+            response.raw_json = raw_json;
         }
         Ok(Response::new(response))
     }

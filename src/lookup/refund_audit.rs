@@ -401,7 +401,7 @@ impl LookupService {
                     self.record_outcome(
                         audit,
                         DecisionState::Applied,
-                        Some(&answer.raw_body),
+                        Some(&answer.raw_json()),
                         &logid,
                     )
                     .await;

@@ -627,3 +627,29 @@ async fn a_daemon_given_several_worker_threads_serves_and_stops_like_the_one_thr
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn serve_warns_about_a_per_app_rate_for_an_app_registered_nowhere_and_serves() {
+    let sandbox = real_time_sandbox(&[ACCOUNT_ID]).await;
+    let rates = format!(
+        "[lookup.rates.after_sale_order_detail]\nper_app = {{ {CLIENT_KEY} = 5, awregisterednowhere = 3 }}"
+    );
+    let mut daemon = DaemonProcess::start(&rates, DaemonSettings::new(sandbox.base_url())).await;
+    lookup(daemon.channel(), ACCOUNT_ID, DOCUMENTED_ORDER_ID)
+        .await
+        .unwrap();
+    daemon.send_signal("TERM");
+    assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
+    let logs = daemon.logs();
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("a per-app rate names an app"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(
+        warnings[0].contains("lookup.rates.after_sale_order_detail.per_app.awregisterednowhere"),
+        "{}",
+        warnings[0]
+    );
+    sandbox.stop().await;
+}

@@ -27,9 +27,7 @@ use futures::StreamExt;
 use tonic::transport::Channel;
 
 use douyin_tokend::proto::tokend::v1::admin_service_client::AdminServiceClient;
-use douyin_tokend::proto::tokend::v1::{
-    ListTokenStatusRequest, PutAppRequest, PutMerchantRequest, RefreshTokenRequest,
-};
+use douyin_tokend::proto::tokend::v1::{ListTokenStatusRequest, RefreshTokenRequest};
 
 use crate::daemon_process::{BINARY, PATIENCE};
 
@@ -143,8 +141,7 @@ async fn channel_to(daemon: &DaemonProcess) -> Channel {
         .unwrap()
 }
 
-type Authenticated =
-    tonic::service::interceptor::InterceptedService<Channel, douyin_tokend::cli::BearerAuth>;
+type Authenticated = douyin_tokend::cli::AuthenticatedChannel;
 
 async fn admin_of(daemon: &DaemonProcess) -> AdminServiceClient<Authenticated> {
     AdminServiceClient::with_interceptor(channel_to(daemon).await, bench_auth())
@@ -389,21 +386,13 @@ async fn an_app_and_merchant_added_through_one_daemon_serve_through_the_other_wi
         .sandbox
         .state()
         .authorize_merchant(account_id, client_key);
-    let mut admin = admin_of(&first).await;
-    admin
-        .put_app(PutAppRequest {
-            client_key: client_key.to_owned(),
-            client_secret: secret.to_owned(),
-        })
-        .await
-        .unwrap();
-    admin
-        .put_merchant(PutMerchantRequest {
-            account_id: account_id.to_owned(),
-            client_key: client_key.to_owned(),
-        })
-        .await
-        .unwrap();
+    crate::helpers::register_app_and_merchant(
+        &mut admin_of(&first).await,
+        client_key,
+        secret,
+        account_id,
+    )
+    .await;
     let written = std::time::Instant::now();
     let mut lookups = client_of(&second).await;
     // Propagation is measured, so this polls: each answer says whether the

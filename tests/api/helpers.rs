@@ -353,21 +353,13 @@ impl TestApp {
 
     /// Registers an app and one merchant of it in the daemon over AdminService.
     pub async fn register(&self, client_key: &str, client_secret: &str, account_id: &str) {
-        let mut admin = self.admin_client();
-        admin
-            .put_app(PutAppRequest {
-                client_key: client_key.to_owned(),
-                client_secret: client_secret.to_owned(),
-            })
-            .await
-            .unwrap();
-        admin
-            .put_merchant(PutMerchantRequest {
-                account_id: account_id.to_owned(),
-                client_key: client_key.to_owned(),
-            })
-            .await
-            .unwrap();
+        register_app_and_merchant(
+            &mut self.admin_client(),
+            client_key,
+            client_secret,
+            account_id,
+        )
+        .await;
     }
 
     /// Makes the second app and its merchant known to the sandbox and
@@ -567,4 +559,28 @@ impl StoppedApp {
         .filter(|path| path.exists())
         .collect()
     }
+}
+
+/// Registers an app and one merchant of it through `admin` (any daemon's
+/// AdminService: in-process or a spawned one).
+pub async fn register_app_and_merchant(
+    admin: &mut AdminServiceClient<AuthenticatedChannel>,
+    client_key: &str,
+    client_secret: &str,
+    account_id: &str,
+) {
+    admin
+        .put_app(PutAppRequest {
+            client_key: client_key.to_owned(),
+            client_secret: client_secret.to_owned(),
+        })
+        .await
+        .unwrap();
+    admin
+        .put_merchant(PutMerchantRequest {
+            account_id: account_id.to_owned(),
+            client_key: client_key.to_owned(),
+        })
+        .await
+        .unwrap();
 }

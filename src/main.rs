@@ -108,8 +108,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli, serve_config: Option<Result<Config, ConfigError>>) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve { config_file } => {
-            let config =
-                serve_config.unwrap_or_else(|| Config::load(config_file.config.as_deref()))?;
+            let config = serve_config.expect("main loads the file of `serve`")?;
             serve(config, config_file.config.clone()).await
         }
         Command::CheckConfig {
@@ -191,31 +190,22 @@ async fn run(cli: Cli, serve_config: Option<Result<Config, ConfigError>>) -> any
         Command::Sandbox(arguments) => run_sandbox(arguments).await,
         Command::Client { command } => run_client(command).await,
         Command::App { command, daemon } => {
-            let address = daemon_address(&daemon.connection)?;
-            let output = with_admin_client(daemon, address, async |client| {
+            print_admin_answer(daemon, async |client| {
                 cli::run_app_command(client, command).await
             })
-            .await?;
-            print!("{output}");
-            Ok(())
+            .await
         }
         Command::Merchant { command, daemon } => {
-            let address = daemon_address(&daemon.connection)?;
-            let output = with_admin_client(daemon, address, async |client| {
+            print_admin_answer(daemon, async |client| {
                 cli::run_merchant_command(client, command).await
             })
-            .await?;
-            print!("{output}");
-            Ok(())
+            .await
         }
         Command::Token { command, daemon } => {
-            let address = daemon_address(&daemon.connection)?;
-            let output = with_admin_client(daemon, address, async |client| {
+            print_admin_answer(daemon, async |client| {
                 cli::run_token_command(client, command).await
             })
-            .await?;
-            print!("{output}");
-            Ok(())
+            .await
         }
         Command::Events { command, daemon } => {
             let api_key = daemon.api_key()?;
@@ -225,13 +215,10 @@ async fn run(cli: Cli, serve_config: Option<Result<Config, ConfigError>>) -> any
             cli::tail_events(&address, &transport, &api_key, command, &mut stdout).await
         }
         Command::Audit { command, daemon } => {
-            let address = daemon_address(&daemon.connection)?;
-            let output = with_admin_client(daemon, address, async |client| {
+            print_admin_answer(daemon, async |client| {
                 cli::run_audit_command(client, command).await
             })
-            .await?;
-            print!("{output}");
-            Ok(())
+            .await
         }
     }
 }
@@ -281,6 +268,16 @@ async fn with_admin_client<Answer>(
     }
     .await;
     answer.map_err(|error| cli::name_the_daemon(error, &address, &transport))
+}
+
+/// Runs an admin command against the daemon `daemon` names and prints its answer.
+async fn print_admin_answer(
+    daemon: &cli::AdminConnection,
+    work: impl AsyncFnOnce(&mut AdminClient) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let address = daemon_address(&daemon.connection)?;
+    print!("{}", with_admin_client(daemon, address, work).await?);
+    Ok(())
 }
 
 /// `--daemon` (or DOUYIN_TOKEND_ADDRESS), else `listen` from the config file.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use douyin_tokend::clock::{ManualClock, SharedClock};
-use douyin_tokend::config::{DouyinConfig, RefreshConfig};
+use douyin_tokend::config::{Config, DouyinConfig};
 use douyin_tokend::domain::{AccessToken, ClientKey, ClientSecret};
 use douyin_tokend::douyin::DouyinClient;
 use douyin_tokend::douyin::after_sale::decode_after_sale_answer;
@@ -82,7 +82,7 @@ fn token_look_up(criterion: &mut Criterion) {
             store,
             DouyinClient::new(&DouyinConfig::default(), Metrics::unregistered()).expect("a client"),
             Arc::clone(&shared_clock),
-            &RefreshConfig::default(),
+            &Config::default(),
             audit,
             Metrics::unregistered(),
             tokio_util::task::TaskTracker::new(),

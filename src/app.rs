@@ -113,7 +113,7 @@ impl App {
             store.clone(),
             douyin.clone(),
             clock.clone(),
-            &config.refresh,
+            &config,
             audit.clone(),
             metrics.clone(),
             tasks.clone(),
@@ -263,7 +263,14 @@ impl App {
                 metrics: self.metrics.clone(),
             };
             crate::cluster::join(&parts).await;
-            components.spawn("cluster link", crate::cluster::run(parts, stopping.clone()));
+            components.spawn(
+                "cluster link",
+                crate::cluster::run(
+                    parts,
+                    self.config.cluster_settings().reconnect_backoff_max,
+                    stopping.clone(),
+                ),
+            );
         }
         if let Some(webhook_listener) = webhook_listener {
             let webhook_address = webhook_listener.local_addr()?;

@@ -12,6 +12,7 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::after_sale_events::AfterSaleEvents;
+use crate::config::CLUSTER_RECONNECT_FIRST;
 use crate::lookup::LookupService;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -22,9 +23,6 @@ use crate::token::TokenManager;
 pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// A daemon whose heartbeat is older than this no longer counts as alive.
 const ALIVE_WITHIN: Duration = Duration::from_secs(3);
-/// Reconnect delays double from the first up to the last.
-const RECONNECT_FIRST: Duration = Duration::from_millis(250);
-const RECONNECT_LAST: Duration = Duration::from_secs(10);
 
 /// What the link keeps up to date.
 #[derive(Clone)]
@@ -38,12 +36,18 @@ pub(crate) struct ClusterParts {
 }
 
 /// Runs the link until `stopping`; then leaves the living. Never fails: a
-/// lost database is waited out.
-pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> anyhow::Result<()> {
+/// lost database is waited out, reconnect delays doubling from
+/// [`CLUSTER_RECONNECT_FIRST`] up to `reconnect_backoff_max`
+/// (`cluster.reconnect_backoff_max`).
+pub(crate) async fn run(
+    parts: ClusterParts,
+    reconnect_backoff_max: Duration,
+    stopping: CancellationToken,
+) -> anyhow::Result<()> {
     let Some(instance) = parts.tokens.cluster_instance().map(str::to_owned) else {
         return Ok(());
     };
-    let mut reconnect_delay = RECONNECT_FIRST;
+    let mut reconnect_delay = CLUSTER_RECONNECT_FIRST;
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'connection: loop {
@@ -59,7 +63,7 @@ pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> any
                     () = stopping.cancelled() => break 'connection,
                     () = tokio::time::sleep(reconnect_delay) => {}
                 }
-                reconnect_delay = (reconnect_delay * 2).min(RECONNECT_LAST);
+                reconnect_delay = (reconnect_delay * 2).min(reconnect_backoff_max);
                 continue 'connection;
             }
         };
@@ -70,10 +74,10 @@ pub(crate) async fn run(parts: ClusterParts, stopping: CancellationToken) -> any
                 () = stopping.cancelled() => break 'connection,
                 () = tokio::time::sleep(reconnect_delay) => {}
             }
-            reconnect_delay = (reconnect_delay * 2).min(RECONNECT_LAST);
+            reconnect_delay = (reconnect_delay * 2).min(reconnect_backoff_max);
             continue 'connection;
         }
-        reconnect_delay = RECONNECT_FIRST;
+        reconnect_delay = CLUSTER_RECONNECT_FIRST;
         parts.metrics.record_cluster_link_up(true);
         loop {
             tokio::select! {

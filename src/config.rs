@@ -86,6 +86,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Douyin's refund-request notifications (抖音码退款申请通知); off by default.
     pub webhook: WebhookConfig,
+    /// `[cluster]`: how daemons sharing a PostgreSQL database hand a fetch
+    /// over and find the database again. Absent: the defaults. Refused with
+    /// SQLite, which no other daemon shares.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// The `database` key: a SQLite file (the default, one daemon per file), or
@@ -209,6 +213,45 @@ fn tcp_address<'de, D: serde::Deserializer<'de>>(
             "Douyin reaches the webhook over TCP: give host:port, like 0.0.0.0:8443",
         )),
         Err(message) => Err(serde::de::Error::custom(message)),
+    }
+}
+
+/// The `[cluster]` table (PostgreSQL only): the timing of the agreement
+/// between daemons sharing the database.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How long a daemon's fetch lease on an app holds: while it holds, the
+    /// other daemons wait for its token instead of fetching their own; when a
+    /// daemon dies mid-fetch, another takes the fetch over this long after it
+    /// began, at the latest.
+    #[serde(with = "humane_duration")]
+    pub fetch_lease: Duration,
+    /// The longest delay between two attempts of the link (LISTEN and the
+    /// re-read) to find the database again; delays double from
+    /// [`CLUSTER_RECONNECT_FIRST`] up to this while the database is away, so
+    /// after it returns the link is back within this (and the re-read).
+    #[serde(with = "humane_duration")]
+    pub reconnect_backoff_max: Duration,
+}
+
+/// The link's first reconnect delay, doubled up to `cluster.reconnect_backoff_max`.
+pub(crate) const CLUSTER_RECONNECT_FIRST: Duration = Duration::from_millis(250);
+/// Bounds of `cluster.fetch_lease`. Shorter than a second, a healthy
+/// daemon's fetch would often outlive its lease, and another daemon would
+/// fetch a second token beside it; longer than a minute, callers would wait
+/// that long for a daemon that died mid-fetch.
+const FETCH_LEASE_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// Upper bound of `cluster.reconnect_backoff_max`: beyond it, a daemon would
+/// learn of the others' changes that much later after the database returned.
+const RECONNECT_BACKOFF_MAX_BOUND: Duration = Duration::from_secs(300);
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            fetch_lease: Duration::from_secs(8),
+            reconnect_backoff_max: Duration::from_secs(10),
+        }
     }
 }
 
@@ -637,6 +680,7 @@ impl Default for Config {
             clients: Vec::new(),
             metrics_listen: None,
             webhook: WebhookConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -906,6 +950,12 @@ impl Config {
                         "only a PostgreSQL database takes a password; database names a SQLite file",
                     ));
                 }
+                if self.cluster.is_some() {
+                    return Err(ConfigError::invalid(
+                        "cluster",
+                        "only daemons sharing a PostgreSQL database form a cluster; database names a SQLite file, which one daemon owns",
+                    ));
+                }
             }
             DatabaseSetting::Postgres(_) => {
                 let declared = [
@@ -919,9 +969,45 @@ impl Config {
                         "with a PostgreSQL database the config file declares no apps, merchants or clients — every daemon sharing the database would sync its own file over the others'; manage them with AdminService (douyin-tokend app add …) and create the first admin client with `douyin-tokend client bootstrap`",
                     ));
                 }
+                self.validate_cluster()?;
             }
         }
         Ok(())
+    }
+
+    /// `[cluster]`: a fetch lease and a longest reconnect delay within bounds
+    /// (see [`FETCH_LEASE_BOUNDS`] and [`RECONNECT_BACKOFF_MAX_BOUND`] for why).
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let cluster = self.cluster_settings();
+        let (shortest_lease, longest_lease) = FETCH_LEASE_BOUNDS;
+        if !(shortest_lease..=longest_lease).contains(&cluster.fetch_lease) {
+            return Err(ConfigError::invalid(
+                "cluster.fetch_lease",
+                format!(
+                    "must be between {} and {}: shorter, a healthy fetch outlives its lease and another daemon fetches beside it; longer, callers wait that long for a daemon that died mid-fetch",
+                    humantime::format_duration(shortest_lease),
+                    humantime::format_duration(longest_lease)
+                ),
+            ));
+        }
+        if !(CLUSTER_RECONNECT_FIRST..=RECONNECT_BACKOFF_MAX_BOUND)
+            .contains(&cluster.reconnect_backoff_max)
+        {
+            return Err(ConfigError::invalid(
+                "cluster.reconnect_backoff_max",
+                format!(
+                    "must be between {} (the first reconnect delay) and {}",
+                    humantime::format_duration(CLUSTER_RECONNECT_FIRST),
+                    humantime::format_duration(RECONNECT_BACKOFF_MAX_BOUND)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `[cluster]` settings, defaults where the file has none.
+    pub fn cluster_settings(&self) -> ClusterConfig {
+        self.cluster.clone().unwrap_or_default()
     }
 
     /// `[webhook]`: a path Douyin can post to, a listener of its own, a sane
@@ -1826,6 +1912,70 @@ mod tests {
             assert!(error.contains("douyin-tokend client bootstrap"), "{error}");
         }
         postgres_config("").unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn the_cluster_table_is_for_postgresql_and_its_timing_is_bounded() {
+        // Absent: the defaults the cluster always had.
+        let defaults = postgres_config("").unwrap();
+        defaults.validate().unwrap();
+        assert_eq!(defaults.cluster_settings(), ClusterConfig::default());
+        assert_eq!(
+            defaults.cluster_settings().fetch_lease,
+            Duration::from_secs(8)
+        );
+        assert_eq!(
+            defaults.cluster_settings().reconnect_backoff_max,
+            Duration::from_secs(10)
+        );
+        let tuned =
+            postgres_config("[cluster]\nfetch_lease = \"2s\"\nreconnect_backoff_max = \"1s\"")
+                .unwrap();
+        tuned.validate().unwrap();
+        assert_eq!(tuned.cluster_settings().fetch_lease, Duration::from_secs(2));
+        assert_eq!(
+            tuned.cluster_settings().reconnect_backoff_max,
+            Duration::from_secs(1)
+        );
+        // The bounds themselves are accepted.
+        postgres_config("[cluster]\nfetch_lease = \"1s\"\nreconnect_backoff_max = \"250ms\"")
+            .unwrap()
+            .validate()
+            .unwrap();
+        postgres_config("[cluster]\nfetch_lease = \"60s\"\nreconnect_backoff_max = \"5m\"")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let refused = [
+            ("[cluster]\nfetch_lease = \"999ms\"", "cluster.fetch_lease"),
+            ("[cluster]\nfetch_lease = \"61s\"", "cluster.fetch_lease"),
+            (
+                "[cluster]\nreconnect_backoff_max = \"249ms\"",
+                "cluster.reconnect_backoff_max",
+            ),
+            (
+                "[cluster]\nreconnect_backoff_max = \"301s\"",
+                "cluster.reconnect_backoff_max",
+            ),
+        ];
+        for (table, key) in refused {
+            let error = postgres_config(table)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with(&format!("{key}: ")), "{table}: {error}");
+        }
+        let unknown = postgres_config("[cluster]\nlease = \"8s\"").unwrap_err();
+        assert!(unknown.contains("cluster.lease"), "{unknown}");
+        // One daemon owns a SQLite file: there is no cluster to tune.
+        let sqlite = Config::from_toml_str("[cluster]\nfetch_lease = \"8s\"")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(sqlite.starts_with("cluster: "), "{sqlite}");
+        assert!(sqlite.contains("SQLite"), "{sqlite}");
     }
 
     #[test]

@@ -14,10 +14,6 @@ use crate::clock::duration_ms;
 use crate::domain::ClientKey;
 use crate::store::{FetchRequest, FetchTurn, TokenRecord};
 
-/// How long a daemon's fetch lease holds: a daemon killed mid-fetch is
-/// replaced by another this long after it took the lease, at the latest.
-pub(crate) const FETCH_LEASE: Duration = Duration::from_secs(8);
-
 /// Douyin keeps the newest two tokens: one replaced stays valid this long.
 const DOUYIN_GRACE: Duration = Duration::from_secs(300);
 
@@ -26,8 +22,8 @@ const DOUYIN_GRACE: Duration = Duration::from_secs(300);
 pub(crate) struct ClusterMembership {
     /// Unique per process start, so a restarted daemon never holds its old lease.
     pub(crate) instance: String,
-    /// How long a fetch lease holds: past it, another daemon may take over
-    /// the fetch of a daemon that died holding it.
+    /// How long a fetch lease holds (`cluster.fetch_lease`): past it, another
+    /// daemon may take over the fetch of a daemon that died holding it.
     pub(crate) lease: Duration,
 }
 

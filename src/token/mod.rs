@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 
 use crate::audit::{AuditAction, AuditLog, DAEMON};
 use crate::clock::{SharedClock, duration_ms};
-use crate::config::RefreshConfig;
+use crate::config::Config;
 use crate::domain::{AccessToken, ClientKey, ClientSecret};
 use crate::douyin::DouyinClient;
 use crate::douyin::token_endpoint::{FetchedToken, TokenFetchError};
@@ -338,12 +338,13 @@ fn token_endpoint_calls_within_window(calls: &VecDeque<i64>, now_ms: i64) -> u64
 
 impl TokenManager {
     /// Loads every app and its stored token. Valid stored tokens are used as
-    /// they are: a restart fetches nothing for them.
+    /// they are: a restart fetches nothing for them. Reads `[refresh]`, and
+    /// `[cluster]` when the store is shared.
     pub async fn load(
         store: Store,
         douyin: DouyinClient,
         clock: SharedClock,
-        config: &RefreshConfig,
+        config: &Config,
         audit: AuditLog,
         metrics: Metrics,
         tasks: TaskTracker,
@@ -351,7 +352,8 @@ impl TokenManager {
         // A shared database makes this daemon one of a cluster.
         let cluster = store
             .is_shared()
-            .then(|| ClusterMembership::new(cluster::FETCH_LEASE));
+            .then(|| ClusterMembership::new(config.cluster_settings().fetch_lease));
+        let config = &config.refresh;
         let policy = if douyin.uses_stable_tokens() {
             RefreshPolicy::from(config).for_stable_tokens()
         } else {

@@ -47,6 +47,9 @@ async fn check_config(text: &str, environment: &[(&str, &str)]) -> Checked {
 
 const APP: &str =
     "[[apps]]\nclient_key = \"awcheckkey0001\"\nclient_secret_file = \"readable-secret\"\n";
+/// A PostgreSQL database nothing listens for: the refusals below come
+/// before any connection.
+const POSTGRES: &str = "database = \"postgres://tokend@127.0.0.1:1/tokend\"\nmaster_key_file = \"/nonexistent/master.key\"\n";
 
 #[tokio::test]
 async fn every_broken_config_exits_64_naming_its_key() {
@@ -184,6 +187,23 @@ async fn every_broken_config_exits_64_naming_its_key() {
             "tls.cert_file",
         ),
         ("unix_socket_mode = 0660".into(), "unix_socket_mode"),
+        ("[cluster]\nfetch_lease = \"8s\"".into(), "cluster"),
+        (
+            format!("{POSTGRES}[cluster]\nfetch_lease = \"500ms\""),
+            "cluster.fetch_lease",
+        ),
+        (
+            format!("{POSTGRES}[cluster]\nfetch_lease = \"soon\""),
+            "cluster.fetch_lease",
+        ),
+        (
+            format!("{POSTGRES}[cluster]\nreconnect_backoff_max = \"10m\""),
+            "cluster.reconnect_backoff_max",
+        ),
+        (
+            format!("{POSTGRES}[cluster]\nlease = \"8s\""),
+            "cluster.lease",
+        ),
     ];
     let checks = cases.iter().map(|(text, _)| check_config(text, &[]));
     let results = futures::future::join_all(checks).await;
@@ -310,6 +330,36 @@ async fn a_postgres_password_file_that_cannot_be_read_fails_check_config_and_ser
         !directory.path().join("master.key").exists(),
         "no key is made up for a config that cannot start"
     );
+}
+
+#[tokio::test]
+async fn a_cluster_setting_out_of_range_fails_check_config_and_serve_alike() {
+    let directory = tempfile::tempdir().unwrap();
+    // Nothing listens there: the refusal must come before any connection.
+    let config = directory.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:0\"\n{POSTGRES}[cluster]\nfetch_lease = \"2m\"\n"),
+    )
+    .unwrap();
+    for command in ["check-config", "serve"] {
+        let output = tokio::process::Command::new(BINARY)
+            .arg(command)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("DOUYIN_TOKEND_LISTEN")
+            .env_remove("DOUYIN_TOKEND_DATABASE")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{command}: {stderr}");
+        assert!(
+            stderr.contains("cluster.fetch_lease: must be between 1s and 1m"),
+            "{command}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]

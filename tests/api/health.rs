@@ -78,6 +78,8 @@ async fn token_services_serve_only_while_some_app_can_get_a_token_and_admin_alwa
         status_of(&app, "tokend.v1.AdminService").await,
         ServingStatus::Serving
     );
+    // An open stream would hold the stop for the whole shutdown grace.
+    drop(watch);
     app.stop().await;
 }
 

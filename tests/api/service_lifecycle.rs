@@ -152,6 +152,11 @@ async fn ready_comes_once_the_listener_is_bound_and_health_answers_serving() {
 
     daemon.send_signal("INT");
     daemon.wait_for_notification("STOPPING=1").await;
+    // The watcher hears NOT_SERVING and hangs up, as a balancer would: an
+    // open stream would hold the exit for the whole shutdown grace (that
+    // path has a test of its own).
+    while watch.message().await.unwrap().unwrap().status != ServingStatus::NotServing as i32 {}
+    drop(watch);
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
     let unreachable = healthcheck_command(&daemon, "").await;
     assert!(!unreachable.status.success());
@@ -261,6 +266,9 @@ async fn sighup_adds_a_merchant_without_dropping_a_token_or_a_connection() {
     daemon.send_signal("TERM");
     let last = health_watch.message().await.unwrap().unwrap();
     assert_eq!(last.status, ServingStatus::NotServing as i32);
+    // Hung up, as a balancer would once told: an open stream would hold the
+    // exit for the whole shutdown grace (that path has a test of its own).
+    drop(health_watch);
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
     sandbox.stop().await;
 }

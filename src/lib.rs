@@ -16,7 +16,7 @@
 //! - [`store`]: the only SQL.
 //! - [`douyin`]: the only code that knows Douyin's URLs, JSON and error codes.
 //! - [`sandbox`]: a strict fake Douyin for tests, the demo and benchmarks.
-//! - [`bench`]: the benchmark and soak harness (`douyin-bench`, tests/api/soak.rs).
+//! - [`bench`]: the benchmark and soak harness (`douyin-bench`, the soak's short form in tests/api/accelerated.rs).
 //! - [`config`], [`domain`], [`clock`], `pace`, [`proto`]: shared foundations.
 //!
 //! Items are `pub` only where the binaries, `tests/` or `benches/` use them;

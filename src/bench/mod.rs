@@ -1,5 +1,5 @@
 //! The benchmark and soak harness shared by `douyin-bench` (src/bin) and the
-//! soak test (tests/api/soak.rs): a fleet of apps and merchants taught to the
+//! soak test (tests/api/accelerated.rs): a fleet of apps and merchants taught to the
 //! sandbox and stored in the daemon's database, latency and process
 //! measurements, the soak driven by a manual clock, and a private PostgreSQL
 //! server for tests that need one. Nothing here is on the daemon's serving

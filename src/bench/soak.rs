@@ -4,8 +4,8 @@
 //! many tokens the daemon fetched compared with the fewest its refresh window
 //! allows. [`run_simulated`] drives it on a manual clock shared by the daemon
 //! and the sandbox, one simulated second per step, so ten simulated minutes
-//! take well under a minute and nothing sleeps; tests/api/soak.rs runs it in the
-//! test suite and `douyin-bench soak --simulated` prints it. The real-time
+//! take well under a minute and nothing sleeps; tests/api/accelerated.rs runs it
+//! in the test suite and `douyin-bench soak --simulated` prints it. The real-time
 //! soak against the spawned binary lives in the bench binary and shares the
 //! accounting here.
 

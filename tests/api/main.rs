@@ -7,6 +7,7 @@
 mod daemon_process;
 mod helpers;
 
+mod accelerated;
 mod access;
 mod admin;
 mod after_sale;
@@ -22,7 +23,6 @@ mod postgres_server;
 mod request_id;
 mod sealing;
 mod service_lifecycle;
-mod soak;
 mod token_lifecycle;
 mod traffic;
 mod transport;

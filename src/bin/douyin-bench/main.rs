@@ -210,7 +210,7 @@ struct SoakArgs {
     /// Lookups per app per second (Douyin allows 10).
     #[arg(long, default_value_t = 5)]
     lookups_per_app: usize,
-    /// Run the manual-clock form of tests/api/soak.rs instead (ten simulated minutes).
+    /// Run the manual-clock form of the soak test (tests/api/accelerated.rs) instead (ten simulated minutes).
     #[arg(long)]
     simulated: bool,
 }

@@ -8,7 +8,7 @@ impl Bench {
         let started = Instant::now();
         if arguments.simulated {
             heading(
-                "Soak, simulated: ten minutes on a manual clock (the form tests/api/soak.rs runs)",
+                "Soak, simulated: ten minutes on a manual clock (the form tests/api/accelerated.rs runs)",
             );
             let plan = SoakPlan::default();
             let report = soak::run_simulated(&plan).await?;

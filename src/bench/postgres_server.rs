@@ -1,9 +1,12 @@
-//! A private PostgreSQL server for tests and benchmarks that need one: `initdb`
-//! into a fresh temporary directory, `postgres` listening only on a Unix
-//! socket in that directory (no TCP), one database per test made with `psql`,
-//! stop and start again on the same data for outage tests, and everything
-//! (process and directory) gone when the owner drops it. Uses Debian's
-//! `postgresql` package from /usr/lib/postgresql/<version>/bin.
+//! A private PostgreSQL server for tests and benchmarks that need one: a data
+//! directory fresh from `initdb` in a new temporary directory, `postgres`
+//! listening only on a Unix socket in that directory (no TCP), one database
+//! per test made with `psql`, stop and start again on the same data for
+//! outage tests, and everything (process and directory) gone when the owner
+//! drops it. `initdb` runs once for the servers a process has alive at a
+//! time: each copies that pristine data directory instead (see
+//! [`DataTemplate`]). Uses Debian's `postgresql` package from
+//! /usr/lib/postgresql/<version>/bin.
 
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
@@ -11,6 +14,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -38,11 +42,12 @@ const MAX_SOCKET_PATH: usize = 107;
 const LOG_TAIL_LINES: usize = 30;
 
 /// A running (or stopped, see [`PostgresServer::stop`]) PostgreSQL server of
-/// the test's own. The directory holds `data/` (the cluster), the socket and
-/// `postgres.log` (initdb's and the server's output).
+/// the test's own. The directory holds `data/` (the cluster, copied from the
+/// [`DataTemplate`]), the socket and `postgres.log` (the server's output;
+/// `initdb`'s is in the template's directory, and in the error if it fails).
 ///
 /// When the test runs as root (CI does), `initdb` and `postgres`, which
-/// refuse root, run as `nobody`, and the directory is chowned to it; every
+/// refuse root, run as `nobody`, and the directories are chowned to it; every
 /// directory above `std::env::temp_dir()` must then be searchable by
 /// `nobody` (/tmp is).
 ///
@@ -61,7 +66,33 @@ pub struct PostgresServer {
     run_as: Option<(u32, u32)>,
     /// The postmaster, while it runs.
     child: Option<Child>,
+    /// The pristine data directory this server's was copied from, kept
+    /// while the server lives so the next server to start copies it too.
+    template: Arc<DataTemplate>,
 }
+
+/// A data directory as `initdb` left it, never started, which servers copy
+/// into their own directory instead of running `initdb` each: `initdb`
+/// costs about two seconds of CPU, most of a server's start, and the
+/// PostgreSQL tests start a dozen servers on two cores; a copy costs a
+/// fraction of that. The servers alive in one process share it (see
+/// [`shared_template`]); the last one to go removes it, so nothing is left
+/// behind, and the next server to start makes a new one.
+struct DataTemplate {
+    directory: TempDir,
+}
+
+impl DataTemplate {
+    fn data_directory(&self) -> PathBuf {
+        self.directory.path().join("data")
+    }
+}
+
+/// The template of the servers alive in this process, if any. A tokio mutex:
+/// whoever finds none runs `initdb` while holding it, and servers starting
+/// meanwhile wait for that template rather than making their own.
+static TEMPLATE: tokio::sync::Mutex<Weak<DataTemplate>> =
+    tokio::sync::Mutex::const_new(Weak::new());
 
 impl PostgresServer {
     /// initdb into a fresh temp directory, start `postgres` listening only on
@@ -87,12 +118,14 @@ impl PostgresServer {
                 || format!("cannot chown {} to nobody", directory.path().display()),
             )?;
         }
+        let template = shared_template(&binaries, run_as).await?;
         let mut server = Self {
             directory,
             binaries,
             port,
             run_as,
             child: None,
+            template,
         };
         let socket = server.socket_path();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -101,7 +134,7 @@ impl PostgresServer {
                 socket.display()
             );
         }
-        server.initdb().await?;
+        server.copy_template().await?;
         server.start_again().await?;
         Ok(server)
     }
@@ -271,56 +304,35 @@ impl PostgresServer {
         Ok(())
     }
 
-    async fn initdb(&self) -> anyhow::Result<()> {
-        let initdb = self.binaries.join("initdb");
-        let mut command = self.server_command(&initdb)?;
-        command
-            .arg("-D")
+    /// This server's data directory, a copy of the template's (`cp -a`, so
+    /// owner and modes come along: as root, the files stay `nobody`'s).
+    async fn copy_template(&self) -> anyhow::Result<()> {
+        let template = self.template.data_directory();
+        let output = Command::new("cp")
+            .arg("-a")
+            .arg(&template)
             .arg(self.data_directory())
-            .args(["-A", "trust", "-U", SUPERUSER, "-E", "UTF8", "--locale=C"])
-            .arg("--no-sync")
-            .kill_on_drop(true);
-        let status = command
-            .status()
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
             .await
-            .with_context(|| format!("cannot run {}", initdb.display()))?;
-        if !status.success() {
-            let hint = if self.run_as.is_some() {
-                format!(
-                    " (it ran as nobody, since the test runs as root: every directory above {} must be searchable by nobody)",
-                    self.socket_directory().display()
-                )
-            } else {
-                String::new()
-            };
+            .context("cannot run cp")?;
+        if !output.status.success() {
             bail!(
-                "initdb failed ({status}){hint}; the end of its output:\n{}",
-                self.log_tail()
+                "cannot copy {} to {} ({}): {}",
+                template.display(),
+                self.data_directory().display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
             );
         }
         Ok(())
     }
 
-    /// `initdb` or `postgres`, as `nobody` when root, in the server's
-    /// directory (the test's working directory may be closed to `nobody`),
-    /// output appended to the log.
+    /// `postgres`, as `nobody` when root, in the server's directory, output
+    /// appended to the log.
     fn server_command(&self, program: &Path) -> anyhow::Result<Command> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .with_context(|| format!("cannot open {}", self.log_path().display()))?;
-        let mut command = Command::new(program);
-        remove_libpq_environment(&mut command);
-        command
-            .current_dir(self.socket_directory())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("cannot duplicate the log file")?)
-            .stderr(log);
-        if let Some((uid, gid)) = self.run_as {
-            command.uid(uid).gid(gid);
-        }
-        Ok(command)
+        command_in(program, self.socket_directory(), self.run_as)
     }
 
     /// Until a startup packet gets AuthenticationOk: the socket appears a
@@ -373,7 +385,7 @@ impl PostgresServer {
     }
 
     fn log_path(&self) -> PathBuf {
-        self.directory.path().join("postgres.log")
+        log_path_in(self.directory.path())
     }
 
     /// The versioned bin directory's `psql`, else the one on the PATH.
@@ -395,13 +407,112 @@ impl PostgresServer {
 
     /// The last lines of `postgres.log`.
     fn log_tail(&self) -> String {
-        let log = match std::fs::read(self.log_path()) {
-            Ok(log) => String::from_utf8_lossy(&log).into_owned(),
-            Err(error) => return format!("(cannot read {}: {error})", self.log_path().display()),
-        };
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        log_tail_in(self.directory.path())
     }
+}
+
+/// The template of the servers alive in this process, made now (`initdb`)
+/// if there is none.
+async fn shared_template(
+    binaries: &Path,
+    run_as: Option<(u32, u32)>,
+) -> anyhow::Result<Arc<DataTemplate>> {
+    let mut shared = TEMPLATE.lock().await;
+    if let Some(template) = shared.upgrade() {
+        return Ok(template);
+    }
+    let directory = tempfile::Builder::new()
+        .prefix("postgres-template-")
+        .tempdir()
+        .context("cannot create a temporary directory for PostgreSQL's template")?;
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(directory.path(), Some(uid), Some(gid))
+            .with_context(|| format!("cannot chown {} to nobody", directory.path().display()))?;
+    }
+    let template = Arc::new(DataTemplate { directory });
+    initdb(binaries, run_as, &template).await?;
+    *shared = Arc::downgrade(&template);
+    Ok(template)
+}
+
+/// `initdb` into the template's `data`: trust on the socket, the superuser
+/// [`SUPERUSER`], UTF8 and the C locale, no fsync (nothing here outlives a
+/// crash).
+async fn initdb(
+    binaries: &Path,
+    run_as: Option<(u32, u32)>,
+    template: &DataTemplate,
+) -> anyhow::Result<()> {
+    let initdb = binaries.join("initdb");
+    let mut command = command_in(&initdb, template.directory.path(), run_as)?;
+    command
+        .arg("-D")
+        .arg(template.data_directory())
+        .args(["-A", "trust", "-U", SUPERUSER, "-E", "UTF8", "--locale=C"])
+        .arg("--no-sync")
+        .kill_on_drop(true);
+    let status = command
+        .status()
+        .await
+        .with_context(|| format!("cannot run {}", initdb.display()))?;
+    if !status.success() {
+        let hint = if run_as.is_some() {
+            format!(
+                " (it ran as nobody, since the test runs as root: every directory above {} must be searchable by nobody)",
+                template.directory.path().display()
+            )
+        } else {
+            String::new()
+        };
+        bail!(
+            "initdb failed ({status}){hint}; the end of its output:\n{}",
+            log_tail_in(template.directory.path())
+        );
+    }
+    Ok(())
+}
+
+/// `program` (`initdb` or `postgres`) as `nobody` when root, working in
+/// `directory` (the test's working directory may be closed to `nobody`),
+/// output appended to `directory`'s `postgres.log`.
+fn command_in(
+    program: &Path,
+    directory: &Path,
+    run_as: Option<(u32, u32)>,
+) -> anyhow::Result<Command> {
+    let log_path = log_path_in(directory);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let mut command = Command::new(program);
+    remove_libpq_environment(&mut command);
+    command
+        .current_dir(directory)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("cannot duplicate the log file")?)
+        .stderr(log);
+    if let Some((uid, gid)) = run_as {
+        command.uid(uid).gid(gid);
+    }
+    Ok(command)
+}
+
+/// `postgres.log` in a server's (or the template's) directory.
+fn log_path_in(directory: &Path) -> PathBuf {
+    directory.join("postgres.log")
+}
+
+/// The last lines of `directory`'s `postgres.log`.
+fn log_tail_in(directory: &Path) -> String {
+    let log_path = log_path_in(directory);
+    let log = match std::fs::read(&log_path) {
+        Ok(log) => String::from_utf8_lossy(&log).into_owned(),
+        Err(error) => return format!("(cannot read {}: {error})", log_path.display()),
+    };
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
 impl Drop for PostgresServer {

@@ -167,7 +167,9 @@ async fn client_of(daemon: &DaemonProcess) -> AfterSaleServiceClient<Authenticat
 }
 
 /// Sends `count` distinct lookups at once, spread round robin over the
-/// daemons; returns the failures as text.
+/// merchants and, a round of merchants at a time, over the daemons: every
+/// merchant's lookups (so every app's) go through each daemon in turn.
+/// Returns the failures as text.
 async fn lookups_at_once(
     setup: &ClusterSetup,
     daemons: &[&DaemonProcess],
@@ -178,7 +180,7 @@ async fn lookups_at_once(
         clients.push(client_of(daemon).await);
     }
     let calls = (0..count).map(|index| {
-        let mut client = clients[index % clients.len()].clone();
+        let mut client = clients[(index / setup.fleet.merchants) % clients.len()].clone();
         let mut request = tonic::Request::new(setup.lookup(index));
         request.set_timeout(Duration::from_secs(30));
         async move { client.get_after_sale_order_detail(request).await }
@@ -204,8 +206,9 @@ async fn two_daemons_on_one_database_fetch_each_token_once_and_keep_the_apps_rat
     let first = setup.spawn_daemon(1).await;
     let second = setup.spawn_daemon(2).await;
 
-    // 200 lookups of cold apps at once, half through each daemon: three
-    // times more than the apps' rate allows per second (10 per app).
+    // 200 lookups of cold apps at once, each app's half through each daemon,
+    // so both pace every app at once: five times more than the apps' rate
+    // allows per second (10 per app, 4 apps).
     let failures = tokio::time::timeout(
         PATIENCE * 2,
         lookups_at_once(&setup, &[&first, &second], 200),

@@ -199,7 +199,10 @@ struct World {
     apps: HashMap<String, SandboxApp>,
     token_owner: HashMap<String, String>,
     authorized: HashMap<String, HashSet<String>>,
-    order_responses: HashMap<String, Value>,
+    /// Serialized once, when taught: a lookup answers these bytes as they
+    /// are, instead of cloning and serializing a JSON tree each time (the
+    /// soak makes tens of thousands of lookups).
+    order_responses: HashMap<String, Bytes>,
     lookup_faults: VecDeque<Fault>,
     token_faults: VecDeque<Fault>,
     audit_faults: VecDeque<Fault>,
@@ -265,7 +268,7 @@ impl SandboxState {
             serde_json::from_str(DOCUMENTED_EXAMPLE).expect("the documented example is JSON");
         world
             .order_responses
-            .insert(DOCUMENTED_ORDER_ID.to_owned(), documented);
+            .insert(DOCUMENTED_ORDER_ID.to_owned(), json_bytes(&documented));
         Arc::new(Self {
             clock,
             config: Mutex::new(config),
@@ -295,7 +298,7 @@ impl SandboxState {
         self.world
             .lock()
             .order_responses
-            .insert(order_id.to_owned(), body);
+            .insert(order_id.to_owned(), json_bytes(&body));
     }
 
     pub fn push_lookup_faults(&self, faults: impl IntoIterator<Item = Fault>) {
@@ -654,19 +657,27 @@ async fn after_sale_order_detail(
             let order_id = query.get("order_id").cloned().unwrap_or_default();
             let mut world = state.world.lock();
             *world.stats.lookup_codes.entry(0).or_default() += 1;
-            let body = match world.order_responses.get(&order_id) {
-                Some(body) => body.clone(),
+            match world.order_responses.get(&order_id) {
+                // A cheap clone: the bytes are shared, not copied.
+                Some(body) => {
+                    ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
+                }
                 None => {
                     let logid = next_logid(&mut world);
-                    json!({
+                    axum::Json(json!({
                         "extra": {"logid": logid, "now": now_ms, "error_code": 0, "description": "", "sub_error_code": 0, "sub_description": ""},
                         "data": {"error_code": 0, "description": "", "has_more": false, "cursor": "", "after_sale_order_list": []}
-                    })
+                    }))
+                    .into_response()
                 }
-            };
-            axum::Json(body).into_response()
+            }
         }
     }
+}
+
+/// `body` as the bytes a lookup answers with.
+fn json_bytes(body: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(body).expect("a JSON value serializes"))
 }
 
 /// The sandbox's rules as they stand, read after the configured latency

@@ -8,6 +8,7 @@ mod after_sale;
 mod after_sale_events;
 pub(crate) mod health;
 mod request_id;
+mod small_frames;
 pub(crate) mod status;
 mod token;
 
@@ -158,7 +159,9 @@ pub(crate) async fn serve(
         dependencies.metrics.clone(),
     );
     // The call's span is opened by this layer, not by `trace_fn`: see `request_id`.
-    let mut builder = Server::builder().layer(request_id::RequestIdLayer);
+    let mut builder = Server::builder()
+        .layer(request_id::RequestIdLayer)
+        .layer(small_frames::SmallFramesLayer);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

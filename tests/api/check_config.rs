@@ -2,6 +2,8 @@
 //! message that names the offending key; good configs exit 0 (a PostgreSQL
 //! one too, and its URL opens the store).
 
+use std::path::Path;
+
 use douyin_tokend::bench::postgres_server::PostgresServer;
 use douyin_tokend::config::Config;
 use douyin_tokend::store::{DatabaseLocation, MasterKeyOutcome, Store};
@@ -307,25 +309,12 @@ async fn a_postgres_password_file_that_cannot_be_read_fails_check_config_and_ser
         ),
     )
     .unwrap();
-    for command in ["check-config", "serve"] {
-        let output = tokio::process::Command::new(BINARY)
-            .arg(command)
-            .arg("--config")
-            .arg(&config)
-            .env("CREDENTIALS_DIRECTORY", directory.path())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("DOUYIN_TOKEND_LISTEN")
-            .env_remove("DOUYIN_TOKEND_DATABASE")
-            .output()
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(64), "{command}: {stderr}");
-        assert!(
-            stderr.contains("database_password_file: cannot read "),
-            "{command}: {stderr}"
-        );
-    }
+    check_config_and_serve_refuse(
+        &config,
+        Some(directory.path()),
+        "database_password_file: cannot read ",
+    )
+    .await;
     assert!(
         !directory.path().join("master.key").exists(),
         "no key is made up for a config that cannot start"
@@ -342,24 +331,12 @@ async fn a_cluster_setting_out_of_range_fails_check_config_and_serve_alike() {
         format!("listen = \"127.0.0.1:0\"\n{POSTGRES}[cluster]\nfetch_lease = \"2m\"\n"),
     )
     .unwrap();
-    for command in ["check-config", "serve"] {
-        let output = tokio::process::Command::new(BINARY)
-            .arg(command)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("DOUYIN_TOKEND_LISTEN")
-            .env_remove("DOUYIN_TOKEND_DATABASE")
-            .output()
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(64), "{command}: {stderr}");
-        assert!(
-            stderr.contains("cluster.fetch_lease: must be between 1s and 1m"),
-            "{command}: {stderr}"
-        );
-    }
+    check_config_and_serve_refuse(
+        &config,
+        None,
+        "cluster.fetch_lease: must be between 1s and 1m",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -437,22 +414,7 @@ async fn a_postgres_socket_url_from_the_config_file_opens_the_store() {
             ),
         )
         .unwrap();
-        for command in ["check-config", "serve"] {
-            let output = tokio::process::Command::new(BINARY)
-                .arg("--config")
-                .arg(&config_file)
-                .arg(command)
-                .env_remove("CREDENTIALS_DIRECTORY")
-                .env_remove("DOUYIN_TOKEND_DATABASE")
-                .env_remove("DOUYIN_TOKEND_LISTEN")
-                .env_remove("NOTIFY_SOCKET")
-                .output()
-                .await
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert_eq!(output.status.code(), Some(64), "{command} {url}: {stderr}");
-            assert!(stderr.contains(expected), "{command} {url}: {stderr}");
-        }
+        check_config_and_serve_refuse(&config_file, None, expected).await;
     }
 }
 
@@ -547,4 +509,30 @@ async fn a_per_app_rate_for_an_undeclared_app_is_a_warning_naming_the_key_not_a_
         "{}",
         checked.stdout
     );
+}
+
+/// Runs `check-config`, then `serve`, on `config` without the daemon's
+/// environment overrides (and with `credentials` as systemd's credentials
+/// directory, or none), and asserts that both refuse it the same way: exit 64
+/// and a message containing `expected`. Whatever serve would reject,
+/// check-config must reject first.
+async fn check_config_and_serve_refuse(config: &Path, credentials: Option<&Path>, expected: &str) {
+    for command in ["check-config", "serve"] {
+        let mut process = tokio::process::Command::new(BINARY);
+        process
+            .arg(command)
+            .arg("--config")
+            .arg(config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("DOUYIN_TOKEND_LISTEN")
+            .env_remove("DOUYIN_TOKEND_DATABASE");
+        match credentials {
+            Some(directory) => process.env("CREDENTIALS_DIRECTORY", directory),
+            None => process.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        let output = process.output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{command}: {stderr}");
+        assert!(stderr.contains(expected), "{command}: {stderr}");
+    }
 }

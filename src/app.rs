@@ -220,12 +220,15 @@ impl App {
             self.tasks.spawn(async move { tokens.sweep().await });
         }
 
-        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let reporter = tonic_health::server::HealthReporter::new();
+        let stopping = CancellationToken::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            health::HealthEndingAtShutdown::new(reporter.clone(), stopping.clone()),
+        );
         let health = HealthPublisher::new(reporter);
         health
             .publish_token_availability(self.tokens.any_token_servable())
             .await;
-        let stopping = CancellationToken::new();
         let mut components = Components::new();
         components.spawn(
             "health publisher",

@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_check_response::ServingStatus as WireServingStatus;
+use tonic_health::pb::health_server::Health;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService, WatchStream};
 
 use super::SERVICE_NAMES;
 use crate::token::TokenManager;
@@ -82,6 +86,87 @@ impl HealthPublisher {
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
+    }
+}
+
+/// The `grpc.health.v1.Health` service callers see: tonic-health's, except
+/// that a `Watch` ends (status OK) right after it has told its caller
+/// NOT_SERVING once shutdown began. tonic-health's watches never end, and a
+/// graceful stop waits for every open call: a load balancer watching health
+/// would hold each stop for the whole `shutdown_grace`.
+pub(crate) struct HealthEndingAtShutdown {
+    inner: HealthService,
+    stopping: CancellationToken,
+}
+
+impl HealthEndingAtShutdown {
+    /// Serves the statuses `reporter` publishes; `stopping` is cancelled when
+    /// shutdown begins, before [`HealthPublisher::publish_stopping`].
+    pub(crate) fn new(reporter: HealthReporter, stopping: CancellationToken) -> Self {
+        Self {
+            inner: HealthService::from_health_reporter(reporter),
+            stopping,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Health for HealthEndingAtShutdown {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = WatchEndingAtShutdown;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let stopping = self.stopping.clone();
+        Ok(self
+            .inner
+            .watch(request)
+            .await?
+            .map(|statuses| WatchEndingAtShutdown {
+                statuses,
+                stopping,
+                told_not_serving_at_shutdown: false,
+            }))
+    }
+}
+
+/// One caller's `Watch`: the statuses as tonic-health streams them, ended
+/// after the first NOT_SERVING it yields once `stopping` is cancelled (every
+/// watcher gets one then: the publisher sets NOT_SERVING after cancelling, and
+/// a watch yields every status set, changed or not).
+pub(crate) struct WatchEndingAtShutdown {
+    statuses: WatchStream,
+    stopping: CancellationToken,
+    told_not_serving_at_shutdown: bool,
+}
+
+impl futures::Stream for WatchEndingAtShutdown {
+    type Item = Result<HealthCheckResponse, Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.told_not_serving_at_shutdown {
+            return std::task::Poll::Ready(None);
+        }
+        let next = std::pin::Pin::new(&mut this.statuses).poll_next(context);
+        if let std::task::Poll::Ready(Some(Ok(response))) = &next
+            && response.status == WireServingStatus::NotServing as i32
+            && this.stopping.is_cancelled()
+        {
+            this.told_not_serving_at_shutdown = true;
+        }
+        next
     }
 }
 

@@ -78,9 +78,15 @@ async fn token_services_serve_only_while_some_app_can_get_a_token_and_admin_alwa
         status_of(&app, "tokend.v1.AdminService").await,
         ServingStatus::Serving
     );
-    // An open stream would hold the stop for the whole shutdown grace.
-    drop(watch);
-    app.stop().await;
+    // An open watch must not hold the stop (TestApp waits for every call).
+    tokio::time::timeout(PATIENCE, app.stop())
+        .await
+        .expect("the stop ends although a watch is open");
+    assert_eq!(next_status(&mut watch).await, ServingStatus::NotServing);
+    assert!(
+        watch.message().await.unwrap().is_none(),
+        "at shutdown the watch says NOT_SERVING and ends with OK"
+    );
 }
 
 #[tokio::test]

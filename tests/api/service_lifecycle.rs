@@ -152,11 +152,15 @@ async fn ready_comes_once_the_listener_is_bound_and_health_answers_serving() {
 
     daemon.send_signal("INT");
     daemon.wait_for_notification("STOPPING=1").await;
-    // The watcher hears NOT_SERVING and hangs up, as a balancer would: an
-    // open stream would hold the exit for the whole shutdown grace (that
-    // path has a test of its own).
+    // A watcher that keeps listening, as a balancer does, hears NOT_SERVING
+    // and then its watch ends cleanly (status OK): it holds no call open, so
+    // the stop does not wait out the shutdown grace (tonic-health's own
+    // watches never end; the grace's expiry has a test of its own).
     while watch.message().await.unwrap().unwrap().status != ServingStatus::NotServing as i32 {}
-    drop(watch);
+    assert!(
+        watch.message().await.unwrap().is_none(),
+        "the watch ends with OK after NOT_SERVING"
+    );
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
     let unreachable = healthcheck_command(&daemon, "").await;
     assert!(!unreachable.status.success());
@@ -266,9 +270,6 @@ async fn sighup_adds_a_merchant_without_dropping_a_token_or_a_connection() {
     daemon.send_signal("TERM");
     let last = health_watch.message().await.unwrap().unwrap();
     assert_eq!(last.status, ServingStatus::NotServing as i32);
-    // Hung up, as a balancer would once told: an open stream would hold the
-    // exit for the whole shutdown grace (that path has a test of its own).
-    drop(health_watch);
     assert_eq!(daemon.exit_within(PATIENCE).await.code(), Some(0));
     sandbox.stop().await;
 }

@@ -1,9 +1,12 @@
 //! `grpc.health.v1` statuses: the overall status ("") and the services that
 //! hand out tokens follow whether any app can be given a token right now;
 //! AdminService serves whenever the daemon runs (it is how an operator fixes a
-//! refused secret). Everything turns NOT_SERVING, for good, when shutdown begins.
+//! refused secret). Everything turns NOT_SERVING, for good, when shutdown begins,
+//! and every open `Watch` then ends (see [`HealthEndingAtShutdown`]).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -151,16 +154,13 @@ pub(crate) struct WatchEndingAtShutdown {
 impl futures::Stream for WatchEndingAtShutdown {
     type Item = Result<HealthCheckResponse, Status>;
 
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if this.told_not_serving_at_shutdown {
-            return std::task::Poll::Ready(None);
+            return Poll::Ready(None);
         }
-        let next = std::pin::Pin::new(&mut this.statuses).poll_next(context);
-        if let std::task::Poll::Ready(Some(Ok(response))) = &next
+        let next = Pin::new(&mut this.statuses).poll_next(context);
+        if let Poll::Ready(Some(Ok(response))) = &next
             && response.status == WireServingStatus::NotServing as i32
             && this.stopping.is_cancelled()
         {
